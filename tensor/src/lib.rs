@@ -1,0 +1,22 @@
+//! `tensor`: n-dimensional arrays with strided views and a rayon CPU backend.
+//!
+//! Tensors are immutable and cheap to clone (shared storage + layout). Every op checks its
+//! shapes and dtypes, then dispatches on the storage's device to a kernel. The CPU kernels are
+//! the numerical reference for every other backend.
+
+mod dispatch;
+pub mod dtype;
+pub mod error;
+pub mod layout;
+pub mod ops;
+pub mod storage;
+mod tensor;
+
+pub use dtype::{DType, Element, FloatElement, Real};
+pub use error::{Result, TensorError};
+pub use layout::Layout;
+pub use ops::binary::{BinaryOp, CmpOp};
+pub use ops::unary::UnaryOp;
+pub use storage::{Buffer, CpuStorage, Device, Storage};
+pub use tensor::Tensor;
+pub use half::{bf16, f16};

@@ -1,0 +1,203 @@
+//! Elementwise unary ops and their derivatives.
+
+use crate::dispatch::float_dispatch;
+use crate::ops::elementwise::map;
+use crate::storage::CpuStorage;
+use crate::{FloatElement, Real, Result, Tensor};
+
+/// An elementwise function of one float.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum UnaryOp {
+    /// -x
+    Neg,
+    /// e^x
+    Exp,
+    /// ln x
+    Log,
+    /// √x
+    Sqrt,
+    /// 1/√x
+    Rsqrt,
+    /// tanh x
+    Tanh,
+    /// 1/(1+e^-x)
+    Sigmoid,
+    /// x·sigmoid(x)
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// GELU, exact (erf).
+    GeluErf,
+    /// ln(1+e^x), computed stably.
+    Softplus,
+    /// |x|
+    Abs,
+    /// x²
+    Sqr,
+    /// 1/x
+    Recip,
+    /// x^p
+    Powf(f64),
+    /// min(max(x, lo), hi)
+    Clamp(f64, f64),
+    /// a·x + b
+    Affine(f64, f64),
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_CUBIC: f64 = 0.044_715;
+
+impl UnaryOp {
+    /// f(x).
+    pub fn apply<A: Real>(self, x: A) -> A {
+        let one = A::one();
+        let half = A::lit(0.5);
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Rsqrt => one / x.sqrt(),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Sigmoid => sigmoid(x),
+            UnaryOp::Silu => x * sigmoid(x),
+            UnaryOp::GeluTanh => {
+                half * x * (one + (A::lit(SQRT_2_OVER_PI) * (x + A::lit(GELU_CUBIC) * x * x * x)).tanh())
+            }
+            UnaryOp::GeluErf => half * x * (one + (x * A::lit(std::f64::consts::FRAC_1_SQRT_2)).erf()),
+            UnaryOp::Softplus => x.max(A::zero()) + (-x.abs()).exp().ln_1p(),
+            UnaryOp::Abs => x.abs(),
+            UnaryOp::Sqr => x * x,
+            UnaryOp::Recip => one / x,
+            UnaryOp::Powf(p) => x.powf(A::lit(p)),
+            UnaryOp::Clamp(lo, hi) => x.max(A::lit(lo)).min(A::lit(hi)),
+            UnaryOp::Affine(a, b) => A::lit(a) * x + A::lit(b),
+        }
+    }
+
+    /// f'(x). Clamp's derivative is 1 strictly inside its range and 0 outside; |x|' is sign(x).
+    pub fn derivative<A: Real>(self, x: A) -> A {
+        let one = A::one();
+        let half = A::lit(0.5);
+        match self {
+            UnaryOp::Neg => -one,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => one / x,
+            UnaryOp::Sqrt => half / x.sqrt(),
+            UnaryOp::Rsqrt => -half / (x * x.sqrt()),
+            UnaryOp::Tanh => one - x.tanh() * x.tanh(),
+            UnaryOp::Sigmoid => sigmoid(x) * (one - sigmoid(x)),
+            UnaryOp::Silu => {
+                let s = sigmoid(x);
+                s * (one + x * (one - s))
+            }
+            UnaryOp::GeluTanh => {
+                let c = A::lit(SQRT_2_OVER_PI);
+                let k = A::lit(GELU_CUBIC);
+                let t = (c * (x + k * x * x * x)).tanh();
+                half * (one + t) + half * x * (one - t * t) * c * (one + A::lit(3.0) * k * x * x)
+            }
+            UnaryOp::GeluErf => {
+                let pdf = (-half * x * x).exp() * A::lit(0.398_942_280_401_432_7);
+                half * (one + (x * A::lit(std::f64::consts::FRAC_1_SQRT_2)).erf()) + x * pdf
+            }
+            UnaryOp::Softplus => sigmoid(x),
+            UnaryOp::Abs => x.signum(),
+            UnaryOp::Sqr => A::lit(2.0) * x,
+            UnaryOp::Recip => -one / (x * x),
+            UnaryOp::Powf(p) => A::lit(p) * x.powf(A::lit(p - 1.0)),
+            UnaryOp::Clamp(lo, hi) => {
+                if x > A::lit(lo) && x < A::lit(hi) {
+                    one
+                } else {
+                    A::zero()
+                }
+            }
+            UnaryOp::Affine(a, _) => A::lit(a),
+        }
+    }
+}
+
+fn sigmoid<A: Real>(x: A) -> A {
+    // Two branches so that exp never overflows.
+    if x >= A::zero() {
+        A::one() / (A::one() + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (A::one() + e)
+    }
+}
+
+impl Tensor {
+    /// Applies `op` to every element.
+    pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        float_dispatch!("unary", self.dtype(), T => {
+            let out = map::<T, T>(self, |v| T::from_acc(op.apply(v.to_acc())));
+            Ok(Tensor::from_cpu(CpuStorage::from_vec(out), self.shape()))
+        })
+    }
+
+    /// `grad · f'(x)` elementwise, with `self` as x: the backward of `unary(op)`.
+    pub fn unary_backward(&self, op: UnaryOp, grad: &Tensor) -> Result<Tensor> {
+        if self.shape() != grad.shape() {
+            return crate::error::shape_err(
+                "unary_backward",
+                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
+            );
+        }
+        self.check_same_dtype("unary_backward", grad)?;
+        float_dispatch!("unary_backward", self.dtype(), T => {
+            let (out, shape) = crate::ops::elementwise::zip_map::<T, T, T>("unary_backward", self, grad, |x, g| {
+                T::from_acc(g.to_acc() * op.derivative(x.to_acc()))
+            })?;
+            Ok(Tensor::from_cpu(CpuStorage::from_vec(out), &shape))
+        })
+    }
+}
+
+macro_rules! unary_methods {
+    ($($name:ident => $op:ident: $doc:literal),* $(,)?) => {
+        impl Tensor {
+            $(
+                #[doc = $doc]
+                pub fn $name(&self) -> Result<Tensor> {
+                    self.unary(UnaryOp::$op)
+                }
+            )*
+        }
+    };
+}
+
+unary_methods! {
+    neg => Neg: "-x elementwise.",
+    exp => Exp: "e^x elementwise.",
+    log => Log: "ln x elementwise.",
+    sqrt => Sqrt: "√x elementwise.",
+    rsqrt => Rsqrt: "1/√x elementwise.",
+    tanh => Tanh: "tanh elementwise.",
+    sigmoid => Sigmoid: "Logistic sigmoid elementwise.",
+    silu => Silu: "x·sigmoid(x) elementwise.",
+    gelu_tanh => GeluTanh: "GELU (tanh approximation) elementwise.",
+    gelu_erf => GeluErf: "GELU (exact, erf) elementwise.",
+    softplus => Softplus: "ln(1+e^x) elementwise.",
+    abs => Abs: "|x| elementwise.",
+    sqr => Sqr: "x² elementwise.",
+    recip => Recip: "1/x elementwise.",
+}
+
+impl Tensor {
+    /// x^p elementwise.
+    pub fn powf(&self, p: f64) -> Result<Tensor> {
+        self.unary(UnaryOp::Powf(p))
+    }
+
+    /// Clamps every element into `[lo, hi]`.
+    pub fn clamp(&self, lo: f64, hi: f64) -> Result<Tensor> {
+        self.unary(UnaryOp::Clamp(lo, hi))
+    }
+
+    /// a·x + b elementwise.
+    pub fn affine(&self, a: f64, b: f64) -> Result<Tensor> {
+        self.unary(UnaryOp::Affine(a, b))
+    }
+}
