@@ -23,8 +23,16 @@ pub fn broadcast_shapes(op: &'static str, a: &[usize], b: &[usize]) -> Result<Ve
     let rank = a.len().max(b.len());
     let mut out = vec![0; rank];
     for i in 0..rank {
-        let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-        let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -66,7 +74,11 @@ impl Layout {
     /// A layout from its parts; the caller keeps every index inside the storage.
     pub fn from_parts(shape: Vec<usize>, strides: Vec<usize>, offset: usize) -> Self {
         assert_eq!(shape.len(), strides.len(), "one stride per axis");
-        Layout { shape, strides, offset }
+        Layout {
+            shape,
+            strides,
+            offset,
+        }
     }
 
     /// The logical shape.
@@ -109,8 +121,15 @@ impl Layout {
     /// Reorders the axes: axis `i` of the result is axis `perm[i]` of `self`.
     pub fn permute(&self, perm: &[usize]) -> Result<Self> {
         let mut seen = vec![false; self.rank()];
-        if perm.len() != self.rank() || perm.iter().any(|&p| p >= self.rank() || std::mem::replace(&mut seen[p], true)) {
-            return shape_err("permute", format!("{perm:?} is not a permutation of the axes of {:?}", self.shape));
+        if perm.len() != self.rank()
+            || perm
+                .iter()
+                .any(|&p| p >= self.rank() || std::mem::replace(&mut seen[p], true))
+        {
+            return shape_err(
+                "permute",
+                format!("{perm:?} is not a permutation of the axes of {:?}", self.shape),
+            );
         }
         Ok(Layout {
             shape: perm.iter().map(|&p| self.shape[p]).collect(),
@@ -122,7 +141,10 @@ impl Layout {
     /// Swaps two axes.
     pub fn transpose(&self, a: usize, b: usize) -> Result<Self> {
         if a >= self.rank() || b >= self.rank() {
-            return range_err("transpose", format!("axes ({a}, {b}) out of range for shape {:?}", self.shape));
+            return range_err(
+                "transpose",
+                format!("axes ({a}, {b}) out of range for shape {:?}", self.shape),
+            );
         }
         let mut perm: Vec<usize> = (0..self.rank()).collect();
         perm.swap(a, b);
@@ -134,7 +156,11 @@ impl Layout {
         if axis >= self.rank() || start + len > self.shape[axis] {
             return range_err(
                 "narrow",
-                format!("axis {axis} range {start}..{} out of bounds for shape {:?}", start + len, self.shape),
+                format!(
+                    "axis {axis} range {start}..{} out of bounds for shape {:?}",
+                    start + len,
+                    self.shape
+                ),
             );
         }
         let mut out = self.clone();
@@ -146,7 +172,10 @@ impl Layout {
     /// Broadcasts to `shape` (numpy rules) with zero strides on repeated axes.
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Self> {
         if shape.len() < self.rank() {
-            return shape_err("broadcast_to", format!("cannot broadcast {:?} to {shape:?}", self.shape));
+            return shape_err(
+                "broadcast_to",
+                format!("cannot broadcast {:?} to {shape:?}", self.shape),
+            );
         }
         let lead = shape.len() - self.rank();
         let mut strides = vec![0; shape.len()];
@@ -155,7 +184,12 @@ impl Layout {
             strides[i] = match m {
                 _ if m == n => s,
                 1 => 0,
-                _ => return shape_err("broadcast_to", format!("cannot broadcast {:?} to {shape:?}", self.shape)),
+                _ => {
+                    return shape_err(
+                        "broadcast_to",
+                        format!("cannot broadcast {:?} to {shape:?}", self.shape),
+                    )
+                }
             };
         }
         Ok(Layout {

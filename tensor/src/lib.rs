@@ -9,14 +9,16 @@ pub mod dtype;
 pub mod error;
 pub mod layout;
 pub mod ops;
+pub mod safetensors;
 pub mod storage;
 mod tensor;
 
 pub use dtype::{DType, Element, FloatElement, Real};
 pub use error::{Result, TensorError};
+pub use half::{bf16, f16};
 pub use layout::Layout;
 pub use ops::binary::{BinaryOp, CmpOp};
+pub use ops::random::{seeded_rng, Rng};
 pub use ops::unary::UnaryOp;
 pub use storage::{Buffer, CpuStorage, Device, Storage};
 pub use tensor::Tensor;
-pub use half::{bf16, f16};

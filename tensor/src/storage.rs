@@ -43,7 +43,11 @@ impl<T: Element> std::ops::Deref for Buffer<T> {
     fn deref(&self) -> &[T] {
         match self {
             Buffer::Owned(v) => v,
-            Buffer::Mapped { map, byte_offset, len } => {
+            Buffer::Mapped {
+                map,
+                byte_offset,
+                len,
+            } => {
                 let bytes = &map[*byte_offset..*byte_offset + len * std::mem::size_of::<T>()];
                 bytemuck::cast_slice(bytes)
             }

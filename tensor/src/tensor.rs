@@ -20,7 +20,13 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {}, {})", self.shape(), self.dtype(), self.device())
+        write!(
+            f,
+            "Tensor({:?}, {}, {})",
+            self.shape(),
+            self.dtype(),
+            self.device()
+        )
     }
 }
 
@@ -33,7 +39,10 @@ impl Tensor {
     /// A contiguous host tensor holding `data` with `shape`.
     pub fn from_vec<T: Element>(data: Vec<T>, shape: &[usize]) -> Result<Self> {
         if data.len() != numel(shape) {
-            return shape_err("from_vec", format!("{} elements cannot have shape {shape:?}", data.len()));
+            return shape_err(
+                "from_vec",
+                format!("{} elements cannot have shape {shape:?}", data.len()),
+            );
         }
         Ok(Self::from_cpu(CpuStorage::from_vec(data), shape))
     }
@@ -131,7 +140,9 @@ impl Tensor {
 
     /// The whole storage as `&[T]`, for kernels that walk the layout themselves.
     pub(crate) fn storage_slice<T: Element>(&self) -> &[T] {
-        self.cpu().as_slice::<T>().expect("kernel dispatched on the tensor's own dtype")
+        self.cpu()
+            .as_slice::<T>()
+            .expect("kernel dispatched on the tensor's own dtype")
     }
 
     /// The elements of a contiguous tensor as `&[T]`.
@@ -168,7 +179,10 @@ impl Tensor {
     /// The single element of a one-element tensor, as f64.
     pub fn to_scalar_f64(&self) -> Result<f64> {
         if self.numel() != 1 {
-            return shape_err("to_scalar", format!("tensor of shape {:?} is not a scalar", self.shape()));
+            return shape_err(
+                "to_scalar",
+                format!("tensor of shape {:?} is not a scalar", self.shape()),
+            );
         }
         Ok(self.to_vec_f64()[0])
     }
@@ -200,7 +214,10 @@ impl Tensor {
     /// The same elements in a new shape; copies only when `self` is not contiguous.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
-            return shape_err("reshape", format!("cannot reshape {:?} into {shape:?}", self.shape()));
+            return shape_err(
+                "reshape",
+                format!("cannot reshape {:?} into {shape:?}", self.shape()),
+            );
         }
         let src = self.contiguous();
         let layout = src.layout.reshape(shape).expect("contiguous after contiguous()");
@@ -238,7 +255,10 @@ impl Tensor {
     /// Inserts an axis of size 1 at `axis`.
     pub fn unsqueeze(&self, axis: usize) -> Result<Tensor> {
         if axis > self.rank() {
-            return crate::error::range_err("unsqueeze", format!("axis {axis} out of range for shape {:?}", self.shape()));
+            return crate::error::range_err(
+                "unsqueeze",
+                format!("axis {axis} out of range for shape {:?}", self.shape()),
+            );
         }
         let mut shape = self.shape().to_vec();
         shape.insert(axis, 1);
@@ -250,7 +270,10 @@ impl Tensor {
     /// Removes axis `axis`, which must have size 1.
     pub fn squeeze(&self, axis: usize) -> Result<Tensor> {
         if axis >= self.rank() || self.dim(axis) != 1 {
-            return shape_err("squeeze", format!("axis {axis} of {:?} is not of size 1", self.shape()));
+            return shape_err(
+                "squeeze",
+                format!("axis {axis} of {:?} is not of size 1", self.shape()),
+            );
         }
         let mut shape = self.shape().to_vec();
         shape.remove(axis);

@@ -36,7 +36,9 @@ pub(crate) fn map<A: Element, O: Element>(x: &Tensor, f: impl Fn(A) -> O + Sync)
 
 /// The broadcast shape of several operands, or an error naming them all.
 pub(crate) fn broadcast_all(op: &'static str, xs: &[&Tensor]) -> Result<Vec<usize>> {
-    xs.iter().try_fold(xs[0].shape().to_vec(), |acc, x| broadcast_shapes(op, &acc, x.shape()))
+    xs.iter().try_fold(xs[0].shape().to_vec(), |acc, x| {
+        broadcast_shapes(op, &acc, x.shape())
+    })
 }
 
 /// `f(a, b)` elementwise over the numpy broadcast of `a` and `b`; returns the values and shape.
@@ -81,7 +83,11 @@ pub(crate) fn zip3_map<A: Element, B: Element, C: Element, O: Element>(
         .iter()
         .map(|t| t.layout().broadcast_to(&shape))
         .collect::<Result<_>>()?;
-    let (sa, sb, sc) = (a.storage_slice::<A>(), b.storage_slice::<B>(), c.storage_slice::<C>());
+    let (sa, sb, sc) = (
+        a.storage_slice::<A>(),
+        b.storage_slice::<B>(),
+        c.storage_slice::<C>(),
+    );
     let out = par_fill(crate::layout::numel(&shape), |start, chunk| {
         let ia = layouts[0].offsets_from(start, chunk.len());
         let ib = layouts[1].offsets_from(start, chunk.len());

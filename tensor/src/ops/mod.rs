@@ -1,5 +1,13 @@
 //! Tensor operations: each file defines one family's shapes, checks and CPU kernel.
 
 pub mod binary;
+pub mod conv;
 pub(crate) mod elementwise;
+pub mod index;
+pub mod loss;
+pub mod matmul;
+pub mod norm;
+pub mod random;
+pub mod reduce;
+pub mod softmax;
 pub mod unary;

@@ -1,0 +1,1 @@
+//! safetensors files: memory-mapped loading (zero-copy where alignment allows) and atomic saving.
