@@ -75,7 +75,7 @@ impl UnaryOp {
         }
     }
 
-    /// f'(x). Clamp's derivative is 1 strictly inside its range and 0 outside; |x|' is sign(x).
+    /// f'(x). Clamp's derivative is 1 strictly inside its range and 0 outside; |x|' is sign(x) (0 at 0).
     pub fn derivative<A: Real>(self, x: A) -> A {
         let one = A::one();
         let half = A::lit(0.5);
@@ -102,7 +102,13 @@ impl UnaryOp {
                 half * (one + (x * A::lit(std::f64::consts::FRAC_1_SQRT_2)).erf()) + x * pdf
             }
             UnaryOp::Softplus => sigmoid(x),
-            UnaryOp::Abs => x.signum(),
+            UnaryOp::Abs => {
+                if x == A::zero() {
+                    A::zero()
+                } else {
+                    x.signum()
+                }
+            }
             UnaryOp::Sqr => A::lit(2.0) * x,
             UnaryOp::Recip => -one / (x * x),
             UnaryOp::Powf(p) => A::lit(p) * x.powf(A::lit(p - 1.0)),
