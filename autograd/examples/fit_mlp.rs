@@ -12,10 +12,16 @@ fn main() -> anyhow::Result<()> {
     let (x, y) = (Var::constant(xs), Var::constant(ys));
 
     // Parameters live as plain tensors; each step wraps them in fresh leaf vars.
-    let mut params = vec![
+    let mut params = [
         Tensor::randn(&[1, hidden], DType::F32, 0.0, 1.0, &mut rng)?,
         Tensor::zeros(&[hidden], DType::F32),
-        Tensor::randn(&[hidden, 1], DType::F32, 0.0, 1.0 / (hidden as f64).sqrt(), &mut rng)?,
+        Tensor::randn(
+            &[hidden, 1],
+            DType::F32,
+            0.0,
+            1.0 / (hidden as f64).sqrt(),
+            &mut rng,
+        )?,
         Tensor::zeros(&[1], DType::F32),
     ];
     let lr = 0.1;

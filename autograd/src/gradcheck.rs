@@ -14,9 +14,10 @@ pub struct GradCheck {
 impl GradCheck {
     /// The largest relative error over all inputs (infinite if any is NaN).
     pub fn max_error(&self) -> f64 {
-        self.relative_errors
-            .iter()
-            .fold(0.0, |m: f64, &e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
+        self.relative_errors.iter().fold(
+            0.0,
+            |m: f64, &e| if e.is_nan() { f64::INFINITY } else { m.max(e) },
+        )
     }
 }
 
@@ -33,7 +34,8 @@ pub fn check_gradients(f: impl Fn(&[Var]) -> Result<Var>, inputs: &[Tensor], eps
             .into());
         }
     }
-    let loss = |vars: &[Var], w: &Tensor| -> Result<Var> { f(vars)?.mul(&Var::constant(w.clone()))?.sum_all() };
+    let loss =
+        |vars: &[Var], w: &Tensor| -> Result<Var> { f(vars)?.mul(&Var::constant(w.clone()))?.sum_all() };
     let probe: Vec<Var> = inputs.iter().map(|t| Var::constant(t.clone())).collect();
     let out_shape = f(&probe)?.value().shape().to_vec();
     let w = projection_weights(&out_shape);
@@ -59,7 +61,11 @@ pub fn check_gradients(f: impl Fn(&[Var]) -> Result<Var>, inputs: &[Tensor], eps
             };
             numeric.push((eval(eps)? - eval(-eps)?) / (2.0 * eps));
         }
-        let diff: f64 = analytic.iter().zip(&numeric).map(|(a, n)| (a - n) * (a - n)).sum();
+        let diff: f64 = analytic
+            .iter()
+            .zip(&numeric)
+            .map(|(a, n)| (a - n) * (a - n))
+            .sum();
         let norm: f64 = numeric.iter().map(|n| n * n).sum();
         relative_errors.push(diff.sqrt() / norm.sqrt().max(1e-12));
     }

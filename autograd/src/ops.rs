@@ -34,7 +34,9 @@ impl Var {
     pub fn unary(&self, op: UnaryOp) -> Result<Var> {
         let x = self.value().clone();
         let y = x.unary(op)?;
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(x.unary_backward(op, g)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(x.unary_backward(op, g)?)])
+        }))
     }
 
     /// A broadcasting binary op.
@@ -48,12 +50,20 @@ impl Var {
                 BinaryOp::Mul => (g.mul(&b)?, g.mul(&a)?),
                 BinaryOp::Div => {
                     let ga = g.div(&b)?;
-                    let gb = if needs[1] { ga.mul(&a)?.div(&b)?.neg()? } else { ga.clone() };
+                    let gb = if needs[1] {
+                        ga.mul(&a)?.div(&b)?.neg()?
+                    } else {
+                        ga.clone()
+                    };
                     (ga, gb)
                 }
                 BinaryOp::Maximum | BinaryOp::Minimum => {
                     // The gradient goes to `a` where it was picked (ties go to `a`).
-                    let pick_a = if op == BinaryOp::Maximum { a.ge(&b)? } else { a.le(&b)? };
+                    let pick_a = if op == BinaryOp::Maximum {
+                        a.ge(&b)?
+                    } else {
+                        a.le(&b)?
+                    };
                     let zero = Tensor::zeros(&[], g.dtype());
                     (pick_a.where_(g, &zero)?, pick_a.where_(&zero, g)?)
                 }
@@ -69,12 +79,19 @@ impl Var {
     pub fn where_(cond: &Tensor, on_true: &Var, on_false: &Var) -> Result<Var> {
         let y = cond.where_(on_true.value(), on_false.value())?;
         let cond = cond.clone();
-        let (st, sf) = (on_true.value().shape().to_vec(), on_false.value().shape().to_vec());
+        let (st, sf) = (
+            on_true.value().shape().to_vec(),
+            on_false.value().shape().to_vec(),
+        );
         Ok(Var::record(y, &[on_true, on_false], move |g, needs| {
             let zero = Tensor::zeros(&[], g.dtype());
             Ok(vec![
-                needs[0].then(|| unbroadcast(&cond.where_(g, &zero)?, &st)).transpose()?,
-                needs[1].then(|| unbroadcast(&cond.where_(&zero, g)?, &sf)).transpose()?,
+                needs[0]
+                    .then(|| unbroadcast(&cond.where_(g, &zero)?, &st))
+                    .transpose()?,
+                needs[1]
+                    .then(|| unbroadcast(&cond.where_(&zero, g)?, &sf))
+                    .transpose()?,
             ])
         }))
     }
@@ -84,8 +101,12 @@ impl Var {
         let (a, b) = (self.value().clone(), rhs.value().clone());
         let y = a.matmul(&b)?;
         Ok(Var::record(y, &[self, rhs], move |g, needs| {
-            let ga = needs[0].then(|| unbroadcast(&g.matmul(&b.t()?)?, a.shape())).transpose()?;
-            let gb = needs[1].then(|| unbroadcast(&a.t()?.matmul(g)?, b.shape())).transpose()?;
+            let ga = needs[0]
+                .then(|| unbroadcast(&g.matmul(&b.t()?)?, a.shape()))
+                .transpose()?;
+            let gb = needs[1]
+                .then(|| unbroadcast(&a.t()?.matmul(g)?, b.shape()))
+                .transpose()?;
             Ok(vec![ga, gb])
         }))
     }
@@ -94,7 +115,9 @@ impl Var {
     pub fn sum(&self, axes: &[usize], keepdim: bool) -> Result<Var> {
         let y = self.value().sum(axes, keepdim)?;
         let (shape, axes) = (self.value().shape().to_vec(), axes.to_vec());
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(spread(g, &shape, &axes, keepdim)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(spread(g, &shape, &axes, keepdim)?)])
+        }))
     }
 
     /// Sum of every element (rank 0).
@@ -146,14 +169,18 @@ impl Var {
     pub fn softmax(&self, axis: usize) -> Result<Var> {
         let y = self.value().softmax(axis)?;
         let saved = y.clone();
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(saved.softmax_backward(g, axis)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(saved.softmax_backward(g, axis)?)])
+        }))
     }
 
     /// Log-softmax along `axis`.
     pub fn log_softmax(&self, axis: usize) -> Result<Var> {
         let y = self.value().log_softmax(axis)?;
         let saved = y.clone();
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(saved.log_softmax_backward(g, axis)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(saved.log_softmax_backward(g, axis)?)])
+        }))
     }
 
     /// Mean cross-entropy of logits `[N, C]` against u32 `targets` `[N]`, skipping `ignore_index`.
@@ -162,7 +189,11 @@ impl Var {
         let y = logits.cross_entropy(targets, ignore_index)?;
         let targets = targets.clone();
         Ok(Var::record(y, &[self], move |g, _| {
-            Ok(vec![Some(logits.cross_entropy_backward(&targets, ignore_index, g)?)])
+            Ok(vec![Some(logits.cross_entropy_backward(
+                &targets,
+                ignore_index,
+                g,
+            )?)])
         }))
     }
 
@@ -263,14 +294,18 @@ impl Var {
     pub fn to_dtype(&self, dtype: DType) -> Result<Var> {
         let src = self.value().dtype();
         let y = self.value().to_dtype(dtype)?;
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(g.to_dtype(src)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(g.to_dtype(src)?)])
+        }))
     }
 
     /// The same elements in a new shape.
     pub fn reshape(&self, shape: &[usize]) -> Result<Var> {
         let y = self.value().reshape(shape)?;
         let src = self.value().shape().to_vec();
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(g.reshape(&src)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(g.reshape(&src)?)])
+        }))
     }
 
     /// Reorders the axes.
@@ -280,13 +315,17 @@ impl Var {
         for (i, &p) in perm.iter().enumerate() {
             inverse[p] = i;
         }
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(g.permute(&inverse)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(g.permute(&inverse)?)])
+        }))
     }
 
     /// Swaps two axes.
     pub fn transpose(&self, a: usize, b: usize) -> Result<Var> {
         let y = self.value().transpose(a, b)?;
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(g.transpose(a, b)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(g.transpose(a, b)?)])
+        }))
     }
 
     /// Elements `start..start+len` of `axis`; the gradient is zero outside that range.
@@ -300,7 +339,10 @@ impl Var {
             before[axis] = start;
             let mut after = shape.clone();
             after[axis] = shape[axis] - start - len;
-            let (zb, za) = (Tensor::zeros(&before, g.dtype()), Tensor::zeros(&after, g.dtype()));
+            let (zb, za) = (
+                Tensor::zeros(&before, g.dtype()),
+                Tensor::zeros(&after, g.dtype()),
+            );
             parts.push(&zb);
             parts.push(g);
             parts.push(&za);
@@ -312,7 +354,9 @@ impl Var {
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Var> {
         let y = self.value().broadcast_to(shape)?;
         let src = self.value().shape().to_vec();
-        Ok(Var::record(y, &[self], move |g, _| Ok(vec![Some(unbroadcast(g, &src)?)])))
+        Ok(Var::record(y, &[self], move |g, _| {
+            Ok(vec![Some(unbroadcast(g, &src)?)])
+        }))
     }
 
     /// Inserts an axis of size 1.

@@ -29,7 +29,11 @@ pub struct Var(Arc<VarInner>);
 
 impl std::fmt::Debug for Var {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Var({:?}, requires_grad: {})", self.0.value, self.0.requires_grad)
+        write!(
+            f,
+            "Var({:?}, requires_grad: {})",
+            self.0.value, self.0.requires_grad
+        )
     }
 }
 

@@ -21,7 +21,11 @@ fn best_time(reps: usize, mut f: impl FnMut()) -> f64 {
 /// The best GFLOP/s of numpy's f32 matmul, when python3 with numpy is available.
 fn numpy_gflops(n: usize) -> Option<f64> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/blas_reference.py");
-    let out = Command::new("python3").arg(script).arg(n.to_string()).output().ok()?;
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(n.to_string())
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -30,16 +34,28 @@ fn numpy_gflops(n: usize) -> Option<f64> {
 
 fn main() -> tensor::Result<()> {
     let mut rng = seeded_rng(0);
-    println!("tensor CPU benchmarks ({} rayon threads)", rayon::current_num_threads());
+    println!(
+        "tensor CPU benchmarks ({} rayon threads)",
+        rayon::current_num_threads()
+    );
 
-    for (n, dtype) in [(1024, DType::F32), (2048, DType::F32), (1024, DType::BF16), (1024, DType::F64)] {
+    for (n, dtype) in [
+        (1024, DType::F32),
+        (2048, DType::F32),
+        (1024, DType::BF16),
+        (1024, DType::F64),
+    ] {
         let a = Tensor::randn(&[n, n], dtype, 0.0, 1.0, &mut rng)?;
         let b = Tensor::randn(&[n, n], dtype, 0.0, 1.0, &mut rng)?;
         let t = best_time(10, || {
             a.matmul(&b).expect("matmul");
         });
         let gflops = 2.0 * (n as f64).powi(3) / t / 1e9;
-        let reference = if dtype == DType::F32 { numpy_gflops(n) } else { None };
+        let reference = if dtype == DType::F32 {
+            numpy_gflops(n)
+        } else {
+            None
+        };
         match reference {
             Some(r) => println!(
                 "matmul {dtype} {n}^3: {gflops:7.1} GFLOP/s   numpy/OpenBLAS {r:7.1} GFLOP/s   ratio {:.2}",
@@ -66,8 +82,16 @@ fn main() -> tensor::Result<()> {
         let gbs = bytes / t / 1e9;
         println!("{name}: {gbs:6.1} GB/s ({:.0}% of copy)", 100.0 * gbs / copy_gbs);
     };
-    report("add f32 16M", 12.0 * n as f64, best_time(10, || drop(x.add(&y).expect("add"))));
-    report("silu f32 16M", 8.0 * n as f64, best_time(10, || drop(x.silu().expect("silu"))));
+    report(
+        "add f32 16M",
+        12.0 * n as f64,
+        best_time(10, || drop(x.add(&y).expect("add"))),
+    );
+    report(
+        "silu f32 16M",
+        8.0 * n as f64,
+        best_time(10, || drop(x.silu().expect("silu"))),
+    );
     let rows = x.reshape(&[n / 1024, 1024])?;
     report(
         "softmax f32 [16384, 1024]",

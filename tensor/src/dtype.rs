@@ -69,7 +69,14 @@ pub trait Element: Copy + Send + Sync + 'static + bytemuck::Pod + PartialOrd + f
 
 /// The arithmetic type kernels compute in: f32 or f64.
 pub trait Real:
-    num_traits::Float + num_traits::FromPrimitive + Send + Sync + 'static + fmt::Debug + std::iter::Sum
+    num_traits::Float
+    + num_traits::FromPrimitive
+    + std::ops::AddAssign
+    + std::iter::Sum
+    + Send
+    + Sync
+    + fmt::Debug
+    + 'static
 {
     /// The error function.
     fn erf(self) -> Self;

@@ -197,7 +197,12 @@ proptest! {
 fn cast_round_trip_passes_gradients_back() {
     // f32 rounding limits the accuracy of differences, so a larger step and tolerance apply.
     let x = random_f64(&[3, 4], -1.0, 1.0, 5);
-    let report = check_gradients(|v| v[0].to_dtype(DType::F32)?.sqr()?.to_dtype(DType::F64), &[x], 1e-2).unwrap();
+    let report = check_gradients(
+        |v| v[0].to_dtype(DType::F32)?.sqr()?.to_dtype(DType::F64),
+        &[x],
+        1e-2,
+    )
+    .unwrap();
     assert!(report.max_error() < 1e-3, "{:?}", report.relative_errors);
 }
 
@@ -216,11 +221,17 @@ fn a_graph_is_walked_once() {
     let x = Var::parameter(random_f64(&[2], -1.0, 1.0, 3));
     let y = x.exp().unwrap().sum_all().unwrap();
     y.backward().unwrap();
-    assert!(matches!(y.backward(), Err(autograd::AutogradError::GraphConsumed)));
+    assert!(matches!(
+        y.backward(),
+        Err(autograd::AutogradError::GraphConsumed)
+    ));
 }
 
 #[test]
 fn backward_needs_a_scalar() {
     let x = Var::parameter(random_f64(&[2], -1.0, 1.0, 3));
-    assert!(matches!(x.exp().unwrap().backward(), Err(autograd::AutogradError::NotScalar(_))));
+    assert!(matches!(
+        x.exp().unwrap().backward(),
+        Err(autograd::AutogradError::NotScalar(_))
+    ));
 }

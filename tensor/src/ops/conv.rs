@@ -12,7 +12,10 @@ use rayon::prelude::*;
 fn check(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize, usize, usize)> {
     let (xs, ws) = (x.shape(), weight.shape());
     if xs.len() != 3 || ws.len() != 2 || ws[0] != xs[1] || ws[1] == 0 {
-        return shape_err(op, format!("needs x [B, C, L] and weight [C, K>0], got {xs:?} and {ws:?}"));
+        return shape_err(
+            op,
+            format!("needs x [B, C, L] and weight [C, K>0], got {xs:?} and {ws:?}"),
+        );
     }
     x.check_same_dtype(op, weight)?;
     Ok((xs[0], xs[1], xs[2], ws[1]))
@@ -25,7 +28,10 @@ impl Tensor {
         let (_, c, l, k) = check("conv1d_causal_depthwise", self, weight)?;
         if let Some(b) = bias {
             if b.shape() != [c] {
-                return shape_err("conv1d_causal_depthwise", format!("bias {:?} for {c} channels", b.shape()));
+                return shape_err(
+                    "conv1d_causal_depthwise",
+                    format!("bias {:?} for {c} channels", b.shape()),
+                );
             }
             self.check_same_dtype("conv1d_causal_depthwise", b)?;
         }
@@ -44,7 +50,7 @@ impl Tensor {
                         for (j, wv) in wr.iter().enumerate() {
                             // Input time index t - (K-1) + j, skipped before the start.
                             if let Some(ti) = (t + j).checked_sub(k - 1) {
-                                acc = acc + wv.to_acc() * xr[ti].to_acc();
+                                acc += wv.to_acc() * xr[ti].to_acc();
                             }
                         }
                         *o = T::from_acc(acc);
@@ -56,7 +62,11 @@ impl Tensor {
     }
 
     /// Backward with `self` = x: returns (dx, dweight, dbias).
-    pub fn conv1d_causal_depthwise_backward(&self, weight: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn conv1d_causal_depthwise_backward(
+        &self,
+        weight: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, c, l, k) = check("conv1d_causal_depthwise_backward", self, weight)?;
         if grad.shape() != self.shape() {
             return shape_err(
@@ -79,7 +89,7 @@ impl Tensor {
                         for (j, wv) in wr.iter().enumerate() {
                             let to = t + k - 1 - j;
                             if to < l {
-                                acc = acc + wv.to_acc() * gr[to].to_acc();
+                                acc += wv.to_acc() * gr[to].to_acc();
                             }
                         }
                         *o = T::from_acc(acc);
@@ -97,10 +107,10 @@ impl Tensor {
                         let (xr, gr) = (&xs[row * l..(row + 1) * l], &gs[row * l..(row + 1) * l]);
                         for (t, gv) in gr.iter().enumerate() {
                             let gv = gv.to_acc();
-                            db = db + gv;
+                            db += gv;
                             for (j, d) in dw.iter_mut().enumerate() {
                                 if let Some(ti) = (t + j).checked_sub(k - 1) {
-                                    *d = *d + gv * xr[ti].to_acc();
+                                    *d += gv * xr[ti].to_acc();
                                 }
                             }
                         }
@@ -130,7 +140,9 @@ mod tests {
         let b = Tensor::from_vec(vec![0.5f64], &[1]).unwrap();
         let y = x.conv1d_causal_depthwise(&w, Some(&b)).unwrap();
         assert_eq!(y.to_vec_f64(), vec![1.5, 12.5, 23.5]);
-        let (dx, dw, db) = x.conv1d_causal_depthwise_backward(&w, &Tensor::ones(&[1, 1, 3], crate::DType::F64)).unwrap();
+        let (dx, dw, db) = x
+            .conv1d_causal_depthwise_backward(&w, &Tensor::ones(&[1, 1, 3], crate::DType::F64))
+            .unwrap();
         assert_eq!(dx.to_vec_f64(), vec![11., 11., 1.]);
         assert_eq!(dw.to_vec_f64(), vec![3., 6.]);
         assert_eq!(db.to_vec_f64(), vec![3.]);

@@ -9,17 +9,27 @@ use rayon::prelude::*;
 
 /// Sizes of the axes before, at and after `axis`.
 fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
+    (
+        shape[..axis].iter().product(),
+        shape[axis],
+        shape[axis + 1..].iter().product(),
+    )
 }
 
 /// The ids of a u32 tensor, each checked to be below `bound`.
 fn checked_ids(op: &'static str, ids: &Tensor, bound: usize) -> Result<Vec<usize>> {
     if ids.dtype() != DType::U32 {
-        return Err(TensorError::DType { op, dtype: ids.dtype() });
+        return Err(TensorError::DType {
+            op,
+            dtype: ids.dtype(),
+        });
     }
     let ids = ids.to_vec::<u32>()?;
     if let Some((pos, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= bound) {
-        return range_err(op, format!("id {id} at position {pos} is out of range for size {bound}"));
+        return range_err(
+            op,
+            format!("id {id} at position {pos} is out of range for size {bound}"),
+        );
     }
     Ok(ids.into_iter().map(|id| id as usize).collect())
 }
@@ -36,11 +46,15 @@ impl Tensor {
     /// An id >= V is an error naming it.
     pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
         if self.rank() != 2 {
-            return shape_err("embedding", format!("table must be [V, D], got {:?}", self.shape()));
+            return shape_err(
+                "embedding",
+                format!("table must be [V, D], got {:?}", self.shape()),
+            );
         }
         let mut shape = ids.shape().to_vec();
         shape.push(self.dim(1));
-        self.index_select(0, &ids.reshape(&[ids.numel()])?)?.reshape(&shape)
+        self.index_select(0, &ids.reshape(&[ids.numel()])?)?
+            .reshape(&shape)
     }
 
     /// Entries `ids` (u32, 1-D) along `axis`.
@@ -81,7 +95,12 @@ impl Tensor {
         if src.shape() != expected {
             return shape_err(
                 "index_add",
-                format!("source {:?} does not match {:?} with {} ids along axis {axis}", src.shape(), self.shape(), ids.len()),
+                format!(
+                    "source {:?} does not match {:?} with {} ids along axis {axis}",
+                    src.shape(),
+                    self.shape(),
+                    ids.len()
+                ),
             );
         }
         let (x, s) = (self.contiguous(), src.contiguous());
@@ -94,7 +113,7 @@ impl Tensor {
                 for (i, &id) in ids.iter().enumerate() {
                     let from = &ss[(o * ids.len() + i) * inner..][..inner];
                     for (a, v) in acc[id * inner..(id + 1) * inner].iter_mut().zip(from) {
-                        *a = *a + v.to_acc();
+                        *a += v.to_acc();
                     }
                 }
                 for (d, a) in dst.iter_mut().zip(acc) {
@@ -114,7 +133,11 @@ impl Tensor {
         for t in tensors {
             first.check_same_dtype("concat", t)?;
             let agree = t.rank() == first.rank()
-                && t.shape().iter().zip(first.shape()).enumerate().all(|(i, (a, b))| i == axis || a == b);
+                && t.shape()
+                    .iter()
+                    .zip(first.shape())
+                    .enumerate()
+                    .all(|(i, (a, b))| i == axis || a == b);
             if !agree {
                 let shapes: Vec<_> = tensors.iter().map(|t| t.shape().to_vec()).collect();
                 return shape_err("concat", format!("shapes {shapes:?} differ outside axis {axis}"));
@@ -144,9 +167,15 @@ impl Tensor {
     /// Joins equally shaped tensors along a new axis.
     pub fn stack(tensors: &[&Tensor], axis: usize) -> Result<Tensor> {
         if let Some(t) = tensors.iter().find(|t| t.shape() != tensors[0].shape()) {
-            return shape_err("stack", format!("shapes {:?} and {:?} differ", tensors[0].shape(), t.shape()));
+            return shape_err(
+                "stack",
+                format!("shapes {:?} and {:?} differ", tensors[0].shape(), t.shape()),
+            );
         }
-        let expanded = tensors.iter().map(|t| t.unsqueeze(axis)).collect::<Result<Vec<_>>>()?;
+        let expanded = tensors
+            .iter()
+            .map(|t| t.unsqueeze(axis))
+            .collect::<Result<Vec<_>>>()?;
         Tensor::concat(&expanded.iter().collect::<Vec<_>>(), axis)
     }
 }
@@ -162,7 +191,9 @@ mod tests {
     #[test]
     fn embedding_picks_rows_and_names_a_bad_id() {
         let w = Tensor::arange(6, DType::F32).reshape(&[3, 2]).unwrap();
-        let e = w.embedding(&Tensor::from_vec(vec![2u32, 0, 2, 1], &[2, 2]).unwrap()).unwrap();
+        let e = w
+            .embedding(&Tensor::from_vec(vec![2u32, 0, 2, 1], &[2, 2]).unwrap())
+            .unwrap();
         assert_eq!(e.shape(), &[2, 2, 2]);
         assert_eq!(e.to_vec::<f32>().unwrap(), vec![4., 5., 0., 1., 4., 5., 2., 3.]);
         let err = w.embedding(&ids(&[3])).unwrap_err().to_string();

@@ -11,7 +11,10 @@ use rayon::prelude::*;
 fn check(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Result<(usize, usize, Vec<u32>)> {
     let (l, t) = (logits.shape(), targets.shape());
     if l.len() != 2 || t.len() != 1 || t[0] != l[0] {
-        return shape_err("cross_entropy", format!("needs logits [N, C] and targets [N], got {l:?} and {t:?}"));
+        return shape_err(
+            "cross_entropy",
+            format!("needs logits [N, C] and targets [N], got {l:?} and {t:?}"),
+        );
     }
     if targets.dtype() != DType::U32 {
         return Err(TensorError::DType {
@@ -20,8 +23,15 @@ fn check(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Result<(usize,
         });
     }
     let ids = targets.to_vec::<u32>()?;
-    if let Some((row, &id)) = ids.iter().enumerate().find(|(_, &id)| id != ignore_index && id as usize >= l[1]) {
-        return range_err("cross_entropy", format!("target {id} at row {row} is not below {} classes", l[1]));
+    if let Some((row, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id != ignore_index && id as usize >= l[1])
+    {
+        return range_err(
+            "cross_entropy",
+            format!("target {id} at row {row} is not below {} classes", l[1]),
+        );
     }
     Ok((l[0], l[1], ids))
 }
@@ -56,7 +66,12 @@ impl Tensor {
 
     /// d loss / d logits scaled by the upstream scalar `grad`: `(softmax - onehot) / count` on
     /// counted rows, 0 on ignored rows.
-    pub fn cross_entropy_backward(&self, targets: &Tensor, ignore_index: u32, grad: &Tensor) -> Result<Tensor> {
+    pub fn cross_entropy_backward(
+        &self,
+        targets: &Tensor,
+        ignore_index: u32,
+        grad: &Tensor,
+    ) -> Result<Tensor> {
         let (n, c, ids) = check(self, targets, ignore_index)?;
         let count = ids.iter().filter(|&&id| id != ignore_index).count();
         let scale = grad.to_scalar_f64()? / count.max(1) as f64;
@@ -89,9 +104,15 @@ mod tests {
     fn ignored_rows_do_not_count() {
         let logits = Tensor::from_vec(vec![0f64, 0., 5., -5.], &[2, 2]).unwrap();
         let targets = Tensor::from_vec(vec![1u32, 7], &[2]).unwrap();
-        let loss = logits.cross_entropy(&targets, 7).unwrap().to_scalar_f64().unwrap();
+        let loss = logits
+            .cross_entropy(&targets, 7)
+            .unwrap()
+            .to_scalar_f64()
+            .unwrap();
         assert!((loss - 2f64.ln()).abs() < 1e-15);
-        let g = logits.cross_entropy_backward(&targets, 7, &Tensor::scalar(1f64)).unwrap();
+        let g = logits
+            .cross_entropy_backward(&targets, 7, &Tensor::scalar(1f64))
+            .unwrap();
         assert_eq!(g.to_vec_f64(), vec![0.5, -0.5, 0., 0.]);
     }
 

@@ -1,13 +1,20 @@
 //! Batched matrix multiplication on the `gemm` crate.
+//!
+//! f32, f64 and f16 go to gemm's own kernels (f16 accumulates in f32 inside gemm); bf16, which
+//! gemm lacks, is widened to f32, multiplied and rounded once. Every operand is passed to gemm by
+//! the strides of its last two axes, so transposed and other strided views multiply without a
+//! copy; batch axes are addressed through per-matrix offsets of the broadcast layouts.
 
 use crate::error::shape_err;
 use crate::layout::{broadcast_shapes, numel, Layout};
 use crate::storage::CpuStorage;
 use crate::{DType, Element, Result, Tensor, TensorError};
 use gemm::Parallelism;
+use num_traits::{One, Zero};
 use rayon::prelude::*;
 
-/// Below this many multiply-adds per matrix, batches run in parallel and each product serially.
+/// Below this many multiply-adds a product runs on one thread; batches of such products run in
+/// parallel over the batch instead.
 const SERIAL_GEMM_WORK: usize = 1 << 18;
 
 impl Tensor {
@@ -16,30 +23,28 @@ impl Tensor {
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         let (a, b) = (self.shape(), rhs.shape());
         if a.len() < 2 || b.len() < 2 {
-            return shape_err("matmul", format!("operands need rank >= 2, got {a:?} and {b:?}"));
+            return shape_err("matmul", format!("operands need rank >= 2, got {a:?} x {b:?}"));
         }
         let (m, k) = (a[a.len() - 2], a[a.len() - 1]);
         let (k2, n) = (b[b.len() - 2], b[b.len() - 1]);
         if k != k2 {
             return shape_err("matmul", format!("inner dimensions differ: {a:?} x {b:?}"));
         }
+        let batch = broadcast_shapes("matmul", &a[..a.len() - 2], &b[..b.len() - 2])
+            .or_else(|_| shape_err("matmul", format!("batch axes do not broadcast: {a:?} x {b:?}")))?;
         self.check_same_dtype("matmul", rhs)?;
-        let batch = broadcast_shapes("matmul", &a[..a.len() - 2], &b[..b.len() - 2])?;
         let mut out_shape = batch.clone();
         out_shape.extend([m, n]);
-        let la = self.layout().broadcast_to(&[&batch[..], &[m, k]].concat())?;
-        let lb = rhs.layout().broadcast_to(&[&batch[..], &[k, n]].concat())?;
         let dims = Dims { m, k, n };
         let out = match self.dtype() {
-            DType::F32 => CpuStorage::from_vec(batched::<f32>(self, &la, rhs, &lb, &batch, dims)),
-            DType::F64 => CpuStorage::from_vec(batched::<f64>(self, &la, rhs, &lb, &batch, dims)),
-            DType::F16 => CpuStorage::from_vec(batched::<half::f16>(self, &la, rhs, &lb, &batch, dims)),
+            DType::F32 => CpuStorage::from_vec(batched::<f32>(self, rhs, &batch, dims)?),
+            DType::F64 => CpuStorage::from_vec(batched::<f64>(self, rhs, &batch, dims)?),
+            DType::F16 => CpuStorage::from_vec(batched::<gemm::f16>(self, rhs, &batch, dims)?),
             DType::BF16 => {
                 // gemm has no bf16 kernel: multiply in f32 and round once.
                 let (a32, b32) = (self.to_dtype(DType::F32)?, rhs.to_dtype(DType::F32)?);
-                let (la, lb) = (a32.layout().broadcast_to(la.shape())?, b32.layout().broadcast_to(lb.shape())?);
-                let out = batched::<f32>(&a32, &la, &b32, &lb, &batch, dims);
-                CpuStorage::from_vec(out.into_iter().map(half::bf16::from_f32).collect::<Vec<_>>())
+                let out = batched::<f32>(&a32, &b32, &batch, dims)?;
+                CpuStorage::from_vec(out.into_par_iter().map(half::bf16::from_f32).collect::<Vec<_>>())
             }
             dtype @ DType::U32 => return Err(TensorError::DType { op: "matmul", dtype }),
         };
@@ -47,6 +52,7 @@ impl Tensor {
     }
 }
 
+/// Matrix sizes of one product: `[m, k] x [k, n]`.
 #[derive(Clone, Copy)]
 struct Dims {
     m: usize,
@@ -54,44 +60,55 @@ struct Dims {
     n: usize,
 }
 
-/// Raw pointers handed to rayon tasks; every task writes a disjoint output matrix.
+/// The output pointer handed to rayon tasks; every task writes a disjoint output matrix.
 #[derive(Clone, Copy)]
 struct SendPtr<T>(*mut T);
+
+// SAFETY: tasks only write disjoint ranges of the buffer behind the pointer, which outlives them.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
 unsafe impl<T> Sync for SendPtr<T> {}
 
-/// Multiplies every batch element of the broadcast layouts `la` x `lb` into a contiguous result.
-fn batched<T: Element>(a: &Tensor, la: &Layout, b: &Tensor, lb: &Layout, batch: &[usize], d: Dims) -> Vec<T>
-where
-    T: num_traits::Zero + num_traits::One,
-{
-    let (sa, sb) = (a.storage_slice::<T>(), b.storage_slice::<T>());
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so that closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Storage offsets of the first element of every batch matrix of `layout`, whose leading axes
+/// have the (broadcast) shape `batch`.
+fn batch_offsets(layout: &Layout, batch: &[usize]) -> Vec<usize> {
+    let r = batch.len();
+    Layout::from_parts(batch.to_vec(), layout.strides()[..r].to_vec(), layout.offset())
+        .offsets()
+        .collect()
+}
+
+/// Every batch matrix of `a` x `b` (broadcast over `batch`) into a contiguous result.
+fn batched<T: Element + Zero + One>(a: &Tensor, b: &Tensor, batch: &[usize], d: Dims) -> Result<Vec<T>> {
+    let la = a.layout().broadcast_to(&[batch, &[d.m, d.k]].concat())?;
+    let lb = b.layout().broadcast_to(&[batch, &[d.k, d.n]].concat())?;
     let count = numel(batch);
     let mut out = vec![T::zero(); count * d.m * d.n];
-    if d.m == 0 || d.n == 0 {
-        return out;
+    if d.m == 0 || d.n == 0 || d.k == 0 {
+        return Ok(out);
     }
+    let (sa, sb) = (a.storage_slice::<T>(), b.storage_slice::<T>());
     let r = batch.len();
     let (a_rs, a_cs) = (la.strides()[r] as isize, la.strides()[r + 1] as isize);
     let (b_rs, b_cs) = (lb.strides()[r] as isize, lb.strides()[r + 1] as isize);
-    // Offsets of each batch element's first entry, from the batch part of each layout.
-    let batch_offsets = |l: &Layout| -> Vec<usize> {
-        let bl = Layout::from_parts(batch.to_vec(), l.strides()[..r].to_vec(), l.offset());
-        bl.offsets().collect()
-    };
-    let (oa, ob) = (batch_offsets(la), batch_offsets(lb));
+    let (oa, ob) = (batch_offsets(&la, batch), batch_offsets(&lb, batch));
     let dst = SendPtr(out.as_mut_ptr());
-    let serial = d.m * d.n * d.k < SERIAL_GEMM_WORK && count > 1;
     let run = |i: usize, parallelism: Parallelism| {
-        let dst = dst;
-        // SAFETY: lhs/rhs offsets and strides come from layouts that index inside their storage;
-        // output matrix i is the disjoint range [i*m*n, (i+1)*m*n) of `out`.
+        // SAFETY: the offsets and strides come from layouts that index inside their storage;
+        // output matrix i is the range [i*m*n, (i+1)*m*n) of `out`, disjoint from every other.
         unsafe {
             gemm::gemm(
                 d.m,
                 d.n,
                 d.k,
-                dst.0.add(i * d.m * d.n),
+                dst.get().add(i * d.m * d.n),
                 1,
                 d.n as isize,
                 false,
@@ -110,24 +127,53 @@ where
             );
         }
     };
-    if serial {
+    if d.m * d.n * d.k < SERIAL_GEMM_WORK {
         (0..count).into_par_iter().for_each(|i| run(i, Parallelism::None));
     } else {
         let threads = rayon::current_num_threads();
         (0..count).for_each(|i| run(i, Parallelism::Rayon(threads)));
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::{DType, Tensor};
+    use crate::{DType, Tensor, TensorError};
+
+    /// The naive triple loop over f64 copies, for comparison.
+    fn reference(a: &Tensor, b: &Tensor) -> Vec<f64> {
+        let (m, k, n) = (a.dim(0), a.dim(1), b.dim(1));
+        let (x, y) = (a.to_vec_f64(), b.to_vec_f64());
+        let mut out = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k).map(|p| x[i * k + p] * y[p * n + j]).sum();
+            }
+        }
+        out
+    }
 
     #[test]
     fn two_by_three_times_three_by_two() {
         let a = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6.], &[2, 3]).unwrap();
         let b = Tensor::from_vec(vec![7f32, 8., 9., 10., 11., 12.], &[3, 2]).unwrap();
-        assert_eq!(a.matmul(&b).unwrap().to_vec::<f32>().unwrap(), vec![58., 64., 139., 154.]);
+        assert_eq!(
+            a.matmul(&b).unwrap().to_vec::<f32>().unwrap(),
+            vec![58., 64., 139., 154.]
+        );
+    }
+
+    #[test]
+    fn every_float_dtype_matches_the_reference() {
+        let a = Tensor::from_vec((0..12).map(|i| i as f64 * 0.5 - 2.0).collect(), &[3, 4]).unwrap();
+        let b = Tensor::from_vec((0..8).map(|i| 1.0 - i as f64 * 0.25).collect(), &[4, 2]).unwrap();
+        let want = reference(&a, &b);
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            let (x, y) = (a.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+            let got = x.matmul(&y).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.to_vec_f64(), want, "{dtype}");
+        }
     }
 
     #[test]
@@ -135,15 +181,79 @@ mod tests {
         let a = Tensor::arange(12, DType::F64).reshape(&[2, 3, 2]).unwrap();
         let b = Tensor::arange(6, DType::F64).reshape(&[2, 3]).unwrap();
         let view = a.t().unwrap().matmul(&b.t().unwrap()).unwrap();
-        let copy = a.t().unwrap().contiguous().matmul(&b.t().unwrap().contiguous()).unwrap();
+        let copy = a
+            .t()
+            .unwrap()
+            .contiguous()
+            .matmul(&b.t().unwrap().contiguous())
+            .unwrap();
         assert_eq!(view.shape(), &[2, 2, 2]);
         assert_eq!(view.to_vec_f64(), copy.to_vec_f64());
     }
 
     #[test]
-    fn inner_dimension_mismatch_is_an_error() {
+    fn batch_axes_broadcast_and_strided_batches() {
+        // [2, 1, 2, 3] x [3, 3, 2] -> [2, 3, 2, 2]; the lhs batch is a permuted view.
+        let a = Tensor::arange(12, DType::F32).reshape(&[2, 3, 2]).unwrap();
+        let a = a.permute(&[0, 2, 1]).unwrap().unsqueeze(1).unwrap();
+        let b = Tensor::arange(18, DType::F32).reshape(&[3, 3, 2]).unwrap();
+        let got = a.matmul(&b).unwrap();
+        assert_eq!(got.shape(), &[2, 3, 2, 2]);
+        let want = a.contiguous().broadcast_to(&[2, 3, 2, 3]).unwrap().contiguous();
+        for i in 0..2 {
+            for j in 0..3 {
+                let x = want
+                    .narrow(0, i, 1)
+                    .unwrap()
+                    .narrow(1, j, 1)
+                    .unwrap()
+                    .reshape(&[2, 3])
+                    .unwrap();
+                let y = b.narrow(0, j, 1).unwrap().reshape(&[3, 2]).unwrap();
+                let g = got.narrow(0, i, 1).unwrap().narrow(1, j, 1).unwrap();
+                assert_eq!(g.to_vec_f64(), reference(&x, &y));
+            }
+        }
+    }
+
+    #[test]
+    fn multithreaded_product_of_a_transposed_view() {
+        // 80^3 multiply-adds is above the serial threshold, so gemm runs on the rayon pool.
+        let a = Tensor::from_vec((0..6400).map(|i| (i % 7) as f64 - 3.0).collect(), &[80, 80]).unwrap();
+        let b = Tensor::from_vec((0..6400).map(|i| (i % 5) as f64 * 0.5).collect(), &[80, 80]).unwrap();
+        let bt = b.t().unwrap();
+        let want = reference(&a, &bt.contiguous());
+        assert_eq!(a.matmul(&bt).unwrap().to_vec_f64(), want);
+        let (a32, bt32) = (a.to_dtype(DType::F32).unwrap(), bt.to_dtype(DType::F32).unwrap());
+        assert_eq!(a32.matmul(&bt32).unwrap().to_vec_f64(), want);
+    }
+
+    #[test]
+    fn empty_inner_dimension_gives_zeros() {
+        let a = Tensor::zeros(&[2, 0], DType::F32);
+        let b = Tensor::zeros(&[0, 3], DType::F32);
+        assert_eq!(a.matmul(&b).unwrap().to_vec::<f32>().unwrap(), vec![0.0; 6]);
+    }
+
+    #[test]
+    fn bad_operands_are_errors_naming_both_shapes() {
         let a = Tensor::zeros(&[2, 3], DType::F32);
         let err = a.matmul(&a).unwrap_err().to_string();
-        assert!(err.contains("[2, 3]"), "{err}");
+        assert!(err.contains("[2, 3] x [2, 3]"), "{err}");
+        let err = a
+            .matmul(&Tensor::zeros(&[3], DType::F32))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[2, 3] x [3]"), "{err}");
+        let (x, y) = (
+            Tensor::zeros(&[2, 2, 3], DType::F32),
+            Tensor::zeros(&[3, 3, 1], DType::F32),
+        );
+        let err = x.matmul(&y).unwrap_err().to_string();
+        assert!(err.contains("[2, 2, 3] x [3, 3, 1]"), "{err}");
+        let b = Tensor::zeros(&[3, 2], DType::F64);
+        assert!(matches!(a.matmul(&b), Err(TensorError::DTypeMismatch { .. })));
+        let u = Tensor::zeros(&[2, 2], DType::U32);
+        assert!(matches!(u.matmul(&u), Err(TensorError::DType { .. })));
     }
 }

@@ -18,7 +18,10 @@ fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<usize> {
     };
     for p in params {
         if p.shape() != [d] {
-            return shape_err(op, format!("parameter {:?} does not match input {:?}", p.shape(), x.shape()));
+            return shape_err(
+                op,
+                format!("parameter {:?} does not match input {:?}", p.shape(), x.shape()),
+            );
         }
         x.check_same_dtype(op, p)?;
     }
@@ -71,7 +74,7 @@ fn rows_backward<T: FloatElement>(
             || vec![vec![T::Acc::zero(); d]; n_partials],
             |mut a, b| {
                 for (pa, pb) in a.iter_mut().zip(b) {
-                    pa.iter_mut().zip(pb).for_each(|(u, v)| *u = *u + v);
+                    pa.iter_mut().zip(pb).for_each(|(u, v)| *u += v);
                 }
                 a
             },
@@ -116,7 +119,10 @@ impl Tensor {
     pub fn rms_norm_backward(&self, weight: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         let d = check("rms_norm_backward", self, &[weight])?;
         if grad.shape() != self.shape() {
-            return shape_err("rms_norm_backward", format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()));
+            return shape_err(
+                "rms_norm_backward",
+                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
+            );
         }
         float_dispatch!("rms_norm_backward", self.dtype(), T => {
             let w = widen(weight.contiguous().contiguous_slice::<T>());
@@ -128,7 +134,7 @@ impl Tensor {
                     / <T as FloatElement>::Acc::lit(d as f64);
                 for (i, o) in dx.iter_mut().enumerate() {
                     *o = T::from_acc(r * gw[i] - x[i] * r * r * r * dot);
-                    acc[0][i] = acc[0][i] + g[i] * x[i] * r;
+                    acc[0][i] += g[i] * x[i] * r;
                 }
             });
             Ok((dx, p.remove(0)))
@@ -155,10 +161,18 @@ impl Tensor {
     }
 
     /// Backward of `layer_norm` with `self` = x: returns (dx, dweight, dbias).
-    pub fn layer_norm_backward(&self, weight: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn layer_norm_backward(
+        &self,
+        weight: &Tensor,
+        grad: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = check("layer_norm_backward", self, &[weight])?;
         if grad.shape() != self.shape() {
-            return shape_err("layer_norm_backward", format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()));
+            return shape_err(
+                "layer_norm_backward",
+                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
+            );
         }
         float_dispatch!("layer_norm_backward", self.dtype(), T => {
             let w = widen(weight.contiguous().contiguous_slice::<T>());
@@ -172,8 +186,8 @@ impl Tensor {
                 let mean_gw_xhat = gw.iter().zip(&xhat).map(|(&a, &b)| a * b).sum::<A>() / n;
                 for (i, o) in dx.iter_mut().enumerate() {
                     *o = T::from_acc(rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat));
-                    acc[0][i] = acc[0][i] + g[i] * xhat[i];
-                    acc[1][i] = acc[1][i] + g[i];
+                    acc[0][i] += g[i] * xhat[i];
+                    acc[1][i] += g[i];
                 }
             });
             let db = p.remove(1);

@@ -60,7 +60,9 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
         });
         CpuStorage::from_vec(out)
     });
-    Ok(Tensor::from_cpu(out, xs.shape()).transpose(axis, last)?.contiguous())
+    Ok(Tensor::from_cpu(out, xs.shape())
+        .transpose(axis, last)?
+        .contiguous())
 }
 
 fn max_and_sum_exp<A: Real>(x: &[A]) -> (A, A) {
@@ -115,7 +117,13 @@ impl Tensor {
 
     /// Backward of log-softmax with `self` = its output y: `g - exp(y) · Σ g`.
     pub fn log_softmax_backward(&self, grad: &Tensor, axis: usize) -> Result<Tensor> {
-        along_axis("log_softmax_backward", self, Some(grad), axis, Row::LogSoftmaxBackward)
+        along_axis(
+            "log_softmax_backward",
+            self,
+            Some(grad),
+            axis,
+            Row::LogSoftmaxBackward,
+        )
     }
 }
 
@@ -135,7 +143,13 @@ mod tests {
     #[test]
     fn softmax_along_the_first_axis_sums_to_one() {
         let x = Tensor::arange(6, crate::DType::F32).reshape(&[3, 2]).unwrap();
-        let s = x.softmax(0).unwrap().sum(&[0], false).unwrap().to_vec::<f32>().unwrap();
+        let s = x
+            .softmax(0)
+            .unwrap()
+            .sum(&[0], false)
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
         assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-6), "{s:?}");
     }
 }
