@@ -160,3 +160,25 @@ impl Var {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Var;
+    use tensor::{DType, Tensor};
+
+    #[test]
+    fn ops_on_constants_record_no_graph() {
+        let x = Var::constant(Tensor::ones(&[3], DType::F32));
+        let y = x.exp().unwrap().sum_all().unwrap();
+        assert!(!y.requires_grad() && y.0.node.is_none());
+        assert!(matches!(y.backward(), Err(crate::AutogradError::NoGradient)));
+    }
+
+    #[test]
+    fn a_frozen_input_gets_no_gradient() {
+        let w = Var::parameter(Tensor::ones(&[2, 2], DType::F64));
+        let frozen = Var::constant(Tensor::ones(&[2, 2], DType::F64));
+        w.matmul(&frozen).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(w.grad().is_some() && frozen.grad().is_none());
+    }
+}

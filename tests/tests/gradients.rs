@@ -130,6 +130,9 @@ proptest! {
     #[test]
     fn rms_norm(s in shape(3, 5), seed in any::<u64>()) {
         let d = *s.last().unwrap();
+        // With one feature the output is w·x/sqrt(x²+eps): its gradient is O(eps), below what
+        // finite differences resolve.
+        prop_assume!(d > 1);
         check(|v| v[0].rms_norm(&v[1], 1e-5), &[random_f64(&s, -2.0, 2.0, seed), random_f64(&[d], 0.5, 1.5, seed ^ 1)])?;
     }
 

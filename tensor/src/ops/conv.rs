@@ -1,5 +1,5 @@
 //! Causal depthwise 1-D convolution (the short convolution of Mamba blocks), parallel over
-//! (batch, channel) rows.
+//! (batch, channel) rows and computed in the dtype's `Acc` type.
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
@@ -8,7 +8,7 @@ use crate::{FloatElement, Real, Result, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
 
-/// Checks x `[B, C, L]` and weight `[C, K]`; returns (B, C, L, K).
+/// Checks x `[B, C, L]` and weight `[C, K]` (K > 0) of one dtype; returns (B, C, L, K).
 fn check(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize, usize, usize)> {
     let (xs, ws) = (x.shape(), weight.shape());
     if xs.len() != 3 || ws.len() != 2 || ws[0] != xs[1] || ws[1] == 0 {
@@ -22,8 +22,10 @@ fn check(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize,
 }
 
 impl Tensor {
-    /// `self` = x `[B, C, L]`, `weight` `[C, K]`, optional `bias` `[C]`:
-    /// `y[b,c,t] = bias[c] + Σ_k weight[c,k] · x[b,c,t-(K-1)+k]`, zero before the sequence start.
+    /// Causal depthwise convolution of `self` = x `[B, C, L]` with `weight` `[C, K]` and an
+    /// optional `bias` `[C]`, all of one float dtype:
+    /// `y[b,c,t] = bias[c] + Σ_k weight[c,k] · x[b,c,t-(K-1)+k]`, with x zero before the
+    /// sequence start. The result is `[B, C, L]`.
     pub fn conv1d_causal_depthwise(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (_, c, l, k) = check("conv1d_causal_depthwise", self, weight)?;
         if let Some(b) = bias {
@@ -37,23 +39,21 @@ impl Tensor {
         }
         let (x, w) = (self.contiguous(), weight.contiguous());
         float_dispatch!("conv1d_causal_depthwise", self.dtype(), T => {
+            type A = <T as FloatElement>::Acc;
             let (xs, ws) = (x.contiguous_slice::<T>(), w.contiguous_slice::<T>());
-            let bs = bias.map(|b| b.to_vec_f64());
+            let ws: Vec<A> = ws.iter().map(|v| v.to_acc()).collect();
+            let bs: Option<Vec<A>> = bias.map(|b| b.to_vec_f64().into_iter().map(A::lit).collect());
             let mut out = vec![T::from_acc(Zero::zero()); xs.len()];
             if l > 0 {
                 out.par_chunks_mut(l).enumerate().for_each(|(row, y)| {
                     let ch = row % c;
                     let (xr, wr) = (&xs[row * l..(row + 1) * l], &ws[ch * k..(ch + 1) * k]);
-                    let b0 = bs.as_ref().map_or(0.0, |b| b[ch]);
+                    let b0 = bs.as_ref().map_or(A::zero(), |b| b[ch]);
                     for (t, o) in y.iter_mut().enumerate() {
-                        let mut acc = <T as FloatElement>::Acc::lit(b0);
-                        for (j, wv) in wr.iter().enumerate() {
-                            // Input time index t - (K-1) + j, skipped before the start.
-                            if let Some(ti) = (t + j).checked_sub(k - 1) {
-                                acc += wv.to_acc() * xr[ti].to_acc();
-                            }
-                        }
-                        *o = T::from_acc(acc);
+                        // Taps j with input time t - (K-1) + j >= 0.
+                        let j0 = (k - 1).saturating_sub(t);
+                        let taps = xr[t + j0 + 1 - k..=t].iter().zip(&wr[j0..]);
+                        *o = T::from_acc(b0 + taps.map(|(xv, &wv)| wv * xv.to_acc()).sum::<A>());
                     }
                 });
             }
@@ -61,69 +61,71 @@ impl Tensor {
         })
     }
 
-    /// Backward with `self` = x: returns (dx, dweight, dbias).
+    /// Backward of `conv1d_causal_depthwise` with `self` = x and `grad` = dL/dy (shape and
+    /// dtype of x): returns (dx `[B, C, L]`, dweight `[C, K]`, dbias `[C]`). dbias is
+    /// Σ_{b,t} grad; it is meaningful only when the forward pass had a bias.
     pub fn conv1d_causal_depthwise_backward(
         &self,
         weight: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, c, l, k) = check("conv1d_causal_depthwise_backward", self, weight)?;
+        let op = "conv1d_causal_depthwise_backward";
+        let (_, c, l, k) = check(op, self, weight)?;
         if grad.shape() != self.shape() {
             return shape_err(
-                "conv1d_causal_depthwise_backward",
+                op,
                 format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
             );
         }
+        self.check_same_dtype(op, grad)?;
         let (x, w, g) = (self.contiguous(), weight.contiguous(), grad.contiguous());
-        float_dispatch!("conv1d_causal_depthwise_backward", self.dtype(), T => {
+        float_dispatch!(op, self.dtype(), T => {
             type A = <T as FloatElement>::Acc;
-            let (xs, ws, gs) = (x.contiguous_slice::<T>(), w.contiguous_slice::<T>(), g.contiguous_slice::<T>());
-            // dx[t] = Σ_j w[j] · g[t + (K-1) - j], over output times inside the sequence.
+            let (xs, gs) = (x.contiguous_slice::<T>(), g.contiguous_slice::<T>());
+            let ws: Vec<A> = w.contiguous_slice::<T>().iter().map(|v| v.to_acc()).collect();
             let mut dx = vec![T::from_acc(Zero::zero()); xs.len()];
-            if l > 0 {
-                dx.par_chunks_mut(l).enumerate().for_each(|(row, d)| {
-                    let ch = row % c;
-                    let (gr, wr) = (&gs[row * l..(row + 1) * l], &ws[ch * k..(ch + 1) * k]);
-                    for (t, o) in d.iter_mut().enumerate() {
-                        let mut acc = A::zero();
-                        for (j, wv) in wr.iter().enumerate() {
-                            let to = t + k - 1 - j;
-                            if to < l {
-                                acc += wv.to_acc() * gr[to].to_acc();
+            // One pass per (b, c) row: dx of the row, and the row's [dw_0..dw_{K-1}, db].
+            let partials: Vec<Vec<A>> = if l > 0 {
+                dx.par_chunks_mut(l)
+                    .enumerate()
+                    .map(|(row, d)| {
+                        let ch = row % c;
+                        let (xr, gr, wr) = (&xs[row * l..][..l], &gs[row * l..][..l], &ws[ch * k..][..k]);
+                        let gr: Vec<A> = gr.iter().map(|v| v.to_acc()).collect();
+                        // dx[t] = Σ_j w[j] · g[t + (K-1) - j], over output times t' < L.
+                        for (t, o) in d.iter_mut().enumerate() {
+                            let j0 = (t + k).saturating_sub(l);
+                            let taps = wr[j0..].iter().zip(gr[t..=t + k - 1 - j0].iter().rev());
+                            *o = T::from_acc(taps.map(|(&wv, &gv)| wv * gv).sum::<A>());
+                        }
+                        // dw[j] = Σ_t g[t] · x[t - (K-1) + j]; db = Σ_t g[t].
+                        let mut p = vec![A::zero(); k + 1];
+                        for (j, dw) in p[..k].iter_mut().enumerate() {
+                            let shift = k - 1 - j;
+                            if shift < l {
+                                *dw = gr[shift..].iter().zip(xr).map(|(&gv, xv)| gv * xv.to_acc()).sum();
                             }
                         }
-                        *o = T::from_acc(acc);
-                    }
-                });
+                        p[k] = gr.iter().copied().sum();
+                        p
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            // Per channel, summed over the batch in order (independent of the thread count).
+            let mut dw = vec![A::zero(); c * k];
+            let mut db = vec![A::zero(); c];
+            for (row, p) in partials.iter().enumerate() {
+                let ch = row % c;
+                dw[ch * k..(ch + 1) * k].iter_mut().zip(p).for_each(|(u, &v)| *u += v);
+                db[ch] += p[k];
             }
-            // dw[c, j] = Σ_b Σ_t g[b,c,t] · x[b,c,t-(K-1)+j]; db[c] = Σ_b Σ_t g[b,c,t].
-            let per_channel: Vec<(Vec<A>, A)> = (0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    let mut dw = vec![A::zero(); k];
-                    let mut db = A::zero();
-                    for bi in 0..b {
-                        let row = bi * c + ch;
-                        let (xr, gr) = (&xs[row * l..(row + 1) * l], &gs[row * l..(row + 1) * l]);
-                        for (t, gv) in gr.iter().enumerate() {
-                            let gv = gv.to_acc();
-                            db += gv;
-                            for (j, d) in dw.iter_mut().enumerate() {
-                                if let Some(ti) = (t + j).checked_sub(k - 1) {
-                                    *d += gv * xr[ti].to_acc();
-                                }
-                            }
-                        }
-                    }
-                    (dw, db)
-                })
-                .collect();
-            let dw: Vec<T> = per_channel.iter().flat_map(|(dw, _)| dw.iter().map(|&v| T::from_acc(v))).collect();
-            let db: Vec<T> = per_channel.iter().map(|(_, db)| T::from_acc(*db)).collect();
+            let narrow = |v: Vec<A>| v.into_iter().map(T::from_acc).collect::<Vec<T>>();
             Ok((
                 Tensor::from_cpu(CpuStorage::from_vec(dx), self.shape()),
-                Tensor::from_cpu(CpuStorage::from_vec(dw), &[c, k]),
-                Tensor::from_cpu(CpuStorage::from_vec(db), &[c]),
+                Tensor::from_cpu(CpuStorage::from_vec(narrow(dw)), &[c, k]),
+                Tensor::from_cpu(CpuStorage::from_vec(narrow(db)), &[c]),
             ))
         })
     }
@@ -131,7 +133,11 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::Tensor;
+    use crate::{DType, Tensor};
+
+    fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+    }
 
     #[test]
     fn kernel_of_two_mixes_previous_and_current_step() {
@@ -141,10 +147,97 @@ mod tests {
         let y = x.conv1d_causal_depthwise(&w, Some(&b)).unwrap();
         assert_eq!(y.to_vec_f64(), vec![1.5, 12.5, 23.5]);
         let (dx, dw, db) = x
-            .conv1d_causal_depthwise_backward(&w, &Tensor::ones(&[1, 1, 3], crate::DType::F64))
+            .conv1d_causal_depthwise_backward(&w, &Tensor::ones(&[1, 1, 3], DType::F64))
             .unwrap();
         assert_eq!(dx.to_vec_f64(), vec![11., 11., 1.]);
         assert_eq!(dw.to_vec_f64(), vec![3., 6.]);
         assert_eq!(db.to_vec_f64(), vec![3.]);
+    }
+
+    #[test]
+    fn kernel_longer_than_the_sequence_per_channel() {
+        // B = 2, C = 2, L = 2, K = 3: y[t] = w2·x[t] + w1·x[t-1] (+ w0·x[t-2], always zero).
+        let x = Tensor::from_vec(vec![1f32, 2., 3., 4., 5., 6., 7., 8.], &[2, 2, 2]).unwrap();
+        let w = Tensor::from_vec(vec![100f32, 10., 1., 0., 1., -1.], &[2, 3]).unwrap();
+        let y = x.conv1d_causal_depthwise(&w, None).unwrap();
+        assert_eq!(
+            y.to_vec::<f32>().unwrap(),
+            vec![1., 12., -3., -1., 5., 56., -7., -1.]
+        );
+        let g = Tensor::from_vec(vec![1f32, 1., 1., 0., 2., 0., 0., 1.], &[2, 2, 2]).unwrap();
+        let (dx, dw, db) = x.conv1d_causal_depthwise_backward(&w, &g).unwrap();
+        // dx[t] = w2·g[t] + w1·g[t+1].
+        assert_eq!(
+            dx.to_vec::<f32>().unwrap(),
+            vec![11., 1., -1., 0., 2., 0., 1., -1.]
+        );
+        // dw[c] = [0, Σ g[t]·x[t-1], Σ g[t]·x[t]]; db[c] = Σ g.
+        assert_eq!(dw.to_vec::<f32>().unwrap(), vec![0., 1., 13., 0., 7., 11.]);
+        assert_eq!(db.to_vec::<f32>().unwrap(), vec![4., 2.]);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let xv: Vec<f64> = (0..10).map(|i| ((i * 7 % 11) as f64 - 5.0) / 4.0).collect();
+        let gv: Vec<f64> = (0..10).map(|i| ((i * 3 % 7) as f64 - 3.0) / 2.0).collect();
+        let w = Tensor::from_vec(vec![0.3f64, -0.7, 1.1, 0.2, 0.5, -1.3], &[2, 3]).unwrap();
+        let loss = |x: &[f64]| -> f64 {
+            let y = Tensor::from_slice(x, &[1, 2, 5])
+                .unwrap()
+                .conv1d_causal_depthwise(&w, None)
+                .unwrap();
+            y.to_vec_f64().iter().zip(&gv).map(|(a, b)| a * b).sum()
+        };
+        let x = Tensor::from_slice(&xv, &[1, 2, 5]).unwrap();
+        let g = Tensor::from_slice(&gv, &[1, 2, 5]).unwrap();
+        let (dx, _, _) = x.conv1d_causal_depthwise_backward(&w, &g).unwrap();
+        let numeric: Vec<f64> = (0..xv.len())
+            .map(|i| {
+                let (mut p, mut m) = (xv.clone(), xv.clone());
+                p[i] += 1e-6;
+                m[i] -= 1e-6;
+                (loss(&p) - loss(&m)) / 2e-6
+            })
+            .collect();
+        assert!(close(&dx.to_vec_f64(), &numeric, 1e-8), "{dx:?} vs {numeric:?}");
+    }
+
+    #[test]
+    fn checks_shapes_and_dtypes() {
+        let x = Tensor::ones(&[1, 2, 3], DType::F32);
+        let w = Tensor::ones(&[2, 2], DType::F32);
+        assert!(x
+            .conv1d_causal_depthwise(&Tensor::ones(&[3, 2], DType::F32), None)
+            .is_err());
+        assert!(x
+            .conv1d_causal_depthwise(&Tensor::ones(&[2, 0], DType::F32), None)
+            .is_err());
+        assert!(x
+            .conv1d_causal_depthwise(&w.to_dtype(DType::F64).unwrap(), None)
+            .is_err());
+        assert!(x
+            .conv1d_causal_depthwise(&w, Some(&Tensor::ones(&[3], DType::F32)))
+            .is_err());
+        assert!(x
+            .conv1d_causal_depthwise(&w, Some(&Tensor::ones(&[2], DType::BF16)))
+            .is_err());
+        assert!(x
+            .conv1d_causal_depthwise_backward(&w, &Tensor::ones(&[1, 2, 3], DType::F64))
+            .is_err());
+        assert!(x
+            .conv1d_causal_depthwise_backward(&w, &Tensor::ones(&[1, 2, 2], DType::F32))
+            .is_err());
+        let u = Tensor::ones(&[1, 2, 3], DType::U32);
+        assert!(u
+            .conv1d_causal_depthwise(&Tensor::ones(&[2, 2], DType::U32), None)
+            .is_err());
+        let empty = Tensor::ones(&[2, 2, 0], DType::BF16);
+        let (dx, dw, db) = empty
+            .conv1d_causal_depthwise_backward(&w.to_dtype(DType::BF16).unwrap(), &empty)
+            .unwrap();
+        assert_eq!(
+            (dx.shape(), dw.to_vec_f64(), db.to_vec_f64()),
+            (&[2, 2, 0][..], vec![0.; 4], vec![0.; 2])
+        );
     }
 }

@@ -1,95 +1,125 @@
-//! Fused cross-entropy over logits with an ignore index.
+//! Fused cross-entropy over logits with an ignore index. Each row is computed in the dtype's
+//! compute type with a max-subtracted log-sum-exp, in parallel over rows; the mean over rows is
+//! summed in row order, so the loss does not depend on the thread count.
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::storage::CpuStorage;
 use crate::{DType, Element, FloatElement, Real, Result, Tensor, TensorError};
-use num_traits::Zero;
+use num_traits::Float;
 use rayon::prelude::*;
 
-/// Checks shapes and reads the targets; returns (rows, classes, targets).
-fn check(logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Result<(usize, usize, Vec<u32>)> {
+/// Checks shapes and dtypes and reads the targets; returns (rows, classes, targets).
+fn check(
+    op: &'static str,
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: u32,
+) -> Result<(usize, usize, Vec<u32>)> {
     let (l, t) = (logits.shape(), targets.shape());
     if l.len() != 2 || t.len() != 1 || t[0] != l[0] {
         return shape_err(
-            "cross_entropy",
+            op,
             format!("needs logits [N, C] and targets [N], got {l:?} and {t:?}"),
         );
     }
     if targets.dtype() != DType::U32 {
         return Err(TensorError::DType {
-            op: "cross_entropy (targets)",
+            op: "cross_entropy (targets must be u32)",
             dtype: targets.dtype(),
         });
     }
     let ids = targets.to_vec::<u32>()?;
-    if let Some((row, &id)) = ids
+    let bad = ids
         .iter()
         .enumerate()
-        .find(|(_, &id)| id != ignore_index && id as usize >= l[1])
-    {
+        .find(|(_, &id)| id != ignore_index && id as usize >= l[1]);
+    if let Some((row, &id)) = bad {
         return range_err(
-            "cross_entropy",
-            format!("target {id} at row {row} is not below {} classes", l[1]),
+            op,
+            format!(
+                "target {id} at row {row} is not below {} classes (logits {l:?})",
+                l[1]
+            ),
         );
     }
     Ok((l[0], l[1], ids))
 }
 
-/// `log Σ exp(row)`, max-subtracted.
-fn log_sum_exp<A: Real>(row: &[A]) -> A {
-    let m = row.iter().fold(A::neg_infinity(), |m, &v| m.max(v));
-    m + row.iter().map(|&v| (v - m).exp()).sum::<A>().ln()
+/// `log Σ exp(row)`, max-subtracted, in the compute type.
+fn log_sum_exp<S: FloatElement>(row: &[S]) -> S::Acc {
+    let m = row.iter().fold(S::Acc::neg_infinity(), |m, v| m.max(v.to_acc()));
+    m + row.iter().map(|v| (v.to_acc() - m).exp()).sum::<S::Acc>().ln()
 }
 
 impl Tensor {
     /// Mean over rows whose target is not `ignore_index` of `-log_softmax(logits)[row, target]`;
-    /// `self` = logits `[N, C]`, `targets` u32 `[N]`. Returns a rank-0 tensor (0 when no row counts).
+    /// `self` = logits `[N, C]` (any float dtype), `targets` u32 `[N]`. Returns a rank-0 tensor
+    /// in the logits' dtype (0 when no row counts). A target `>= C` that is not `ignore_index`
+    /// is an error naming its row and value.
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: u32) -> Result<Tensor> {
-        let (_, c, ids) = check(self, targets, ignore_index)?;
+        let (_, c, ids) = check("cross_entropy", self, targets, ignore_index)?;
         let x = self.contiguous();
         float_dispatch!("cross_entropy", self.dtype(), T => {
+            type A = <T as FloatElement>::Acc;
             let xs = x.contiguous_slice::<T>();
-            let (total, count) = ids
+            let losses: Vec<Option<A>> = ids
                 .par_iter()
                 .enumerate()
-                .filter(|(_, &id)| id != ignore_index)
                 .map(|(r, &id)| {
-                    let row: Vec<_> = xs[r * c..(r + 1) * c].iter().map(|v| v.to_acc()).collect();
-                    (log_sum_exp(&row) - row[id as usize], 1usize)
+                    (id != ignore_index).then(|| {
+                        let row = &xs[r * c..(r + 1) * c];
+                        log_sum_exp(row) - row[id as usize].to_acc()
+                    })
                 })
-                .reduce(|| (Zero::zero(), 0), |a, b| (a.0 + b.0, a.1 + b.1));
-            let mean = if count == 0 { Zero::zero() } else { total / <T as FloatElement>::Acc::lit(count as f64) };
+                .collect();
+            let (total, count) = losses
+                .into_iter()
+                .flatten()
+                .fold((A::lit(0.0), 0usize), |(t, n), l| (t + l, n + 1));
+            let mean = if count == 0 { A::lit(0.0) } else { total / A::lit(count as f64) };
             Ok(Tensor::scalar(T::from_acc(mean)))
         })
     }
 
-    /// d loss / d logits scaled by the upstream scalar `grad`: `(softmax - onehot) / count` on
-    /// counted rows, 0 on ignored rows.
+    /// d loss / d logits scaled by the upstream scalar `grad` (a one-element tensor of any
+    /// dtype): `grad · (softmax - onehot) / count` on counted rows, 0 on ignored rows. The
+    /// result has the logits' shape and dtype.
     pub fn cross_entropy_backward(
         &self,
         targets: &Tensor,
         ignore_index: u32,
         grad: &Tensor,
     ) -> Result<Tensor> {
-        let (n, c, ids) = check(self, targets, ignore_index)?;
+        let (n, c, ids) = check("cross_entropy_backward", self, targets, ignore_index)?;
+        if grad.numel() != 1 {
+            return shape_err(
+                "cross_entropy_backward",
+                format!(
+                    "upstream gradient must have one element, got shape {:?}",
+                    grad.shape()
+                ),
+            );
+        }
         let count = ids.iter().filter(|&&id| id != ignore_index).count();
         let scale = grad.to_scalar_f64()? / count.max(1) as f64;
         let x = self.contiguous();
         float_dispatch!("cross_entropy_backward", self.dtype(), T => {
+            type A = <T as FloatElement>::Acc;
             let xs = x.contiguous_slice::<T>();
+            let s = A::lit(scale);
             let mut out = vec![T::from_f64(0.0); n * c];
             out.par_chunks_mut(c.max(1)).zip(ids.par_iter()).enumerate().for_each(|(r, (dx, &id))| {
                 if id == ignore_index {
                     return;
                 }
-                let row: Vec<_> = xs[r * c..(r + 1) * c].iter().map(|v| v.to_acc()).collect();
-                let lse = log_sum_exp(&row);
-                let s = <T as FloatElement>::Acc::lit(scale);
-                for (j, (o, &v)) in dx.iter_mut().zip(&row).enumerate() {
-                    let onehot = if j == id as usize { 1.0 } else { 0.0 };
-                    *o = T::from_acc(((v - lse).exp() - <T as FloatElement>::Acc::lit(onehot)) * s);
+                let row = &xs[r * c..(r + 1) * c];
+                let lse = log_sum_exp(row);
+                for (o, v) in dx.iter_mut().zip(row) {
+                    *o = T::from_acc((v.to_acc() - lse).exp() * s);
                 }
+                let t = id as usize;
+                dx[t] = T::from_acc(((row[t].to_acc() - lse).exp() - A::lit(1.0)) * s);
             });
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), &[n, c]))
         })
@@ -98,29 +128,64 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::Tensor;
+    use crate::{DType, Tensor};
 
     #[test]
     fn ignored_rows_do_not_count() {
         let logits = Tensor::from_vec(vec![0f64, 0., 5., -5.], &[2, 2]).unwrap();
         let targets = Tensor::from_vec(vec![1u32, 7], &[2]).unwrap();
-        let loss = logits
-            .cross_entropy(&targets, 7)
-            .unwrap()
-            .to_scalar_f64()
-            .unwrap();
-        assert!((loss - 2f64.ln()).abs() < 1e-15);
+        let loss = logits.cross_entropy(&targets, 7).unwrap();
+        assert_eq!((loss.shape(), loss.dtype()), (&[][..], DType::F64));
+        assert!((loss.to_scalar_f64().unwrap() - 2f64.ln()).abs() < 1e-15);
         let g = logits
             .cross_entropy_backward(&targets, 7, &Tensor::scalar(1f64))
             .unwrap();
         assert_eq!(g.to_vec_f64(), vec![0.5, -0.5, 0., 0.]);
+        let g = logits
+            .cross_entropy_backward(&targets, 7, &Tensor::scalar(2f32))
+            .unwrap();
+        assert_eq!(g.to_vec_f64(), vec![1.0, -1.0, 0., 0.]);
     }
 
     #[test]
-    fn a_target_out_of_range_is_named() {
-        let logits = Tensor::zeros(&[2, 3], crate::DType::F32);
+    fn mean_over_counted_rows_in_every_dtype() {
+        // Row 0: logits [ln 1, ln 3], target 1 -> -ln(3/4); row 1: [0, 0], target 0 -> ln 2.
+        let want = ((4.0f64 / 3.0).ln() + 2f64.ln()) / 2.0;
+        let logits = Tensor::from_vec(vec![0f64, 3f64.ln(), 0., 0.], &[2, 2]).unwrap();
+        let targets = Tensor::from_vec(vec![1u32, 0], &[2]).unwrap();
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let loss = logits
+                .to_dtype(dtype)
+                .unwrap()
+                .cross_entropy(&targets, u32::MAX)
+                .unwrap();
+            assert_eq!(loss.dtype(), dtype);
+            assert!((loss.to_scalar_f64().unwrap() - want).abs() < 1e-2, "{dtype}");
+        }
+        let all_ignored = Tensor::from_vec(vec![3u32, 3], &[2]).unwrap();
+        assert_eq!(
+            logits
+                .cross_entropy(&all_ignored, 3)
+                .unwrap()
+                .to_scalar_f64()
+                .unwrap(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn bad_inputs_are_errors() {
+        let logits = Tensor::zeros(&[2, 3], DType::F32);
         let targets = Tensor::from_vec(vec![1u32, 3], &[2]).unwrap();
         let err = logits.cross_entropy(&targets, u32::MAX).unwrap_err().to_string();
         assert!(err.contains("target 3 at row 1"), "{err}");
+        let short = Tensor::from_vec(vec![1u32], &[1]).unwrap();
+        assert!(logits.cross_entropy(&short, u32::MAX).is_err());
+        assert!(logits
+            .cross_entropy(&logits.sum(&[1], false).unwrap(), u32::MAX)
+            .is_err());
+        let ok = Tensor::from_vec(vec![1u32, 2], &[2]).unwrap();
+        let two = Tensor::ones(&[2], DType::F32);
+        assert!(logits.cross_entropy_backward(&ok, u32::MAX, &two).is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! RMSNorm and LayerNorm over the last axis, with fused backward kernels. Rows run in parallel;
-//! the weight/bias gradients are summed from per-block partials.
+//! RMSNorm and LayerNorm over the last axis, with fused backward kernels. Rows run in parallel
+//! and are computed in the dtype's `Acc` type; the weight/bias gradients are summed from
+//! per-block partials in block order, so they do not depend on the number of threads.
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
@@ -8,10 +9,12 @@ use crate::{FloatElement, Real, Result, Tensor};
 use num_traits::Zero;
 use rayon::prelude::*;
 
-/// Rows per rayon task in the backward kernels' weight-gradient reduction.
-const ROWS_PER_TASK: usize = 64;
+/// Fewest rows per rayon task in the backward kernels.
+const MIN_ROWS_PER_TASK: usize = 64;
+/// Most rayon tasks (and so partial weight gradients kept at once) in the backward kernels.
+const MAX_TASKS: usize = 1024;
 
-/// Checks x `[..., D]` against `[D]` parameters and returns D.
+/// Checks x `[..., D]` against `[D]` parameters of the same dtype and returns D.
 fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<usize> {
     let Some(&d) = x.shape().last() else {
         return shape_err(op, "input must have rank >= 1, got a scalar");
@@ -28,71 +31,100 @@ fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<usize> {
     Ok(d)
 }
 
-fn widen<T: FloatElement>(s: &[T]) -> Vec<T::Acc> {
-    s.iter().map(|v| v.to_acc()).collect()
+/// Checks that the output gradient has the input's shape and dtype.
+fn check_grad(op: &'static str, x: &Tensor, grad: &Tensor) -> Result<()> {
+    if grad.shape() != x.shape() {
+        return shape_err(
+            op,
+            format!("input {:?} vs gradient {:?}", x.shape(), grad.shape()),
+        );
+    }
+    x.check_same_dtype(op, grad)
 }
 
-fn narrow<T: FloatElement>(v: &[T::Acc]) -> Vec<T> {
-    v.iter().map(|&a| T::from_acc(a)).collect()
+/// The elements of a `[D]` parameter, widened.
+fn widen<T: FloatElement>(p: &Tensor) -> Vec<T::Acc> {
+    p.contiguous()
+        .contiguous_slice::<T>()
+        .iter()
+        .map(|v| v.to_acc())
+        .collect()
 }
 
-/// Normalises every row with `f(row, out)`.
+/// Overwrites `buf` with `row` widened.
+fn widen_into<T: FloatElement>(row: &[T], buf: &mut Vec<T::Acc>) {
+    buf.clear();
+    buf.extend(row.iter().map(|v| v.to_acc()));
+}
+
+/// Normalises every row of D elements with `f(x_row, y_row)`.
 fn rows_forward<T: FloatElement>(x: &Tensor, d: usize, f: impl Fn(&[T::Acc], &mut [T]) + Sync) -> Tensor {
     let x = x.contiguous();
     let xs = x.contiguous_slice::<T>();
     let mut out = vec![T::from_acc(Zero::zero()); xs.len()];
-    out.par_chunks_mut(d.max(1))
-        .zip(xs.par_chunks(d.max(1)))
-        .for_each(|(y, row)| f(&widen(row), y));
+    if d > 0 {
+        out.par_chunks_mut(d)
+            .zip(xs.par_chunks(d))
+            .for_each_init(Vec::new, |buf, (y, row)| {
+                widen_into(row, buf);
+                f(buf, y);
+            });
+    }
     Tensor::from_cpu(CpuStorage::from_vec(out), x.shape())
 }
 
-/// Backward over rows: `f(x_row, g_row, dx_row, partials)` writes dx and adds into `partials`
-/// (`n_partials` vectors of length D, summed over all rows).
-fn rows_backward<T: FloatElement>(
+/// Backward over rows: `f(x_row, g_row, dx_row, partials)` writes dx and adds the row's
+/// contribution into the `P` parameter gradients, which come back summed over all rows.
+fn rows_backward<T: FloatElement, const P: usize>(
     x: &Tensor,
     g: &Tensor,
     d: usize,
-    n_partials: usize,
-    f: impl Fn(&[T::Acc], &[T::Acc], &mut [T], &mut [Vec<T::Acc>]) + Sync,
-) -> (Tensor, Vec<Tensor>) {
+    f: impl Fn(&[T::Acc], &[T::Acc], &mut [T], &mut [Vec<T::Acc>; P]) + Sync,
+) -> (Tensor, [Tensor; P]) {
     let (x, g) = (x.contiguous(), g.contiguous());
     let (xs, gs) = (x.contiguous_slice::<T>(), g.contiguous_slice::<T>());
+    let zeros = || std::array::from_fn::<_, P, _>(|_| vec![T::Acc::zero(); d]);
     let mut dx = vec![T::from_acc(Zero::zero()); xs.len()];
-    let block = ROWS_PER_TASK * d.max(1);
-    let partials = dx
-        .par_chunks_mut(block)
-        .zip(xs.par_chunks(block).zip(gs.par_chunks(block)))
-        .map(|(dxb, (xb, gb))| {
-            let mut acc = vec![vec![T::Acc::zero(); d]; n_partials];
-            for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
-                f(&widen(xr), &widen(gr), dxr, &mut acc);
-            }
-            acc
-        })
-        .reduce(
-            || vec![vec![T::Acc::zero(); d]; n_partials],
-            |mut a, b| {
-                for (pa, pb) in a.iter_mut().zip(b) {
-                    pa.iter_mut().zip(pb).for_each(|(u, v)| *u += v);
+    let mut total = zeros();
+    // Nothing to do when D = 0. The block size depends only on the shape, so the partials
+    // are always summed in the same order.
+    if let Some(rows) = xs.len().checked_div(d) {
+        let block = rows.div_ceil(MAX_TASKS).max(MIN_ROWS_PER_TASK) * d;
+        let partials: Vec<[Vec<T::Acc>; P]> = dx
+            .par_chunks_mut(block)
+            .zip(xs.par_chunks(block))
+            .zip(gs.par_chunks(block))
+            .map(|((dxb, xb), gb)| {
+                let mut acc = zeros();
+                let (mut xa, mut ga) = (Vec::with_capacity(d), Vec::with_capacity(d));
+                for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                    widen_into(xr, &mut xa);
+                    widen_into(gr, &mut ga);
+                    f(&xa, &ga, dxr, &mut acc);
                 }
-                a
-            },
-        );
-    let dx = Tensor::from_cpu(CpuStorage::from_vec(dx), x.shape());
-    let params = partials
-        .iter()
-        .map(|p| Tensor::from_cpu(CpuStorage::from_vec(narrow::<T>(p)), &[d]))
-        .collect();
-    (dx, params)
+                acc
+            })
+            .collect();
+        for part in partials {
+            for (t, p) in total.iter_mut().zip(part) {
+                t.iter_mut().zip(p).for_each(|(u, v)| *u += v);
+            }
+        }
+    }
+    let params = total.map(|p| {
+        let p: Vec<T> = p.into_iter().map(T::from_acc).collect();
+        Tensor::from_cpu(CpuStorage::from_vec(p), &[d])
+    });
+    (Tensor::from_cpu(CpuStorage::from_vec(dx), x.shape()), params)
 }
 
+/// 1/sqrt(mean(x²) + eps) of a row.
 fn inv_rms<A: Real>(row: &[A], eps: f64) -> A {
     let ms = row.iter().map(|&v| v * v).sum::<A>() / A::lit(row.len() as f64);
     A::one() / (ms + A::lit(eps)).sqrt()
 }
 
-/// Mean and 1/std of a row (biased variance).
+/// Mean and 1/sqrt(var + eps) of a row (biased variance, two passes).
 fn moments<A: Real>(row: &[A], eps: f64) -> (A, A) {
     let n = A::lit(row.len() as f64);
     let mean = row.iter().copied().sum::<A>() / n;
@@ -101,11 +133,12 @@ fn moments<A: Real>(row: &[A], eps: f64) -> (A, A) {
 }
 
 impl Tensor {
-    /// `x / sqrt(mean(x²) + eps) · weight` over the last axis; `weight` is `[D]`.
+    /// `x / sqrt(mean(x²) + eps) · weight` over the last axis; `self` is `[..., D]` (rank >= 1)
+    /// and `weight` is `[D]` of the same dtype.
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let d = check("rms_norm", self, &[weight])?;
         float_dispatch!("rms_norm", self.dtype(), T => {
-            let w = widen(weight.contiguous().contiguous_slice::<T>());
+            let w = widen::<T>(weight);
             Ok(rows_forward::<T>(self, d, |x, y| {
                 let r = inv_rms(x, eps);
                 for ((o, &v), &wv) in y.iter_mut().zip(x).zip(&w) {
@@ -115,41 +148,40 @@ impl Tensor {
         })
     }
 
-    /// Backward of `rms_norm` with `self` = x: returns (dx, dweight).
+    /// Backward of `rms_norm` with `self` = x and `grad` = dL/dy (shape and dtype of x):
+    /// returns (dx, dweight), dweight summed over all rows.
     pub fn rms_norm_backward(&self, weight: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         let d = check("rms_norm_backward", self, &[weight])?;
-        if grad.shape() != self.shape() {
-            return shape_err(
-                "rms_norm_backward",
-                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
-            );
-        }
+        check_grad("rms_norm_backward", self, grad)?;
         float_dispatch!("rms_norm_backward", self.dtype(), T => {
-            let w = widen(weight.contiguous().contiguous_slice::<T>());
-            let (dx, mut p) = rows_backward::<T>(self, grad, d, 1, |x, g, dx, acc| {
+            type A = <T as FloatElement>::Acc;
+            let w = widen::<T>(weight);
+            let n = A::lit(d as f64);
+            let (dx, [dw]) = rows_backward::<T, 1>(self, grad, d, |x, g, dx, [dw]| {
+                // With r = 1/rms: dx = r·(g·w) - x·r³·mean(g·w·x); dweight += g·x·r.
                 let r = inv_rms(x, eps);
-                // dx = r·(g·w) - x·r³·mean(g·w·x)
-                let gw: Vec<_> = g.iter().zip(&w).map(|(&a, &b)| a * b).collect();
-                let dot = gw.iter().zip(x).map(|(&a, &b)| a * b).sum::<<T as FloatElement>::Acc>()
-                    / <T as FloatElement>::Acc::lit(d as f64);
-                for (i, o) in dx.iter_mut().enumerate() {
-                    *o = T::from_acc(r * gw[i] - x[i] * r * r * r * dot);
-                    acc[0][i] += g[i] * x[i] * r;
+                let dot = x.iter().zip(g).zip(&w).map(|((&xv, &gv), &wv)| gv * wv * xv).sum::<A>() / n;
+                let c = r * r * r * dot;
+                for ((((o, &xv), &gv), &wv), dwv) in dx.iter_mut().zip(x).zip(g).zip(&w).zip(dw.iter_mut()) {
+                    *o = T::from_acc(r * gv * wv - xv * c);
+                    *dwv += gv * xv * r;
                 }
             });
-            Ok((dx, p.remove(0)))
+            Ok((dx, dw))
         })
     }
 
-    /// `(x - mean) / sqrt(var + eps) · weight + bias` over the last axis (biased variance).
+    /// `(x - mean) / sqrt(var + eps) · weight + bias` over the last axis (biased variance);
+    /// `self` is `[..., D]` (rank >= 1), `weight` and the optional `bias` are `[D]`, all of
+    /// one dtype.
     pub fn layer_norm(&self, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
         let d = check("layer_norm", self, &[weight])?;
         if let Some(b) = bias {
             check("layer_norm", self, &[b])?;
         }
         float_dispatch!("layer_norm", self.dtype(), T => {
-            let w = widen(weight.contiguous().contiguous_slice::<T>());
-            let b = bias.map(|b| widen(b.contiguous().contiguous_slice::<T>()));
+            let w = widen::<T>(weight);
+            let b = bias.map(widen::<T>);
             Ok(rows_forward::<T>(self, d, |x, y| {
                 let (mean, rstd) = moments(x, eps);
                 for (i, o) in y.iter_mut().enumerate() {
@@ -160,7 +192,9 @@ impl Tensor {
         })
     }
 
-    /// Backward of `layer_norm` with `self` = x: returns (dx, dweight, dbias).
+    /// Backward of `layer_norm` with `self` = x and `grad` = dL/dy (shape and dtype of x):
+    /// returns (dx, dweight, dbias), the parameter gradients summed over all rows. dbias is
+    /// Σ_rows grad; it is meaningful only when the forward pass had a bias.
     pub fn layer_norm_backward(
         &self,
         weight: &Tensor,
@@ -168,52 +202,189 @@ impl Tensor {
         eps: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = check("layer_norm_backward", self, &[weight])?;
-        if grad.shape() != self.shape() {
-            return shape_err(
-                "layer_norm_backward",
-                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
-            );
-        }
+        check_grad("layer_norm_backward", self, grad)?;
         float_dispatch!("layer_norm_backward", self.dtype(), T => {
-            let w = widen(weight.contiguous().contiguous_slice::<T>());
-            let (dx, mut p) = rows_backward::<T>(self, grad, d, 2, |x, g, dx, acc| {
-                type A = <T as FloatElement>::Acc;
+            type A = <T as FloatElement>::Acc;
+            let w = widen::<T>(weight);
+            let n = A::lit(d as f64);
+            let (dx, [dw, db]) = rows_backward::<T, 2>(self, grad, d, |x, g, dx, [dw, db]| {
+                // With x̂ = (x - mean)·rstd: dx = rstd·(g·w - mean(g·w) - x̂·mean(g·w·x̂)).
                 let (mean, rstd) = moments(x, eps);
-                let xhat: Vec<A> = x.iter().map(|&v| (v - mean) * rstd).collect();
-                let gw: Vec<A> = g.iter().zip(&w).map(|(&a, &b)| a * b).collect();
-                let n = A::lit(d as f64);
-                let mean_gw = gw.iter().copied().sum::<A>() / n;
-                let mean_gw_xhat = gw.iter().zip(&xhat).map(|(&a, &b)| a * b).sum::<A>() / n;
+                let (mut sum_gw, mut sum_gw_xhat) = (A::zero(), A::zero());
+                for ((&xv, &gv), &wv) in x.iter().zip(g).zip(&w) {
+                    sum_gw += gv * wv;
+                    sum_gw_xhat += gv * wv * (xv - mean) * rstd;
+                }
+                let (mean_gw, mean_gw_xhat) = (sum_gw / n, sum_gw_xhat / n);
                 for (i, o) in dx.iter_mut().enumerate() {
-                    *o = T::from_acc(rstd * (gw[i] - mean_gw - xhat[i] * mean_gw_xhat));
-                    acc[0][i] += g[i] * xhat[i];
-                    acc[1][i] += g[i];
+                    let xhat = (x[i] - mean) * rstd;
+                    *o = T::from_acc(rstd * (g[i] * w[i] - mean_gw - xhat * mean_gw_xhat));
+                    dw[i] += g[i] * xhat;
+                    db[i] += g[i];
                 }
             });
-            let db = p.remove(1);
-            Ok((dx, p.remove(0), db))
+            Ok((dx, dw, db))
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::{DType, Tensor};
+    use crate::{bf16, DType, Tensor};
+
+    fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+    }
+
+    /// Row means of `v` seen as rows of `d`.
+    fn row_means(v: &[f64], d: usize) -> Vec<f64> {
+        v.chunks(d).map(|r| r.iter().sum::<f64>() / d as f64).collect()
+    }
 
     #[test]
     fn rms_norm_gives_unit_rms() {
         let x = Tensor::arange(12, DType::F64).reshape(&[3, 4]).unwrap();
         let y = x.rms_norm(&Tensor::ones(&[4], DType::F64), 0.0).unwrap();
-        let ms = y.sqr().unwrap().mean(&[1], false).unwrap().to_vec_f64();
-        assert!(ms.iter().skip(1).all(|m| (m - 1.0).abs() < 1e-12), "{ms:?}");
+        let sq: Vec<f64> = y.to_vec_f64().iter().map(|v| v * v).collect();
+        assert!(close(&row_means(&sq, 4), &[1.0; 3], 1e-12), "{sq:?}");
+        // [3, 4, 0, 0] has rms 2.5: y = x/2.5 · w with w = [1, 2, 1, 1] (rank 1 works too).
+        let x = Tensor::from_vec(vec![3f64, 4., 0., 0.], &[4]).unwrap();
+        let w = Tensor::from_vec(vec![1f64, 2., 1., 1.], &[4]).unwrap();
+        let y = x.rms_norm(&w, 0.0).unwrap().to_vec_f64();
+        assert!(close(&y, &[1.2, 3.2, 0., 0.], 1e-12), "{y:?}");
     }
 
     #[test]
-    fn layer_norm_gives_zero_mean() {
+    fn rms_norm_checks_shapes_and_dtypes() {
+        let x = Tensor::ones(&[2, 3], DType::F32);
+        assert!(x.rms_norm(&Tensor::ones(&[2], DType::F32), 1e-6).is_err());
+        assert!(x.rms_norm(&Tensor::ones(&[3], DType::F64), 1e-6).is_err());
+        assert!(Tensor::scalar(1f32)
+            .rms_norm(&Tensor::ones(&[1], DType::F32), 1e-6)
+            .is_err());
+        let w = Tensor::ones(&[3], DType::F32);
+        assert!(x
+            .rms_norm_backward(&w, &Tensor::ones(&[2, 3], DType::F64), 1e-6)
+            .is_err());
+        assert!(x
+            .rms_norm_backward(&w, &Tensor::ones(&[3, 2], DType::F32), 1e-6)
+            .is_err());
+        let u = Tensor::ones(&[2, 3], DType::U32);
+        assert!(u.rms_norm(&Tensor::ones(&[3], DType::U32), 1e-6).is_err());
+    }
+
+    #[test]
+    fn rms_norm_backward_by_hand() {
+        // x = [3, 4, 0, 0], w = 1, eps = 0: rms 2.5, r = 0.4. With g = [1, 0, 0, 0],
+        // mean(g·w·x) = 0.75: dx = r·g - x·r³·0.75 = [0.256, -0.192, 0, 0]; dw = g·x·r.
+        let x = Tensor::from_vec(vec![3f64, 4., 0., 0.], &[1, 4]).unwrap();
+        let g = Tensor::from_vec(vec![1f64, 0., 0., 0.], &[1, 4]).unwrap();
+        let (dx, dw) = x
+            .rms_norm_backward(&Tensor::ones(&[4], DType::F64), &g, 0.0)
+            .unwrap();
+        assert!(
+            close(&dx.to_vec_f64(), &[0.256, -0.192, 0., 0.], 1e-12),
+            "{:?}",
+            dx.to_vec_f64()
+        );
+        assert!(close(&dw.to_vec_f64(), &[1.2, 0., 0., 0.], 1e-12));
+    }
+
+    #[test]
+    fn rms_norm_backward_of_one_feature_matches_the_closed_form() {
+        // D = 1: y = w·x/√(x² + eps), dy/dx = w·eps/(x² + eps)^{3/2}, a difference of two
+        // nearly equal terms in the kernel.
+        let (x, w, g, eps) = (1.3f64, 0.7f64, 2.0f64, 1e-5);
+        let t = |v: f64| Tensor::from_vec(vec![v], &[1]).unwrap();
+        let (dx, dw) = t(x).rms_norm_backward(&t(w), &t(g), eps).unwrap();
+        let want = g * w * eps / (x * x + eps).powf(1.5);
+        assert!(
+            (dx.to_scalar_f64().unwrap() / want - 1.0).abs() < 1e-9,
+            "{dx:?} vs {want}"
+        );
+        assert!((dw.to_scalar_f64().unwrap() - g * x / (x * x + eps).sqrt()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn layer_norm_gives_zero_mean_unit_variance() {
         let x = Tensor::arange(12, DType::F32).reshape(&[3, 4]).unwrap();
-        let y = x.layer_norm(&Tensor::ones(&[4], DType::F32), None, 1e-5).unwrap();
-        let m = y.mean(&[1], false).unwrap().to_vec_f64();
-        assert!(m.iter().all(|v| v.abs() < 1e-6), "{m:?}");
+        let y = x
+            .layer_norm(&Tensor::ones(&[4], DType::F32), None, 0.0)
+            .unwrap()
+            .to_vec_f64();
+        assert!(close(&row_means(&y, 4), &[0.0; 3], 1e-6), "{y:?}");
+        let sq: Vec<f64> = y.iter().map(|v| v * v).collect();
+        assert!(close(&row_means(&sq, 4), &[1.0; 3], 1e-5), "{y:?}");
+        let b = Tensor::full(&[4], 2.0, DType::F32);
+        let yb = x
+            .layer_norm(&Tensor::ones(&[4], DType::F32), Some(&b), 0.0)
+            .unwrap();
+        assert!(close(&row_means(&yb.to_vec_f64(), 4), &[2.0; 3], 1e-6));
         assert!(x.layer_norm(&Tensor::ones(&[3], DType::F32), None, 1e-5).is_err());
+        assert!(x
+            .layer_norm(&b, Some(&Tensor::ones(&[3], DType::F32)), 1e-5)
+            .is_err());
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_finite_differences() {
+        let xv = vec![0.3f64, -1.2, 2.0, 0.7, 1.5, -0.4, 0.1, -2.2];
+        let (wv, gv) = (
+            vec![0.5f64, 1.5, -1.0, 2.0],
+            vec![1f64, -2., 0.5, 3., -1., 0.25, 2., -0.5],
+        );
+        let (w, g) = (
+            Tensor::from_slice(&wv, &[4]).unwrap(),
+            Tensor::from_slice(&gv, &[2, 4]).unwrap(),
+        );
+        let loss = |x: &[f64]| -> f64 {
+            let y = Tensor::from_slice(x, &[2, 4])
+                .unwrap()
+                .layer_norm(&w, None, 1e-5)
+                .unwrap();
+            y.to_vec_f64().iter().zip(&gv).map(|(a, b)| a * b).sum()
+        };
+        let x = Tensor::from_slice(&xv, &[2, 4]).unwrap();
+        let (dx, dw, db) = x.layer_norm_backward(&w, &g, 1e-5).unwrap();
+        let h = 1e-6;
+        let numeric: Vec<f64> = (0..xv.len())
+            .map(|i| {
+                let (mut p, mut m) = (xv.clone(), xv.clone());
+                p[i] += h;
+                m[i] -= h;
+                (loss(&p) - loss(&m)) / (2.0 * h)
+            })
+            .collect();
+        assert!(close(&dx.to_vec_f64(), &numeric, 1e-6), "{dx:?} vs {numeric:?}");
+        // dweight = Σ_rows g·x̂ (checked via the forward with w = 1), dbias = Σ_rows g.
+        let xhat = x
+            .layer_norm(&Tensor::ones(&[4], DType::F64), None, 1e-5)
+            .unwrap()
+            .to_vec_f64();
+        let want_dw: Vec<f64> = (0..4)
+            .map(|j| gv[j] * xhat[j] + gv[4 + j] * xhat[4 + j])
+            .collect();
+        assert!(close(&dw.to_vec_f64(), &want_dw, 1e-12));
+        assert_eq!(db.to_vec_f64(), vec![0., -1.75, 2.5, 2.5]);
+    }
+
+    #[test]
+    fn sixteen_bit_types_and_many_rows() {
+        // 300 rows span several backward blocks; every row is [1, 2, 3, 4].
+        let row = [1f64, 2., 3., 4.];
+        let x: Vec<bf16> = (0..300).flat_map(|_| row.map(bf16::from_f64)).collect();
+        let x = Tensor::from_vec(x, &[3, 100, 4]).unwrap();
+        let w = Tensor::ones(&[4], DType::BF16);
+        let y = x.rms_norm(&w, 0.0).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let want = row.map(|v| v / 7.5f64.sqrt());
+        assert!(close(&y.to_vec_f64()[..4], &want, 1e-2));
+        let (_, dw, db) = x
+            .layer_norm_backward(&w, &Tensor::ones(&[3, 100, 4], DType::BF16), 0.0)
+            .unwrap();
+        assert!(close(&db.to_vec_f64(), &[300.0; 4], 0.0), "{db:?}");
+        let s = 1.25f64.sqrt();
+        let want_dw = [-1.5, -0.5, 0.5, 1.5].map(|v| 300.0 * v / s);
+        assert!(close(&dw.to_vec_f64(), &want_dw, 2.0), "{dw:?}");
     }
 }

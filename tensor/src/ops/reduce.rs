@@ -466,11 +466,20 @@ mod tests {
         for mask in 0..16usize {
             let axes: Vec<usize> = (0..4).filter(|a| mask >> a & 1 == 1).collect();
             let got = x.sum(&axes, true).unwrap();
-            let kept: Vec<usize> = (0..4).map(|a| if axes.contains(&a) { 1 } else { shape[a] }).collect();
+            let kept: Vec<usize> = (0..4)
+                .map(|a| if axes.contains(&a) { 1 } else { shape[a] })
+                .collect();
             assert_eq!(got.shape(), &kept[..]);
             let mut want = vec![0.0; kept.iter().product()];
             for (i, v) in vals.iter().enumerate() {
-                let o = (0..4).fold(0, |o, a| o * kept[a] + if axes.contains(&a) { 0 } else { i / strides[a] % shape[a] });
+                let o = (0..4).fold(0, |o, a| {
+                    o * kept[a]
+                        + if axes.contains(&a) {
+                            0
+                        } else {
+                            i / strides[a] % shape[a]
+                        }
+                });
                 want[o] += v;
             }
             assert_eq!(got.to_vec_f64(), want, "axes {axes:?}");
@@ -485,8 +494,14 @@ mod tests {
                     let col: Vec<f64> = (0..len).map(|j| vals[(o * len + j) * inner + i]).collect();
                     let best = col.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     assert_eq!(mx[o * inner + i], best);
-                    assert_eq!(mn[o * inner + i], col.iter().cloned().fold(f64::INFINITY, f64::min));
-                    assert_eq!(am[o * inner + i] as usize, col.iter().position(|&v| v == best).unwrap());
+                    assert_eq!(
+                        mn[o * inner + i],
+                        col.iter().cloned().fold(f64::INFINITY, f64::min)
+                    );
+                    assert_eq!(
+                        am[o * inner + i] as usize,
+                        col.iter().position(|&v| v == best).unwrap()
+                    );
                 }
             }
         }

@@ -1,11 +1,12 @@
 //! Softmax and log-softmax along an axis, with their backward kernels. Each works on rows of
-//! the axis moved last, in parallel over rows, accumulating in the dtype's compute type.
+//! the axis moved last (a copy only when the axis is not already last), in parallel over rows,
+//! computing in the dtype's compute type and rounding once.
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::storage::CpuStorage;
-use crate::{FloatElement, Real, Result, Tensor};
-use num_traits::Zero;
+use crate::{Element, FloatElement, Result, Tensor};
+use num_traits::Float;
 use rayon::prelude::*;
 
 /// The row computation: forward from x, or backward from the forward output y and gradient g.
@@ -18,9 +19,10 @@ enum Row {
 }
 
 impl Row {
-    fn run<A: Real>(self, x: &[A], g: &[A], out: &mut [A]) {
+    /// Computes one row into `out`; `g` is empty for the forward rows; `buf` is scratch space.
+    fn run<S: FloatElement>(self, x: &[S], g: &[S], out: &mut [S], buf: &mut Vec<S::Acc>) {
         match self {
-            Row::Softmax => softmax_row(x, out),
+            Row::Softmax => softmax_row(x, out, buf),
             Row::LogSoftmax => log_softmax_row(x, out),
             Row::SoftmaxBackward => softmax_backward_row(x, g, out),
             Row::LogSoftmaxBackward => log_softmax_backward_row(x, g, out),
@@ -28,7 +30,7 @@ impl Row {
     }
 }
 
-/// Applies `f` to every row along `axis` of `x` (and of `g` when given, same shape).
+/// Applies `row` to every row along `axis` of `x` (and of `g` when given, same shape and dtype).
 fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row: Row) -> Result<Tensor> {
     if axis >= x.rank() {
         return range_err(op, format!("axis {axis} out of range for shape {:?}", x.shape()));
@@ -47,65 +49,68 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
     let out = float_dispatch!(op, x.dtype(), T => {
         let xr = xs.contiguous_slice::<T>();
         let gr = gs.as_ref().map(|g| g.contiguous_slice::<T>());
-        let mut out = vec![T::from_acc(Zero::zero()); xr.len()];
-        out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, y)| {
-            let wide = |s: &[T]| s[r * d..(r + 1) * d].iter().map(|v| v.to_acc()).collect::<Vec<_>>();
-            let xa = wide(xr);
-            let ga = gr.map(wide).unwrap_or_default();
-            let mut ya = vec![<T as FloatElement>::Acc::zero(); d];
-            row.run(&xa, &ga, &mut ya);
-            for (o, v) in y.iter_mut().zip(ya) {
-                *o = T::from_acc(v);
-            }
+        let mut out = vec![T::from_f64(0.0); xr.len()];
+        out.par_chunks_mut(d.max(1)).enumerate().for_each_init(Vec::new, |buf, (r, y)| {
+            let rows = r * d..(r + 1) * d;
+            let g = gr.map_or(&[][..], |g| &g[rows.clone()]);
+            row.run(&xr[rows], g, y, buf);
         });
         CpuStorage::from_vec(out)
     });
-    Ok(Tensor::from_cpu(out, xs.shape())
-        .transpose(axis, last)?
-        .contiguous())
+    Tensor::from_cpu(out, xs.shape())
+        .transpose(axis, last)
+        .map(|t| t.contiguous())
 }
 
-fn max_and_sum_exp<A: Real>(x: &[A]) -> (A, A) {
-    let m = x.iter().fold(A::neg_infinity(), |m, &v| m.max(v));
-    (m, x.iter().map(|&v| (v - m).exp()).sum())
+/// The largest element of a row, widened (NaN is ignored here and propagates through exp).
+fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
+    x.iter().fold(S::Acc::neg_infinity(), |m, v| m.max(v.to_acc()))
 }
 
-fn softmax_row<A: Real>(x: &[A], y: &mut [A]) {
-    let (m, s) = max_and_sum_exp(x);
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o = (v - m).exp() / s;
+/// `exp(x - max) / Σ exp(x - max)`.
+fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
+    let m = row_max(x);
+    buf.clear();
+    buf.extend(x.iter().map(|v| (v.to_acc() - m).exp()));
+    let s: S::Acc = buf.iter().copied().sum();
+    for (o, &e) in y.iter_mut().zip(buf.iter()) {
+        *o = S::from_acc(e / s);
     }
 }
 
-fn log_softmax_row<A: Real>(x: &[A], y: &mut [A]) {
-    let (m, s) = max_and_sum_exp(x);
-    let lse = m + s.ln();
-    for (o, &v) in y.iter_mut().zip(x) {
-        *o = v - lse;
+/// `(x - max) - ln Σ exp(x - max)`.
+fn log_softmax_row<S: FloatElement>(x: &[S], y: &mut [S]) {
+    let m = row_max(x);
+    let s: S::Acc = x.iter().map(|v| (v.to_acc() - m).exp()).sum();
+    let ls = s.ln();
+    for (o, v) in y.iter_mut().zip(x) {
+        *o = S::from_acc((v.to_acc() - m) - ls);
     }
 }
 
-fn softmax_backward_row<A: Real>(y: &[A], g: &[A], dx: &mut [A]) {
-    let dot: A = y.iter().zip(g).map(|(&a, &b)| a * b).sum();
-    for ((o, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
-        *o = yv * (gv - dot);
+/// `y · (g - Σ g·y)`.
+fn softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
+    let dot: S::Acc = y.iter().zip(g).map(|(a, b)| a.to_acc() * b.to_acc()).sum();
+    for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
+        *o = S::from_acc(yv.to_acc() * (gv.to_acc() - dot));
     }
 }
 
-fn log_softmax_backward_row<A: Real>(y: &[A], g: &[A], dx: &mut [A]) {
-    let total: A = g.iter().copied().sum();
-    for ((o, &yv), &gv) in dx.iter_mut().zip(y).zip(g) {
-        *o = gv - yv.exp() * total;
+/// `g - exp(y) · Σ g`.
+fn log_softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
+    let total: S::Acc = g.iter().map(|v| v.to_acc()).sum();
+    for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
+        *o = S::from_acc(gv.to_acc() - yv.to_acc().exp() * total);
     }
 }
 
 impl Tensor {
-    /// Softmax along `axis` (max-subtracted).
+    /// Softmax along `axis` (max-subtracted, f32/f64 accumulation).
     pub fn softmax(&self, axis: usize) -> Result<Tensor> {
         along_axis("softmax", self, None, axis, Row::Softmax)
     }
 
-    /// Log-softmax along `axis`.
+    /// Log-softmax along `axis`: `(x - max) - ln Σ exp(x - max)`.
     pub fn log_softmax(&self, axis: usize) -> Result<Tensor> {
         along_axis("log_softmax", self, None, axis, Row::LogSoftmax)
     }
@@ -129,27 +134,68 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use crate::Tensor;
+    use crate::{DType, Tensor};
+
+    fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol)
+    }
 
     #[test]
     fn softmax_of_zero_and_ln2() {
         let x = Tensor::from_vec(vec![0f64, 2f64.ln()], &[1, 2]).unwrap();
         let y = x.softmax(1).unwrap().to_vec_f64();
-        assert!((y[0] - 1.0 / 3.0).abs() < 1e-15 && (y[1] - 2.0 / 3.0).abs() < 1e-15);
+        assert!(close(&y, &[1.0 / 3.0, 2.0 / 3.0], 1e-15), "{y:?}");
         let l = x.log_softmax(1).unwrap().to_vec_f64();
-        assert!((l[1] - (2.0f64 / 3.0).ln()).abs() < 1e-15);
+        assert!(
+            close(&l, &[(1.0f64 / 3.0).ln(), (2.0f64 / 3.0).ln()], 1e-15),
+            "{l:?}"
+        );
     }
 
     #[test]
-    fn softmax_along_the_first_axis_sums_to_one() {
-        let x = Tensor::arange(6, crate::DType::F32).reshape(&[3, 2]).unwrap();
-        let s = x
-            .softmax(0)
-            .unwrap()
-            .sum(&[0], false)
-            .unwrap()
-            .to_vec::<f32>()
-            .unwrap();
-        assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-6), "{s:?}");
+    fn rows_sum_to_one_along_any_axis_and_dtype() {
+        for dtype in [DType::F32, DType::F64, DType::BF16, DType::F16] {
+            let x = Tensor::arange(24, dtype).reshape(&[2, 3, 4]).unwrap();
+            for axis in 0..3 {
+                let s = x.softmax(axis).unwrap();
+                assert_eq!((s.shape(), s.dtype()), (&[2, 3, 4][..], dtype));
+                let sums = s.sum(&[axis], false).unwrap().to_vec_f64();
+                assert!(
+                    sums.iter().all(|v| (v - 1.0).abs() < 1e-2),
+                    "{dtype} {axis} {sums:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn large_logits_do_not_overflow() {
+        let x = Tensor::from_vec(vec![1000f32, 1000., -1000.], &[3]).unwrap();
+        assert_eq!(
+            x.softmax(0).unwrap().to_vec::<f32>().unwrap(),
+            vec![0.5, 0.5, 0.0]
+        );
+        let l = x.log_softmax(0).unwrap().to_vec_f64();
+        assert!(
+            close(&l[..2], &[-(2f64.ln()); 2], 1e-6) && l[2] < -1999.0,
+            "{l:?}"
+        );
+    }
+
+    #[test]
+    fn backward_rows_by_hand() {
+        // y = [0.25, 0.75], g = [1, 3]: Σ g·y = 2.5, so dx = [0.25·-1.5, 0.75·0.5].
+        let y = Tensor::from_vec(vec![0.25f64, 0.75], &[2, 1]).unwrap();
+        let g = Tensor::from_vec(vec![1f64, 3.], &[2, 1]).unwrap();
+        assert_eq!(
+            y.softmax_backward(&g, 0).unwrap().to_vec_f64(),
+            vec![-0.375, 0.375]
+        );
+        // log-softmax: dx = g - exp(y)·Σ g with y = ln([0.25, 0.75]), Σ g = 4.
+        let ly = y.log().unwrap();
+        let dx = ly.log_softmax_backward(&g, 0).unwrap().to_vec_f64();
+        assert!(close(&dx, &[0.0, 0.0], 1e-15), "{dx:?}");
+        assert!(y.softmax_backward(&g.reshape(&[2]).unwrap(), 0).is_err());
+        assert!(y.softmax(2).is_err());
     }
 }
