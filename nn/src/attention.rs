@@ -35,8 +35,14 @@ pub fn causal_mask(t: usize) -> Result<Tensor> {
 
 impl Attention {
     /// Projections `dim -> dim` (with biases when `bias`) named by `names`.
-    pub fn new(store: &ParamStore, names: &AttentionNames, dim: usize, heads: usize, bias: bool) -> Result<Self> {
-        if heads == 0 || dim % heads != 0 {
+    pub fn new(
+        store: &ParamStore,
+        names: &AttentionNames,
+        dim: usize,
+        heads: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             return Err(crate::NnError::Input {
                 layer: names.q.clone(),
                 detail: format!("width {dim} is not divisible into {heads} heads"),
@@ -55,7 +61,8 @@ impl Attention {
     /// `[B, T, dim]` into `[B, heads, T, head_dim]`.
     fn split_heads(&self, x: &Var) -> Result<Var> {
         let s = x.value().shape().to_vec();
-        Ok(x.reshape(&[s[0], s[1], self.heads, self.head_dim])?.permute(&[0, 2, 1, 3])?)
+        Ok(x.reshape(&[s[0], s[1], self.heads, self.head_dim])?
+            .permute(&[0, 2, 1, 3])?)
     }
 
     /// Queries from `x [B, Tq, dim]`, keys and values from `kv [B, Tk, dim]` (pass `x` for
@@ -72,6 +79,7 @@ impl Attention {
             scores = Var::where_(mask, &scores, &blocked)?;
         }
         let ctx = scores.softmax(3)?.matmul(&v)?.permute(&[0, 2, 1, 3])?;
-        self.out.forward(&ctx.reshape(&[b, tq, self.heads * self.head_dim])?)
+        self.out
+            .forward(&ctx.reshape(&[b, tq, self.heads * self.head_dim])?)
     }
 }

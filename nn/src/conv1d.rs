@@ -17,7 +17,9 @@ impl CausalConv1d {
     pub fn new(store: &ParamStore, prefix: &str, channels: usize, kernel: usize, bias: bool) -> Result<Self> {
         Ok(CausalConv1d {
             weight: store.take(&format!("{prefix}.weight"), &[channels, 1, kernel])?,
-            bias: bias.then(|| store.take(&format!("{prefix}.bias"), &[channels])).transpose()?,
+            bias: bias
+                .then(|| store.take(&format!("{prefix}.bias"), &[channels]))
+                .transpose()?,
             channels,
             kernel,
         })

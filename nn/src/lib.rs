@@ -7,20 +7,30 @@
 
 mod attention;
 mod conv1d;
+mod dinov2;
 mod embedding;
 mod error;
+pub mod interpolate;
 mod linear;
+pub mod mamba1;
+pub mod mamba2;
+mod mamba_lm;
 mod mlp;
 mod norm;
 pub mod pretrained;
+mod siglip;
 mod store;
+pub mod vit;
 
 pub use attention::{causal_mask, Attention, AttentionNames};
 pub use conv1d::CausalConv1d;
+pub use dinov2::Dinov2;
 pub use embedding::Embedding;
 pub use error::{NnError, Result};
 pub use linear::Linear;
+pub use mamba_lm::{MambaBlock, MambaLm, Mixer};
 pub use mlp::{Gelu, Mlp};
 pub use norm::{GatedRmsNorm, LayerNorm, RmsNorm};
 pub use pretrained::{load_pretrained, HfConfig, Pretrained};
+pub use siglip::{SiglipHead, SiglipVision};
 pub use store::ParamStore;

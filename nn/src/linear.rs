@@ -14,7 +14,9 @@ impl Linear {
     pub fn new(store: &ParamStore, prefix: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
             weight: store.take(&format!("{prefix}.weight"), &[out_dim, in_dim])?,
-            bias: bias.then(|| store.take(&format!("{prefix}.bias"), &[out_dim])).transpose()?,
+            bias: bias
+                .then(|| store.take(&format!("{prefix}.bias"), &[out_dim]))
+                .transpose()?,
         })
     }
 

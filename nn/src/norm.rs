@@ -37,7 +37,9 @@ impl LayerNorm {
     pub fn new(store: &ParamStore, prefix: &str, dim: usize, eps: f64, bias: bool) -> Result<Self> {
         Ok(LayerNorm {
             weight: store.take(&format!("{prefix}.weight"), &[dim])?,
-            bias: bias.then(|| store.take(&format!("{prefix}.bias"), &[dim])).transpose()?,
+            bias: bias
+                .then(|| store.take(&format!("{prefix}.bias"), &[dim]))
+                .transpose()?,
             eps,
         })
     }
@@ -59,7 +61,7 @@ pub struct GatedRmsNorm {
 impl GatedRmsNorm {
     /// Takes `{prefix}.weight` `[dim]`; `dim` must be a multiple of `group_size`.
     pub fn new(store: &ParamStore, prefix: &str, dim: usize, group_size: usize, eps: f64) -> Result<Self> {
-        if group_size == 0 || dim % group_size != 0 {
+        if group_size == 0 || !dim.is_multiple_of(group_size) {
             return Err(crate::NnError::Input {
                 layer: prefix.to_string(),
                 detail: format!("gated norm width {dim} is not a multiple of group size {group_size}"),
@@ -80,7 +82,10 @@ impl GatedRmsNorm {
         let mut grouped = shape[..shape.len() - 1].to_vec();
         grouped.extend([dim / self.group_size, self.group_size]);
         let ones = Var::constant(Tensor::ones(&[self.group_size], gated.value().dtype()));
-        let normed = gated.reshape(&grouped)?.rms_norm(&ones, self.eps)?.reshape(&shape)?;
+        let normed = gated
+            .reshape(&grouped)?
+            .rms_norm(&ones, self.eps)?
+            .reshape(&shape)?;
         Ok(normed.mul(&self.weight)?)
     }
 }

@@ -63,13 +63,18 @@ impl HfConfig {
 
     /// A required non-negative integer.
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.usize_opt(key)?.ok_or_else(|| self.error(format!("missing integer '{key}'")))
+        self.usize_opt(key)?
+            .ok_or_else(|| self.error(format!("missing integer '{key}'")))
     }
 
     /// An optional non-negative integer.
     pub fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
         self.field(key)
-            .map(|v| v.as_u64().map(|n| n as usize).ok_or_else(|| self.error(format!("'{key}' is not a non-negative integer: {v}"))))
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| self.error(format!("'{key}' is not a non-negative integer: {v}")))
+            })
             .transpose()
     }
 
@@ -81,7 +86,10 @@ impl HfConfig {
     /// A number with a default.
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         self.field(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.error(format!("'{key}' is not a number: {v}"))))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.error(format!("'{key}' is not a number: {v}")))
+            })
             .transpose()
             .map(|v| v.unwrap_or(default))
     }
@@ -89,7 +97,10 @@ impl HfConfig {
     /// A boolean with a default.
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         self.field(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.error(format!("'{key}' is not a boolean: {v}"))))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.error(format!("'{key}' is not a boolean: {v}")))
+            })
             .transpose()
             .map(|v| v.unwrap_or(default))
     }
@@ -97,7 +108,10 @@ impl HfConfig {
     /// A string, if present.
     pub fn str_opt(&self, key: &str) -> Result<Option<&str>> {
         self.field(key)
-            .map(|v| v.as_str().ok_or_else(|| self.error(format!("'{key}' is not a string: {v}"))))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.error(format!("'{key}' is not a string: {v}")))
+            })
             .transpose()
     }
 
@@ -108,7 +122,8 @@ impl HfConfig {
 
     /// `model_type`, required.
     pub fn model_type(&self) -> Result<&str> {
-        self.str_opt("model_type")?.ok_or_else(|| self.error("missing 'model_type'"))
+        self.str_opt("model_type")?
+            .ok_or_else(|| self.error("missing 'model_type'"))
     }
 }
 
@@ -163,7 +178,9 @@ fn load_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, Tensor>> {
         .ok_or_else(|| cfg.error("missing object 'weight_map'"))?;
     let mut by_shard: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (name, shard) in map {
-        let shard = shard.as_str().ok_or_else(|| cfg.error(format!("shard of '{name}' is not a string")))?;
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| cfg.error(format!("shard of '{name}' is not a string")))?;
         by_shard.entry(shard).or_default().push(name);
     }
     let mut tensors = BTreeMap::new();

@@ -80,11 +80,17 @@ impl ParamStore {
 
     /// The gradient gathered by each parameter that has one, by name.
     pub fn grads(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().filter_map(|(k, v)| v.grad().map(|g| (k.clone(), g))).collect()
+        self.vars
+            .iter()
+            .filter_map(|(k, v)| v.grad().map(|g| (k.clone(), g)))
+            .collect()
     }
 
     /// Every parameter's current value, by name.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars.iter().map(|(k, v)| (k.clone(), v.value().clone())).collect()
+        self.vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value().clone()))
+            .collect()
     }
 }

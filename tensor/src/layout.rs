@@ -153,12 +153,12 @@ impl Layout {
 
     /// The sub-range `start..start+len` of axis `axis`.
     pub fn narrow(&self, axis: usize, start: usize, len: usize) -> Result<Self> {
-        if axis >= self.rank() || start + len > self.shape[axis] {
+        if axis >= self.rank() || start.saturating_add(len) > self.shape[axis] {
             return range_err(
                 "narrow",
                 format!(
                     "axis {axis} range {start}..{} out of bounds for shape {:?}",
-                    start + len,
+                    start.saturating_add(len),
                     self.shape
                 ),
             );

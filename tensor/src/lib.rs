@@ -20,5 +20,6 @@ pub use layout::Layout;
 pub use ops::binary::{BinaryOp, CmpOp};
 pub use ops::random::{seeded_rng, Rng};
 pub use ops::unary::UnaryOp;
+pub use ops::{selective_scan::SelectiveScanGrads, ssd::SsdGrads};
 pub use storage::{Buffer, CpuStorage, Device, Storage};
 pub use tensor::Tensor;

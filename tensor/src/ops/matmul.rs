@@ -1,9 +1,10 @@
 //! Batched matrix multiplication on the `gemm` crate.
 //!
-//! f32, f64 and f16 go to gemm's own kernels (f16 accumulates in f32 inside gemm); bf16, which
-//! gemm lacks, is widened to f32, multiplied and rounded once. Every operand is passed to gemm by
-//! the strides of its last two axes, so transposed and other strided views multiply without a
-//! copy; batch axes are addressed through per-matrix offsets of the broadcast layouts.
+//! f32 and f64 go to gemm's own kernels; bf16, which gemm lacks, and f16, whose gemm
+//! matrix-vector path (M or N of 1) rounds the running sum to f16 at every step, are widened to
+//! f32, multiplied and rounded once. Every operand is passed to gemm by the strides of its last
+//! two axes, so transposed and other strided views multiply without a copy; batch axes are
+//! addressed through per-matrix offsets of the broadcast layouts.
 
 use crate::error::shape_err;
 use crate::layout::{broadcast_shapes, numel, Layout};
@@ -39,12 +40,15 @@ impl Tensor {
         let out = match self.dtype() {
             DType::F32 => CpuStorage::from_vec(batched::<f32>(self, rhs, &batch, dims)?),
             DType::F64 => CpuStorage::from_vec(batched::<f64>(self, rhs, &batch, dims)?),
-            DType::F16 => CpuStorage::from_vec(batched::<gemm::f16>(self, rhs, &batch, dims)?),
-            DType::BF16 => {
-                // gemm has no bf16 kernel: multiply in f32 and round once.
+            dtype @ (DType::BF16 | DType::F16) => {
+                // Multiply in f32 and round once (see the module doc).
                 let (a32, b32) = (self.to_dtype(DType::F32)?, rhs.to_dtype(DType::F32)?);
-                let out = batched::<f32>(&a32, &b32, &batch, dims)?;
-                CpuStorage::from_vec(out.into_par_iter().map(half::bf16::from_f32).collect::<Vec<_>>())
+                let out = batched::<f32>(&a32, &b32, &batch, dims)?.into_par_iter();
+                if dtype == DType::BF16 {
+                    CpuStorage::from_vec(out.map(half::bf16::from_f32).collect::<Vec<_>>())
+                } else {
+                    CpuStorage::from_vec(out.map(half::f16::from_f32).collect::<Vec<_>>())
+                }
             }
             dtype @ DType::U32 => return Err(TensorError::DType { op: "matmul", dtype }),
         };

@@ -9,5 +9,7 @@ pub mod matmul;
 pub mod norm;
 pub mod random;
 pub mod reduce;
+pub mod selective_scan;
 pub mod softmax;
+pub mod ssd;
 pub mod unary;

@@ -50,11 +50,14 @@ impl Tensor {
         sampled("randn", shape, dtype, || normal.sample(rng))
     }
 
-    /// Uniform samples in `[lo, hi)` in a float `dtype`; needs finite `lo < hi`. Rounding to a
-    /// 16-bit dtype can give exactly `hi`.
+    /// Uniform samples in `[lo, hi)` in a float `dtype`; needs finite `lo < hi` with a finite
+    /// `hi - lo`. Rounding to a 16-bit dtype can give exactly `hi`.
     pub fn rand_uniform(shape: &[usize], dtype: DType, lo: f64, hi: f64, rng: &mut Rng) -> Result<Tensor> {
-        if lo >= hi || !lo.is_finite() || !hi.is_finite() {
-            return range_err("rand_uniform", format!("empty or infinite range [{lo}, {hi})"));
+        if lo >= hi || !lo.is_finite() || !hi.is_finite() || !(hi - lo).is_finite() {
+            return range_err(
+                "rand_uniform",
+                format!("empty, infinite or overflowing range [{lo}, {hi})"),
+            );
         }
         sampled("rand_uniform", shape, dtype, || rng.gen_range(lo..hi))
     }

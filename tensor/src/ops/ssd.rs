@@ -1,0 +1,982 @@
+//! The Mamba-2 SSD scan (state space duality) with the semantics of mamba_ssm's
+//! `mamba_chunk_scan_combined`: the chunked forward algorithm, the plain recurrence as its
+//! reference, the backward (a reverse scan that recomputes states chunk by chunk from
+//! checkpoints) and the single-step state update used for decoding.
+//!
+//! Heads (b, h) run in parallel and keep their `[P, N]` state in the dtype's `Acc` type. The
+//! gradients that sum over heads or sequences (dA, dB, dC, dD, d(dt_bias)) are summed in an order
+//! fixed by the shape, so they do not depend on the number of threads.
+
+use crate::dispatch::float_dispatch;
+use crate::error::{range_err, shape_err};
+use crate::ops::selective_scan::{check_operands, narrow, widen};
+use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
+use rayon::prelude::*;
+
+/// The gradients of `ssd_scan`, each shaped and typed like its input; an optional one is present
+/// exactly when its input was given.
+#[derive(Clone, Debug)]
+pub struct SsdGrads {
+    /// dL/dx `[B, L, H, P]`.
+    pub dx: Tensor,
+    /// dL/d(dt) `[B, L, H]`.
+    pub ddt: Tensor,
+    /// dL/dA `[H]`.
+    pub da: Tensor,
+    /// dL/dB `[B, L, G, N]`.
+    pub db: Tensor,
+    /// dL/dC `[B, L, G, N]`.
+    pub dc: Tensor,
+    /// dL/dD `[H]`.
+    pub dd: Option<Tensor>,
+    /// dL/d(dt_bias) `[H]`.
+    pub ddt_bias: Option<Tensor>,
+    /// dL/d(initial_state) `[B, H, P, N]`.
+    pub dinitial_state: Option<Tensor>,
+}
+
+/// Batch, length, heads, head dimension, groups and state size of a scan.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    batch: usize,
+    len: usize,
+    heads: usize,
+    head_dim: usize,
+    groups: usize,
+    state: usize,
+}
+
+/// The operands of one scan: x `[B, L, H, P]`, dt `[B, L, H]`, A `[H]`, B and C `[B, L, G, N]`,
+/// D and dt_bias `[H]`, and the state before the first step `[B, H, P, N]`.
+struct SsdArgs<'a> {
+    x: &'a Tensor,
+    dt: &'a Tensor,
+    a: &'a Tensor,
+    b: &'a Tensor,
+    c: &'a Tensor,
+    d_skip: Option<&'a Tensor>,
+    dt_bias: Option<&'a Tensor>,
+    initial: Option<&'a Tensor>,
+}
+
+impl SsdArgs<'_> {
+    /// Checks every shape against x and B, the head-to-group split, and every dtype against x.
+    fn check(&self, op: &'static str) -> Result<Dims> {
+        let (xs, bs) = (self.x.shape(), self.b.shape());
+        if xs.len() != 4 || bs.len() != 4 {
+            return shape_err(
+                op,
+                format!("needs x [B, L, H, P] and B [B, L, G, N], got {xs:?} and {bs:?}"),
+            );
+        }
+        let dims = Dims {
+            batch: xs[0],
+            len: xs[1],
+            heads: xs[2],
+            head_dim: xs[3],
+            groups: bs[2],
+            state: bs[3],
+        };
+        if dims.heads.checked_rem(dims.groups) != Some(0) {
+            return shape_err(
+                op,
+                format!(
+                    "{} heads (x {xs:?}) do not split evenly into {} groups (B {bs:?})",
+                    dims.heads, dims.groups
+                ),
+            );
+        }
+        let bc = [dims.batch, dims.len, dims.groups, dims.state];
+        let head = [dims.heads];
+        let states = [dims.batch, dims.heads, dims.head_dim, dims.state];
+        check_operands(
+            op,
+            self.x,
+            &[
+                ("dt", Some(self.dt), &[dims.batch, dims.len, dims.heads]),
+                ("A", Some(self.a), &head),
+                ("B", Some(self.b), &bc),
+                ("C", Some(self.c), &bc),
+                ("D", self.d_skip, &head),
+                ("dt_bias", self.dt_bias, &head),
+                ("initial_state", self.initial, &states),
+            ],
+        )?;
+        Ok(dims)
+    }
+}
+
+/// Checks that a chunk size is positive.
+fn check_chunk(op: &'static str, chunk_size: usize) -> Result<()> {
+    if chunk_size == 0 {
+        return range_err(op, "chunk_size must be positive, got 0");
+    }
+    Ok(())
+}
+
+/// A scan's operands widened to the compute type (layouts unchanged).
+struct Ssd<A> {
+    dims: Dims,
+    x: Vec<A>,
+    dt: Vec<A>,
+    a: Vec<A>,
+    b: Vec<A>,
+    c: Vec<A>,
+    d_skip: Option<Vec<A>>,
+    dt_bias: Option<Vec<A>>,
+    initial: Option<Vec<A>>,
+    softplus: bool,
+}
+
+/// `state[p, n] += w · x[p] · v[n]` for a row-major `[P, N]` state.
+fn add_outer<A: Real>(state: &mut [A], w: A, x: &[A], v: &[A]) {
+    let n = v.len();
+    for (p, &xp) in x.iter().enumerate() {
+        let wx = w * xp;
+        for (s, &vn) in state[p * n..][..n].iter_mut().zip(v) {
+            *s += wx * vn;
+        }
+    }
+}
+
+/// Σ_n a[n] · b[n].
+fn dot<A: Real>(a: &[A], b: &[A]) -> A {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}
+
+impl<A: Real> Ssd<A> {
+    /// Widens checked operands of dtype `T`.
+    fn new<T: FloatElement<Acc = A>>(args: &SsdArgs, dims: Dims, softplus: bool) -> Self {
+        Ssd {
+            dims,
+            x: widen::<T>(args.x),
+            dt: widen::<T>(args.dt),
+            a: widen::<T>(args.a),
+            b: widen::<T>(args.b),
+            c: widen::<T>(args.c),
+            d_skip: args.d_skip.map(widen::<T>),
+            dt_bias: args.dt_bias.map(widen::<T>),
+            initial: args.initial.map(widen::<T>),
+            softplus,
+        }
+    }
+
+    /// The group whose B and C head `h` reads.
+    fn group(&self, h: usize) -> usize {
+        h / (self.dims.heads / self.dims.groups)
+    }
+
+    /// Head `h` of sequence `bi` at time `t`: dt + dt_bias, and the step (its softplus when asked
+    /// for).
+    fn step(&self, bi: usize, t: usize, h: usize) -> (A, A) {
+        let bias = self.dt_bias.as_ref().map_or(A::zero(), |bias| bias[h]);
+        let raw = self.dt[(bi * self.dims.len + t) * self.dims.heads + h] + bias;
+        let dt = if self.softplus {
+            UnaryOp::Softplus.apply(raw)
+        } else {
+            raw
+        };
+        (raw, dt)
+    }
+
+    /// x of head `h` at (bi, t): P values.
+    fn x_at(&self, bi: usize, t: usize, h: usize) -> &[A] {
+        let Dims {
+            len, heads, head_dim, ..
+        } = self.dims;
+        &self.x[((bi * len + t) * heads + h) * head_dim..][..head_dim]
+    }
+
+    /// B or C (`v`) of group `g` at (bi, t): N values.
+    fn group_at<'v>(&self, v: &'v [A], bi: usize, t: usize, g: usize) -> &'v [A] {
+        let Dims {
+            len, groups, state, ..
+        } = self.dims;
+        &v[((bi * len + t) * groups + g) * state..][..state]
+    }
+
+    /// D of head `h` (zero without D).
+    fn skip(&self, h: usize) -> A {
+        self.d_skip.as_ref().map_or(A::zero(), |d| d[h])
+    }
+
+    /// The state of head `h` of sequence `bi` before the first step, `[P, N]`.
+    fn initial_state(&self, bi: usize, h: usize) -> Vec<A> {
+        let pn = self.dims.head_dim * self.dims.state;
+        self.initial.as_ref().map_or_else(
+            || vec![A::zero(); pn],
+            |s| s[(bi * self.dims.heads + h) * pn..][..pn].to_vec(),
+        )
+    }
+
+    /// One step of the recurrence: `state ← exp(dt A_h) state + dt x_t ⊗ B_t`.
+    fn advance(&self, bi: usize, t: usize, h: usize, state: &mut [A]) {
+        let dt = self.step(bi, t, h).1;
+        let decay = (dt * self.a[h]).exp();
+        state.iter_mut().for_each(|s| *s = decay * *s);
+        let bt = self.group_at(&self.b, bi, t, self.group(h));
+        add_outer(state, dt, self.x_at(bi, t, h), bt);
+    }
+
+    /// `y = scale · (state · C_t) + D_h x_t` (contracting N) for head `h` at (bi, t).
+    fn output(&self, bi: usize, t: usize, h: usize, state: &[A], scale: A, y: &mut [A]) {
+        let n = self.dims.state;
+        let ct = self.group_at(&self.c, bi, t, self.group(h));
+        let skip = self.skip(h);
+        for (p, (yp, &xp)) in y.iter_mut().zip(self.x_at(bi, t, h)).enumerate() {
+            *yp = scale * dot(&state[p * n..][..n], ct) + skip * xp;
+        }
+    }
+
+    /// The plain recurrence for head `h` of sequence `bi`: writes y (`[L, P]`) and returns the
+    /// final state.
+    fn sequential_head(&self, bi: usize, h: usize, y: &mut [A]) -> Vec<A> {
+        let p = self.dims.head_dim;
+        let mut state = self.initial_state(bi, h);
+        for t in 0..self.dims.len {
+            self.advance(bi, t, h, &mut state);
+            self.output(bi, t, h, &state, A::one(), &mut y[t * p..][..p]);
+        }
+        state
+    }
+
+    /// `C_i · B_j` for `j <= i` within each chunk, per (sequence, chunk, group) in that order:
+    /// row-major `[q, q]` lower triangles, q being the chunk's length.
+    fn chunk_products(&self, chunk: usize) -> Vec<Vec<A>> {
+        let Dims {
+            batch, len, groups, ..
+        } = self.dims;
+        let chunks = len.div_ceil(chunk);
+        (0..batch * chunks * groups)
+            .into_par_iter()
+            .map(|i| {
+                let (bi, ci, g) = (i / (chunks * groups), i / groups % chunks, i % groups);
+                let (t0, t1) = (ci * chunk, ((ci + 1) * chunk).min(len));
+                let q = t1 - t0;
+                let mut m = vec![A::zero(); q * q];
+                for i in 0..q {
+                    let c = self.group_at(&self.c, bi, t0 + i, g);
+                    for j in 0..=i {
+                        m[i * q + j] = dot(c, self.group_at(&self.b, bi, t0 + j, g));
+                    }
+                }
+                m
+            })
+            .collect()
+    }
+
+    /// The chunked algorithm for head `h` of sequence `bi`, given `cb` from `chunk_products`:
+    /// writes y (`[L, P]`) and returns the final state.
+    fn chunked_head(&self, bi: usize, h: usize, chunk: usize, cb: &[Vec<A>], y: &mut [A]) -> Vec<A> {
+        let Dims {
+            len,
+            head_dim: p,
+            groups,
+            state: n,
+            ..
+        } = self.dims;
+        let (pn, g, a) = (p * n, self.group(h), self.a[h]);
+        let chunks = len.div_ceil(chunk);
+        let bounds = |ci: usize| ci * chunk..((ci + 1) * chunk).min(len);
+        // 1. The steps, and the cumulative sums of dt·A within each chunk.
+        let dts: Vec<A> = (0..len).map(|t| self.step(bi, t, h).1).collect();
+        let mut cum = vec![A::zero(); len];
+        for ci in 0..chunks {
+            let mut run = A::zero();
+            for t in bounds(ci) {
+                run += dts[t] * a;
+                cum[t] = run;
+            }
+        }
+        // 2. Each chunk's own final state from zero: Σ_j exp(cum_end - cum_j) dt_j x_j ⊗ B_j.
+        let mut local = vec![A::zero(); chunks * pn];
+        for (ci, s) in local.chunks_mut(pn.max(1)).enumerate() {
+            let end = cum[bounds(ci).end - 1];
+            for j in bounds(ci) {
+                let w = (end - cum[j]).exp() * dts[j];
+                add_outer(s, w, self.x_at(bi, j, h), self.group_at(&self.b, bi, j, g));
+            }
+        }
+        // 3. State passing: the state entering chunk c + 1 is the one entering chunk c decayed
+        // over the chunk, plus the chunk's own state.
+        let mut entering = self.initial_state(bi, h);
+        entering.resize((chunks + 1) * pn, A::zero());
+        for ci in 0..chunks {
+            let decay = cum[bounds(ci).end - 1].exp();
+            let (done, next) = entering.split_at_mut((ci + 1) * pn);
+            let own = &local[ci * pn..][..pn];
+            for ((s, &prev), &o) in next[..pn].iter_mut().zip(&done[ci * pn..]).zip(own) {
+                *s = decay * prev + o;
+            }
+        }
+        // 4. Outputs: the incoming state decayed to each step, plus the intra-chunk sum
+        // Σ_{j<=i} (C_i·B_j) exp(cum_i - cum_j) dt_j x_j.
+        for ci in 0..chunks {
+            let range = bounds(ci);
+            let (t0, q) = (range.start, range.len());
+            let products = &cb[(bi * chunks + ci) * groups + g];
+            for i in range {
+                let yi = &mut y[i * p..][..p];
+                self.output(bi, i, h, &entering[ci * pn..][..pn], cum[i].exp(), yi);
+                for j in t0..=i {
+                    let w = products[(i - t0) * q + j - t0] * (cum[i] - cum[j]).exp() * dts[j];
+                    for (yp, &xp) in yi.iter_mut().zip(self.x_at(bi, j, h)) {
+                        *yp += w * xp;
+                    }
+                }
+            }
+        }
+        entering.split_off(chunks * pn)
+    }
+
+    /// The backward pass of head `h` of sequence `bi` given dL/dy `grad` (all heads): states
+    /// are checkpointed at chunk starts, then each chunk's states are recomputed and walked in
+    /// reverse.
+    fn backward_head(&self, bi: usize, h: usize, chunk: usize, grad: &[A]) -> HeadGrads<A> {
+        let Dims {
+            len,
+            heads,
+            head_dim: p,
+            state: n,
+            ..
+        } = self.dims;
+        let (pn, g, a, skip) = (p * n, self.group(h), self.a[h], self.skip(h));
+        let chunks = len.div_ceil(chunk);
+        let mut checkpoints = Vec::with_capacity(chunks * pn);
+        let mut state = self.initial_state(bi, h);
+        for t in 0..len {
+            if t % chunk == 0 {
+                checkpoints.extend_from_slice(&state);
+            }
+            self.advance(bi, t, h, &mut state);
+        }
+        let mut out = HeadGrads {
+            dx: vec![A::zero(); len * p],
+            ddt: vec![A::zero(); len],
+            da: A::zero(),
+            dd: A::zero(),
+            db: vec![A::zero(); len * n],
+            dc: vec![A::zero(); len * n],
+            dinitial: vec![A::zero(); pn],
+        };
+        // dL/dh_t, carried back through the steps; it ends as dL/d(initial state).
+        let dh = &mut out.dinitial;
+        let mut states = vec![A::zero(); chunk.min(len) * pn];
+        let (mut v, mut w) = (vec![A::zero(); n], vec![A::zero(); p]);
+        for ci in (0..chunks).rev() {
+            let (t0, t1) = (ci * chunk, ((ci + 1) * chunk).min(len));
+            let start = &checkpoints[ci * pn..][..pn];
+            state.copy_from_slice(start);
+            for t in t0..t1 {
+                self.advance(bi, t, h, &mut state);
+                states[(t - t0) * pn..][..pn].copy_from_slice(&state);
+            }
+            for t in (t0..t1).rev() {
+                let ht = &states[(t - t0) * pn..][..pn];
+                let prev = if t == t0 {
+                    start
+                } else {
+                    &states[(t - t0 - 1) * pn..][..pn]
+                };
+                let gy = &grad[((bi * len + t) * heads + h) * p..][..p];
+                let (xt, bt, ct) = (
+                    self.x_at(bi, t, h),
+                    self.group_at(&self.b, bi, t, g),
+                    self.group_at(&self.c, bi, t, g),
+                );
+                let (raw, dt) = self.step(bi, t, h);
+                let decay = (dt * a).exp();
+                // y_t = h_t · C_t + D x_t.
+                out.dd += dot(gy, xt);
+                let dx = &mut out.dx[t * p..][..p];
+                for (dxp, &gp) in dx.iter_mut().zip(gy) {
+                    *dxp = skip * gp;
+                }
+                let dc = &mut out.dc[t * n..][..n];
+                for (pi, &gp) in gy.iter().enumerate() {
+                    for (dcn, &hn) in dc.iter_mut().zip(&ht[pi * n..][..n]) {
+                        *dcn += gp * hn;
+                    }
+                }
+                add_outer(dh, A::one(), gy, ct);
+                // h_t = decay · h_{t-1} + dt x_t ⊗ B_t, with v = dhᵀ x_t and w = dh B_t.
+                let ddecay = dot(dh, prev);
+                v.iter_mut().for_each(|e| *e = A::zero());
+                for ((pi, wp), &xp) in w.iter_mut().enumerate().zip(xt) {
+                    let row = &dh[pi * n..][..n];
+                    *wp = dot(row, bt);
+                    for (vn, &d) in v.iter_mut().zip(row) {
+                        *vn += d * xp;
+                    }
+                }
+                let ddt = ddecay * a * decay + dot(&v, bt);
+                out.da += ddecay * dt * decay;
+                for (dxp, &wp) in dx.iter_mut().zip(&w) {
+                    *dxp += dt * wp;
+                }
+                for (dbn, &vn) in out.db[t * n..][..n].iter_mut().zip(&v) {
+                    *dbn = dt * vn;
+                }
+                dh.iter_mut().for_each(|e| *e = decay * *e);
+                out.ddt[t] = if self.softplus {
+                    ddt * UnaryOp::Softplus.derivative(raw)
+                } else {
+                    ddt
+                };
+            }
+        }
+        out
+    }
+}
+
+/// The gradients of one head of one sequence.
+struct HeadGrads<A> {
+    /// dx `[L, P]`.
+    dx: Vec<A>,
+    /// d(dt) `[L]` (also d(dt_bias) per step).
+    ddt: Vec<A>,
+    /// The head's share of dA.
+    da: A,
+    /// The head's share of dD.
+    dd: A,
+    /// The head's share of dB of its group, `[L, N]`.
+    db: Vec<A>,
+    /// The head's share of dC of its group, `[L, N]`.
+    dc: Vec<A>,
+    /// d(initial state) `[P, N]`.
+    dinitial: Vec<A>,
+}
+
+/// Per-head rows `[L, width]` (`field` of each of `heads`, in (b, h) order) interleaved into
+/// `[B, L, H, width]`.
+fn interleave_heads<A: Real, R>(dims: Dims, width: usize, heads: &[R], field: impl Fn(&R) -> &[A]) -> Vec<A> {
+    let Dims {
+        batch,
+        len,
+        heads: h_count,
+        ..
+    } = dims;
+    let mut out = vec![A::zero(); batch * len * h_count * width];
+    for (bh, head) in heads.iter().enumerate() {
+        let (bi, h, src) = (bh / h_count, bh % h_count, field(head));
+        for t in 0..len {
+            out[((bi * len + t) * h_count + h) * width..][..width]
+                .copy_from_slice(&src[t * width..][..width]);
+        }
+    }
+    out
+}
+
+/// Runs `head(bi, h, y)` on every head in parallel, each writing its y rows `[L, P]` and returning
+/// its final state; returns y `[B, L, H, P]` and the final states `[B, H, P, N]`.
+fn forward<T: FloatElement>(
+    s: &Ssd<T::Acc>,
+    head: impl Fn(usize, usize, &mut [T::Acc]) -> Vec<T::Acc> + Sync,
+) -> (Tensor, Tensor) {
+    let Dims {
+        batch,
+        len,
+        heads,
+        head_dim,
+        state,
+        ..
+    } = s.dims;
+    let (ys, last): (Vec<_>, Vec<_>) = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| {
+            let mut y = vec![<T::Acc as num_traits::Zero>::zero(); len * head_dim];
+            let last = head(bh / heads, bh % heads, &mut y);
+            (y, last)
+        })
+        .unzip();
+    let y = interleave_heads(s.dims, head_dim, &ys, |y| y);
+    (
+        narrow::<T>(y, &[batch, len, heads, head_dim]),
+        narrow::<T>(last.concat(), &[batch, heads, head_dim, state]),
+    )
+}
+
+/// All gradients of the scan given dL/dy `grad` (widened, `[B, L, H, P]`).
+fn backward<T: FloatElement>(s: &Ssd<T::Acc>, chunk: usize, grad: &[T::Acc]) -> SsdGrads {
+    let dims = s.dims;
+    let Dims {
+        batch,
+        len,
+        heads,
+        head_dim,
+        groups,
+        state,
+    } = dims;
+    let zero = <T::Acc as num_traits::Zero>::zero();
+    let parts: Vec<HeadGrads<T::Acc>> = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| s.backward_head(bh / heads, bh % heads, chunk, grad))
+        .collect();
+    let dx = interleave_heads(dims, head_dim, &parts, |p| &p.dx);
+    let ddt = interleave_heads(dims, 1, &parts, |p| &p.ddt);
+    // Sums over sequences and heads, in (b, h) order.
+    let (mut da, mut dd, mut dbias) = (vec![zero; heads], vec![zero; heads], vec![zero; heads]);
+    let (mut db, mut dc) = (
+        vec![zero; batch * len * groups * state],
+        vec![zero; batch * len * groups * state],
+    );
+    for (bh, part) in parts.iter().enumerate() {
+        let (bi, h) = (bh / heads, bh % heads);
+        da[h] += part.da;
+        dd[h] += part.dd;
+        dbias[h] += part.ddt.iter().copied().sum();
+        let g = s.group(h);
+        for t in 0..len {
+            let at = ((bi * len + t) * groups + g) * state..((bi * len + t) * groups + g + 1) * state;
+            let row = t * state..(t + 1) * state;
+            for (acc, &v) in db[at.clone()].iter_mut().zip(&part.db[row.clone()]) {
+                *acc += v;
+            }
+            for (acc, &v) in dc[at].iter_mut().zip(&part.dc[row]) {
+                *acc += v;
+            }
+        }
+    }
+    let dinitial: Vec<T::Acc> = parts.into_iter().flat_map(|p| p.dinitial).collect();
+    let bc = [batch, len, groups, state];
+    SsdGrads {
+        dx: narrow::<T>(dx, &[batch, len, heads, head_dim]),
+        ddt: narrow::<T>(ddt, &[batch, len, heads]),
+        da: narrow::<T>(da, &[heads]),
+        db: narrow::<T>(db, &bc),
+        dc: narrow::<T>(dc, &bc),
+        dd: s.d_skip.is_some().then(|| narrow::<T>(dd, &[heads])),
+        ddt_bias: s.dt_bias.is_some().then(|| narrow::<T>(dbias, &[heads])),
+        dinitial_state: s
+            .initial
+            .is_some()
+            .then(|| narrow::<T>(dinitial, &[batch, heads, head_dim, state])),
+    }
+}
+
+impl Tensor {
+    /// The Mamba-2 SSD scan of `self` = x `[B, L, H, P]` by the chunked algorithm of mamba_ssm's
+    /// `mamba_chunk_scan_combined`; the result equals `ssd_scan_sequential`'s recurrence
+    /// `h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t ⊗ B_t` (a `[P, N]` state per head, from
+    /// `initial_state` or zero), `y_t = h_t · C_t + D_h x_t`, where
+    /// dt = softplus(dt + dt_bias) when `dt_softplus`, else dt + dt_bias. dt is `[B, L, H]`,
+    /// A, D and dt_bias `[H]`, B and C `[B, L, G, N]` with head h reading group
+    /// h / (H / G), `initial_state` `[B, H, P, N]`, all of one float dtype. Per chunk of
+    /// `chunk_size` steps (the last may be shorter): cumulative sums of dt·A, the chunk's own
+    /// state, the states passed between chunks, then the outputs as the intra-chunk sum
+    /// `Σ_{j<=i} (C_i·B_j) exp(Σ_{j<k<=i} dt_k A) dt_j x_j` plus C_i · (the incoming state decayed
+    /// to step i). Returns y `[B, L, H, P]` and the final state `[B, H, P, N]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ssd_scan(
+        &self,
+        dt: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        d_skip: Option<&Tensor>,
+        dt_bias: Option<&Tensor>,
+        dt_softplus: bool,
+        chunk_size: usize,
+        initial_state: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let op = "ssd_scan";
+        let args = SsdArgs {
+            x: self,
+            dt,
+            a,
+            b,
+            c,
+            d_skip,
+            dt_bias,
+            initial: initial_state,
+        };
+        let dims = args.check(op)?;
+        check_chunk(op, chunk_size)?;
+        float_dispatch!(op, self.dtype(), T => {
+            let s = Ssd::new::<T>(&args, dims, dt_softplus);
+            let cb = s.chunk_products(chunk_size);
+            Ok(forward::<T>(&s, |bi, h, y| s.chunked_head(bi, h, chunk_size, &cb, y)))
+        })
+    }
+
+    /// The reference for `ssd_scan` (same operands, no chunking): the plain recurrence run step
+    /// by step for every head. Returns y `[B, L, H, P]` and the final state `[B, H, P, N]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ssd_scan_sequential(
+        &self,
+        dt: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        d_skip: Option<&Tensor>,
+        dt_bias: Option<&Tensor>,
+        dt_softplus: bool,
+        initial_state: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let op = "ssd_scan_sequential";
+        let args = SsdArgs {
+            x: self,
+            dt,
+            a,
+            b,
+            c,
+            d_skip,
+            dt_bias,
+            initial: initial_state,
+        };
+        let dims = args.check(op)?;
+        float_dispatch!(op, self.dtype(), T => {
+            let s = Ssd::new::<T>(&args, dims, dt_softplus);
+            Ok(forward::<T>(&s, |bi, h, y| s.sequential_head(bi, h, y)))
+        })
+    }
+
+    /// Backward of `ssd_scan` (same operands) given `grad` = dL/dy `[B, L, H, P]`: a reverse
+    /// sequential scan per head, recomputing the states of each chunk of `chunk_size` steps
+    /// from a checkpoint at its start. dA, dB, dC, dD and d(dt_bias), which sum over heads or
+    /// sequences, are summed in an order fixed by the shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ssd_scan_backward(
+        &self,
+        dt: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        d_skip: Option<&Tensor>,
+        dt_bias: Option<&Tensor>,
+        dt_softplus: bool,
+        chunk_size: usize,
+        initial_state: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<SsdGrads> {
+        let op = "ssd_scan_backward";
+        let args = SsdArgs {
+            x: self,
+            dt,
+            a,
+            b,
+            c,
+            d_skip,
+            dt_bias,
+            initial: initial_state,
+        };
+        let dims = args.check(op)?;
+        check_chunk(op, chunk_size)?;
+        check_operands(op, self, &[("grad", Some(grad), self.shape())])?;
+        float_dispatch!(op, self.dtype(), T => {
+            Ok(backward::<T>(&Ssd::new::<T>(&args, dims, dt_softplus), chunk_size, &widen::<T>(grad)))
+        })
+    }
+
+    /// One decoding step of the SSD scan from `self` = state `[B, H, P, N]`: x is `[B, H, P]`,
+    /// dt `[B, H]`, A, D and dt_bias `[H]`, B and C `[B, G, N]`. Returns y `[B, H, P]` and the
+    /// new state `[B, H, P, N]`; stepping through a sequence gives the outputs and final state of
+    /// `ssd_scan`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ssd_state_update(
+        &self,
+        x: &Tensor,
+        dt: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        d_skip: Option<&Tensor>,
+        dt_bias: Option<&Tensor>,
+        dt_softplus: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let op = "ssd_state_update";
+        let (ss, bs) = (self.shape(), b.shape());
+        if ss.len() != 4 || bs.len() != 3 {
+            return shape_err(
+                op,
+                format!("needs state [B, H, P, N] and B [B, G, N], got {ss:?} and {bs:?}"),
+            );
+        }
+        let (batch, heads, head_dim) = (ss[0], ss[1], ss[2]);
+        check_operands(
+            op,
+            self,
+            &[
+                ("x", Some(x), &[batch, heads, head_dim]),
+                ("dt", Some(dt), &[batch, heads]),
+                ("C", Some(c), bs),
+            ],
+        )?;
+        // A scan of length one from the given state.
+        let (x1, dt1, b1, c1) = (
+            x.unsqueeze(1)?,
+            dt.unsqueeze(1)?,
+            b.unsqueeze(1)?,
+            c.unsqueeze(1)?,
+        );
+        let args = SsdArgs {
+            x: &x1,
+            dt: &dt1,
+            a,
+            b: &b1,
+            c: &c1,
+            d_skip,
+            dt_bias,
+            initial: Some(self),
+        };
+        let dims = args.check(op)?;
+        float_dispatch!(op, self.dtype(), T => {
+            let s = Ssd::new::<T>(&args, dims, dt_softplus);
+            let (y, state) = forward::<T>(&s, |bi, h, y| s.sequential_head(bi, h, y));
+            Ok((y.reshape(x.shape())?, state))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{seeded_rng, DType, Tensor};
+
+    /// Uniform samples in `[lo, hi)`.
+    fn uniform(shape: &[usize], lo: f64, hi: f64, seed: u64, dtype: DType) -> Tensor {
+        Tensor::rand_uniform(shape, dtype, lo, hi, &mut seeded_rng(seed)).unwrap()
+    }
+
+    /// The operands of a random scan: x, dt, A, B, C, D, dt_bias, initial state.
+    fn operands(b: usize, l: usize, h: usize, p: usize, g: usize, n: usize, dtype: DType) -> [Tensor; 8] {
+        [
+            uniform(&[b, l, h, p], -1.0, 1.0, 11, dtype),
+            uniform(&[b, l, h], -1.5, 1.0, 12, dtype),
+            uniform(&[h], -1.5, -0.2, 13, dtype),
+            uniform(&[b, l, g, n], -1.0, 1.0, 14, dtype),
+            uniform(&[b, l, g, n], -1.0, 1.0, 15, dtype),
+            uniform(&[h], -1.0, 1.0, 16, dtype),
+            uniform(&[h], -0.5, 0.5, 17, dtype),
+            uniform(&[b, h, p, n], -1.0, 1.0, 18, dtype),
+        ]
+    }
+
+    /// ‖a - b‖ / ‖b‖.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.shape(), b.shape());
+        let (a, b) = (a.to_vec_f64(), b.to_vec_f64());
+        let diff: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let norm: f64 = b.iter().map(|y| y * y).sum();
+        diff.sqrt() / norm.sqrt().max(1e-300)
+    }
+
+    #[test]
+    fn one_head_by_hand() {
+        let t = |v: &[f64], s: &[usize]| Tensor::from_slice(v, s).unwrap();
+        // B = 1, L = 2, H = 1, P = 1, G = 1, N = 1, no softplus, chunk 1.
+        let (x, dt, a) = (
+            t(&[1., 2.], &[1, 2, 1, 1]),
+            t(&[0.5, 1.], &[1, 2, 1]),
+            t(&[-1.], &[1]),
+        );
+        let (b, c, d) = (
+            t(&[1., 2.], &[1, 2, 1, 1]),
+            t(&[3., 1.], &[1, 2, 1, 1]),
+            t(&[0.5], &[1]),
+        );
+        let init = t(&[2.], &[1, 1, 1, 1]);
+        let (y, h) = x
+            .ssd_scan(&dt, &a, &b, &c, Some(&d), None, false, 1, Some(&init))
+            .unwrap();
+        let h0 = (-0.5f64).exp() * 2.0 + 0.5;
+        let h1 = (-1f64).exp() * h0 + 4.0;
+        let expected = [3.0 * h0 + 0.5, h1 + 1.0];
+        assert!(y
+            .to_vec_f64()
+            .iter()
+            .zip(expected)
+            .all(|(a, b)| (a - b).abs() < 1e-12));
+        assert!((h.to_vec_f64()[0] - h1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn chunked_matches_sequential() {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+            for len in [1, 7, 8, 9, 16, 17, 33] {
+                for groups in [1, 2] {
+                    for options in [false, true] {
+                        let [x, dt, a, b, c, d, bias, init] = operands(2, len, 4, 3, groups, 5, dtype);
+                        let (d, bias, init) = if options {
+                            (Some(&d), Some(&bias), Some(&init))
+                        } else {
+                            (None, None, None)
+                        };
+                        let (y, h) = x.ssd_scan(&dt, &a, &b, &c, d, bias, options, 8, init).unwrap();
+                        let (ys, hs) = x
+                            .ssd_scan_sequential(&dt, &a, &b, &c, d, bias, options, init)
+                            .unwrap();
+                        let errs = (rel_err(&y, &ys), rel_err(&h, &hs));
+                        let case = format!("{dtype} L={len} G={groups} options={options}: {errs:?}");
+                        assert!(errs.0 < tol && errs.1 < tol, "{case}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn state_updates_step_through_the_scan() {
+        let (bs, len, heads, p, groups, n) = (2, 6, 4, 3, 2, 5);
+        let [x, dt, a, b, c, d, bias, init] = operands(bs, len, heads, p, groups, n, DType::F64);
+        let (y, last) = x
+            .ssd_scan(&dt, &a, &b, &c, Some(&d), Some(&bias), true, 4, Some(&init))
+            .unwrap();
+        let mut state = init;
+        for t in 0..len {
+            let at = |v: &Tensor| v.narrow(1, t, 1).unwrap().squeeze(1).unwrap();
+            let (yt, next) = state
+                .ssd_state_update(
+                    &at(&x),
+                    &at(&dt),
+                    &a,
+                    &at(&b),
+                    &at(&c),
+                    Some(&d),
+                    Some(&bias),
+                    true,
+                )
+                .unwrap();
+            assert!(rel_err(&yt, &at(&y)) < 1e-12, "step {t}");
+            state = next;
+        }
+        assert!(rel_err(&state, &last) < 1e-12);
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (bs, len, heads, p, groups, n) = (1, 5, 2, 2, 2, 2);
+        let ops = operands(bs, len, heads, p, groups, n, DType::F64);
+        let w = uniform(&[bs, len, heads, p], -1.0, 1.0, 19, DType::F64);
+        let loss = |o: &[Tensor]| -> f64 {
+            let (y, _) = o[0]
+                .ssd_scan(
+                    &o[1],
+                    &o[2],
+                    &o[3],
+                    &o[4],
+                    Some(&o[5]),
+                    Some(&o[6]),
+                    true,
+                    2,
+                    Some(&o[7]),
+                )
+                .unwrap();
+            y.mul(&w).unwrap().sum_all().unwrap().to_scalar_f64().unwrap()
+        };
+        let o = &ops;
+        let g = o[0]
+            .ssd_scan_backward(
+                &o[1],
+                &o[2],
+                &o[3],
+                &o[4],
+                Some(&o[5]),
+                Some(&o[6]),
+                true,
+                2,
+                Some(&o[7]),
+                &w,
+            )
+            .unwrap();
+        let analytic = [
+            g.dx,
+            g.ddt,
+            g.da,
+            g.db,
+            g.dc,
+            g.dd.unwrap(),
+            g.ddt_bias.unwrap(),
+            g.dinitial_state.unwrap(),
+        ];
+        for (i, grad) in analytic.iter().enumerate() {
+            assert_eq!(grad.shape(), ops[i].shape());
+            let base = ops[i].to_vec_f64();
+            for (j, &expected) in grad.to_vec_f64().iter().enumerate() {
+                let at = |step: f64| {
+                    let mut v = base.clone();
+                    v[j] += step;
+                    let mut moved = ops.clone();
+                    moved[i] = Tensor::from_vec(v, ops[i].shape()).unwrap();
+                    loss(&moved)
+                };
+                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+                assert!(
+                    (numeric - expected).abs() < 1e-7,
+                    "input {i}[{j}]: {numeric} vs {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn backward_does_not_depend_on_the_chunk_size() {
+        let [x, dt, a, b, c, d, bias, init] = operands(2, 9, 4, 2, 2, 3, DType::F64);
+        let grad = uniform(&[2, 9, 4, 2], -1.0, 1.0, 20, DType::F64);
+        let run = |chunk| {
+            let g = x
+                .ssd_scan_backward(
+                    &dt,
+                    &a,
+                    &b,
+                    &c,
+                    Some(&d),
+                    Some(&bias),
+                    true,
+                    chunk,
+                    Some(&init),
+                    &grad,
+                )
+                .unwrap();
+            [g.dx, g.ddt, g.da, g.db, g.dc, g.dinitial_state.unwrap()].map(|t| t.to_vec_f64())
+        };
+        assert_eq!(run(1), run(4));
+        assert_eq!(run(4), run(100));
+    }
+
+    #[test]
+    fn checks_shapes_dtypes_and_chunk_size() {
+        let [x, dt, a, b, c, _, _, init] = operands(1, 3, 4, 2, 2, 3, DType::F32);
+        let scan = |x: &Tensor, b: &Tensor, chunk: usize, init: Option<&Tensor>| {
+            x.ssd_scan(&dt, &a, b, &c, None, None, true, chunk, init)
+        };
+        assert!(scan(&x, &b, 2, Some(&init)).is_ok());
+        assert!(scan(&x, &b, 0, None).is_err());
+        assert!(scan(&x.reshape(&[3, 4, 2]).unwrap(), &b, 2, None).is_err());
+        assert!(scan(&x, &b.narrow(1, 0, 2).unwrap(), 2, None).is_err());
+        assert!(scan(&x, &init, 2, None).is_err());
+        assert!(scan(&x, &b, 2, Some(&init.to_dtype(DType::F64).unwrap())).is_err());
+        // Four heads do not split into three groups.
+        let b3 = Tensor::zeros(&[1, 3, 3, 3], DType::F32);
+        assert!(x.ssd_scan(&dt, &a, &b3, &b3, None, None, true, 2, None).is_err());
+        assert!(x
+            .ssd_scan_backward(&dt, &a, &b, &c, None, None, true, 2, None, &dt)
+            .is_err());
+        let (row, bg) = (
+            Tensor::zeros(&[1, 4], DType::F32),
+            Tensor::zeros(&[1, 2, 3], DType::F32),
+        );
+        let x1 = Tensor::zeros(&[1, 4, 2], DType::F32);
+        assert!(init
+            .ssd_state_update(&x1, &row, &a, &bg, &bg, None, None, true)
+            .is_ok());
+        assert!(init
+            .ssd_state_update(&row, &row, &a, &bg, &bg, None, None, true)
+            .is_err());
+    }
+
+    #[test]
+    fn empty_sequences_keep_the_initial_state() {
+        let [x, dt, a, b, c, d, bias, init] = operands(2, 0, 2, 3, 1, 4, DType::F32);
+        let (y, h) = x
+            .ssd_scan(&dt, &a, &b, &c, Some(&d), Some(&bias), true, 8, Some(&init))
+            .unwrap();
+        assert_eq!(
+            (y.shape(), h.to_vec_f64()),
+            (&[2, 0, 2, 3][..], init.to_vec_f64())
+        );
+        let g = x
+            .ssd_scan_backward(&dt, &a, &b, &c, Some(&d), Some(&bias), true, 8, Some(&init), &y)
+            .unwrap();
+        assert_eq!(g.dinitial_state.unwrap().to_vec_f64(), vec![0.0; 48]);
+    }
+}

@@ -1,0 +1,183 @@
+//! Parity with Hugging Face `transformers`: tiny random models saved with `save_pretrained`
+//! and their reference outputs and gradients (made by `scripts/make_fixtures.py`, committed in
+//! `tests/fixtures/`) must be reproduced: outputs to a relative error < 1e-4, gradients < 1e-3.
+//! Also: a checkpoint with a tensor removed, renamed or reshaped fails naming that tensor.
+
+use std::path::{Path, PathBuf};
+use tensor::safetensors::SafetensorsFile;
+use tensor::Tensor;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+fn reference(name: &str) -> SafetensorsFile {
+    SafetensorsFile::open(fixture(name).join("reference.safetensors")).expect("fixture reference file")
+}
+
+/// `‖a - b‖ / ‖b‖` over all elements; infinite on NaN or a shape mismatch.
+fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
+    let (x, y) = (a.to_vec_f64(), b.to_vec_f64());
+    if a.numel() != b.numel() || x.iter().chain(&y).any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let diff: f64 = x.iter().zip(&y).map(|(p, q)| (p - q) * (p - q)).sum();
+    let norm: f64 = y.iter().map(|q| q * q).sum();
+    diff.sqrt() / norm.sqrt().max(1e-30)
+}
+
+fn ids(r: &SafetensorsFile, name: &str) -> Vec<u32> {
+    r.get(name).unwrap().to_vec::<u32>().unwrap()
+}
+
+fn check_lm(name: &str) {
+    let r = reference(name);
+    let input = ids(&r, "input_ids");
+    let logits = emma::commands::logits(&fixture(name), &input).unwrap();
+    let err = rel_error(&logits, &r.get("logits").unwrap());
+    assert!(err < 1e-4, "{name}: logits relative error {err:e}");
+
+    let (loss, grads) = emma::commands::grads(&fixture(name), &input).unwrap();
+    let expected_loss = r.get("loss").unwrap().to_scalar_f64().unwrap();
+    assert!(
+        ((loss - expected_loss) / expected_loss).abs() < 1e-4,
+        "{name}: loss {loss} vs {expected_loss}"
+    );
+    let expected: Vec<String> = r
+        .names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("grad.").map(String::from))
+        .collect();
+    assert!(!expected.is_empty(), "{name}: the fixture has no gradients");
+    for key in &expected {
+        let got = grads
+            .get(key)
+            .unwrap_or_else(|| panic!("{name}: no gradient for {key}"));
+        let err = rel_error(got, &r.get(&format!("grad.{key}")).unwrap());
+        assert!(err < 1e-3, "{name}: gradient of {key}: relative error {err:e}");
+    }
+    let extra: Vec<&String> = grads.keys().filter(|k| !expected.contains(k)).collect();
+    assert!(
+        extra.is_empty(),
+        "{name}: gradients the reference does not have: {extra:?}"
+    );
+}
+
+#[test]
+fn mamba_logits_and_gradients_match_transformers() {
+    check_lm("mamba");
+}
+
+#[test]
+fn mamba2_logits_and_gradients_match_transformers() {
+    // Length 13 with chunk size 8 and two groups: a partial last chunk.
+    check_lm("mamba2");
+    let r = reference("mamba2");
+    let logits = emma::commands::logits(&fixture("mamba2"), &ids(&r, "input_ids_16")).unwrap();
+    let err = rel_error(&logits, &r.get("logits_16").unwrap());
+    assert!(err < 1e-4, "mamba2 (length 16): logits relative error {err:e}");
+}
+
+fn check_vision(name: &str) {
+    let r = reference(name);
+    // The trained 28x28 grid, an upscaled 42x42 one and a non-square 21x35 (3x5 patches).
+    for suffix in ["", "_42", "_21x35"] {
+        let pixels = r.get(&format!("pixel_values{suffix}")).unwrap();
+        let (last, penultimate) = emma::commands::vision(&fixture(name), &pixels).unwrap();
+        for (got, key) in [
+            (&last, "last_hidden_state"),
+            (&penultimate, "penultimate_hidden_state"),
+        ] {
+            let expected = r.get(&format!("{key}{suffix}")).unwrap();
+            assert_eq!(got.shape(), expected.shape(), "{name}: {key}{suffix} shape");
+            let err = rel_error(got, &expected);
+            assert!(err < 1e-4, "{name}: {key}{suffix} relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn siglip_features_match_transformers() {
+    check_vision("siglip");
+}
+
+#[test]
+fn dinov2_features_match_transformers() {
+    check_vision("dinov2");
+}
+
+#[test]
+fn dinov2_with_registers_features_match_transformers() {
+    check_vision("dinov2_registers");
+}
+
+/// Copies a fixture's model into a temporary directory with its tensors edited by `edit`.
+fn edited_copy(name: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture(name).join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut tensors: Vec<(String, Tensor)> =
+        tensor::safetensors::load(fixture(name).join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    edit(&mut tensors);
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    tensor::safetensors::save(dir.path().join("model.safetensors"), &named, None).unwrap();
+    dir
+}
+
+fn error_of(dir: &Path) -> String {
+    format!(
+        "{:#}",
+        emma::commands::logits(dir, &[1, 2, 3]).expect_err("loading must fail")
+    )
+}
+
+#[test]
+fn a_removed_renamed_or_reshaped_tensor_is_named() {
+    let key = "backbone.layers.1.mixer.x_proj.weight";
+    let removed = edited_copy("mamba", |t| t.retain(|(k, _)| k != key));
+    let msg = error_of(removed.path());
+    assert!(msg.contains("missing parameter") && msg.contains(key), "{msg}");
+
+    let renamed = edited_copy("mamba", |t| {
+        t.iter_mut()
+            .filter(|(k, _)| k == key)
+            .for_each(|(k, _)| *k = "backbone.layers.1.mixer.x_proj.wieght".into())
+    });
+    let msg = error_of(renamed.path());
+    assert!(msg.contains(key), "{msg}");
+
+    let reshaped = edited_copy("mamba", |t| {
+        for (_, v) in t.iter_mut().filter(|(k, _)| k == key) {
+            *v = v.reshape(&[v.numel()]).unwrap();
+        }
+    });
+    let msg = error_of(reshaped.path());
+    assert!(msg.contains(key) && msg.contains("shape"), "{msg}");
+
+    let extra = edited_copy("mamba", |t| {
+        t.push((
+            "backbone.layers.9.mixer.D".into(),
+            Tensor::ones(&[4], tensor::DType::F32),
+        ))
+    });
+    let msg = error_of(extra.path());
+    assert!(
+        msg.contains("unexpected") && msg.contains("backbone.layers.9.mixer.D"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_unsupported_model_type_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 8, "vocab_size": 8, "num_hidden_layers": 1}"#,
+    )
+    .unwrap();
+    tensor::safetensors::save(dir.path().join("model.safetensors"), &[], None).unwrap();
+    let msg = error_of(dir.path());
+    assert!(msg.contains("llama"), "{msg}");
+}
