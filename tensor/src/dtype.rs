@@ -109,6 +109,22 @@ pub trait FloatElement: Element {
     fn from_acc(v: Self::Acc) -> Self;
 }
 
+/// `v` rounded to f32 by round-to-odd: truncated toward zero, with the last bit set when inexact.
+/// Rounding that to nearest in a format of at most 22 bits of precision (bf16, f16) gives `v`
+/// rounded to nearest in that format: no double-rounding error.
+fn f64_to_f32_odd(v: f64) -> f32 {
+    let nearest = v as f32;
+    if nearest as f64 == v || !nearest.is_finite() {
+        return nearest; // exact, NaN, or beyond f32's range (and so beyond bf16's and f16's)
+    }
+    let truncated = if (nearest as f64).abs() > v.abs() {
+        f32::from_bits(nearest.to_bits() - 1) // one step back toward zero
+    } else {
+        nearest
+    };
+    f32::from_bits(truncated.to_bits() | 1)
+}
+
 macro_rules! impl_element {
     ($t:ty, $dt:ident, $to:expr, $from:expr) => {
         impl Element for $t {
@@ -125,8 +141,15 @@ macro_rules! impl_element {
 
 impl_element!(f32, F32, |x: f32| x as f64, |v: f64| v as f32);
 impl_element!(f64, F64, |x: f64| x, |v: f64| v);
-impl_element!(bf16, BF16, |x: bf16| x.to_f64(), bf16::from_f64);
-impl_element!(f16, F16, |x: f16| x.to_f64(), f16::from_f64);
+// Not `half`'s `from_f64`, which is not round-to-nearest: for bf16 (and f16 without F16C) it
+// drops the low 32 bits of the f64 before rounding, for f16 with F16C it rounds through f32
+// first; both turn values just above a tie into the tie and round them down to even.
+impl_element!(bf16, BF16, |x: bf16| x.to_f64(), |v: f64| bf16::from_f32(
+    f64_to_f32_odd(v)
+));
+impl_element!(f16, F16, |x: f16| x.to_f64(), |v: f64| f16::from_f32(
+    f64_to_f32_odd(v)
+));
 impl_element!(u32, U32, |x: u32| x as f64, |v: f64| v as u32);
 
 impl FloatElement for f32 {

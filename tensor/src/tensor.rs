@@ -59,7 +59,7 @@ impl Tensor {
 
     /// A tensor of `shape` filled with `value` (rounded to `dtype`).
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> Self {
-        any_dispatch!(dtype, T => Self::from_cpu(CpuStorage::from_vec(vec![T::from_f64(value); numel(shape)]), shape))
+        any_dispatch!(dtype, T => Self::from_cpu(CpuStorage::from_vec(vec![<T as Element>::from_f64(value); numel(shape)]), shape))
     }
 
     /// A tensor of zeros.
@@ -75,7 +75,7 @@ impl Tensor {
     /// `[0, 1, ..., n-1]`.
     pub fn arange(n: usize, dtype: DType) -> Self {
         any_dispatch!(dtype, T => Self::from_cpu(
-            CpuStorage::from_vec((0..n).map(|i| T::from_f64(i as f64)).collect::<Vec<_>>()),
+            CpuStorage::from_vec((0..n).map(|i| <T as Element>::from_f64(i as f64)).collect::<Vec<_>>()),
             &[n],
         ))
     }

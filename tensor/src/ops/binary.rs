@@ -111,7 +111,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         any_dispatch!(self.dtype(), S => any_dispatch!(dtype, D => {
-            let out = crate::ops::elementwise::map::<S, D>(self, |v| D::from_f64(v.to_f64()));
+            let out = crate::ops::elementwise::map::<S, D>(self, |v| <D as Element>::from_f64(v.to_f64()));
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), self.shape()))
         }))
     }

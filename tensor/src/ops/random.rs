@@ -28,7 +28,7 @@ fn sampled(
     mut sample: impl FnMut() -> f64,
 ) -> Result<Tensor> {
     float_dispatch!(op, dtype, T => {
-        let data: Vec<T> = (0..numel(shape)).map(|_| T::from_f64(sample())).collect();
+        let data: Vec<T> = (0..numel(shape)).map(|_| <T as Element>::from_f64(sample())).collect();
         Ok(Tensor::from_cpu(CpuStorage::from_vec(data), shape))
     })
 }

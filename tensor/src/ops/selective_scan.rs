@@ -286,7 +286,7 @@ impl<A: Real> Scan<A> {
         let a = &self.a[ch * n..][..n];
         let skip = self.d_skip.as_ref().map_or(A::zero(), |d| d[ch]);
         let (mut dh, mut da, mut dd) = (vec![A::zero(); n], vec![A::zero(); n], A::zero());
-        let (du, ddelta) = (&mut vec![A::zero(); len], &mut vec![A::zero(); len]);
+        let (mut du, mut ddelta) = (vec![A::zero(); len], vec![A::zero(); len]);
         for t in (0..len).rev() {
             let (raw, dt) = self.step(row, t);
             let (g, ut) = (g0[t], u[t]);
@@ -320,11 +320,11 @@ impl<A: Real> Scan<A> {
                 ddt
             };
         }
-        out.du.extend_from_slice(du);
-        out.ddelta.extend_from_slice(ddelta);
+        out.dbias.push(ddelta.iter().copied().sum());
+        out.du.extend(du);
+        out.ddelta.extend(ddelta);
         out.da.extend(da);
         out.dd.push(dd);
-        out.dbias.push(ddelta.iter().copied().sum());
     }
 }
 
