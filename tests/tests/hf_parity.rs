@@ -181,3 +181,33 @@ fn an_unsupported_model_type_is_named() {
     let msg = error_of(dir.path());
     assert!(msg.contains("llama"), "{msg}");
 }
+
+#[test]
+fn a_sharded_checkpoint_loads_like_a_single_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("mamba").join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let tensors = tensor::safetensors::load(fixture("mamba").join("model.safetensors")).unwrap();
+    let mut weight_map = serde_json::Map::new();
+    let mut shards: [Vec<(&str, &Tensor)>; 2] = [Vec::new(), Vec::new()];
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        let shard = format!("model-{:05}-of-00002.safetensors", i % 2 + 1);
+        weight_map.insert(name.clone(), serde_json::Value::String(shard));
+        shards[i % 2].push((name.as_str(), t));
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let path = dir
+            .path()
+            .join(format!("model-{:05}-of-00002.safetensors", i + 1));
+        tensor::safetensors::save(path, shard, None).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let ids = [3, 1, 4, 1, 5];
+    let sharded = emma::commands::logits(dir.path(), &ids).unwrap();
+    let single = emma::commands::logits(&fixture("mamba"), &ids).unwrap();
+    assert_eq!(sharded.to_vec_f64(), single.to_vec_f64());
+}

@@ -54,19 +54,23 @@ impl Tensor {
     /// `op(self, rhs)` elementwise over the numpy broadcast of both shapes.
     pub fn binary(&self, op: BinaryOp, rhs: &Tensor) -> Result<Tensor> {
         self.check_same_dtype("binary", rhs)?;
-        float_dispatch!("binary", self.dtype(), T => {
-            let (out, shape) = zip_map::<T, T, T>("binary", self, rhs, |a, b| {
-                let (a, b) = (a.to_acc(), b.to_acc());
-                T::from_acc(match op {
-                    BinaryOp::Add => a + b,
-                    BinaryOp::Sub => a - b,
-                    BinaryOp::Mul => a * b,
-                    BinaryOp::Div => a / b,
-                    BinaryOp::Maximum => a.max(b),
-                    BinaryOp::Minimum => a.min(b),
-                })
-            })?;
+        // One monomorphic loop per op, so that each one vectorises.
+        fn run<T: FloatElement>(
+            a: &Tensor,
+            b: &Tensor,
+            f: impl Fn(T::Acc, T::Acc) -> T::Acc + Sync,
+        ) -> Result<Tensor> {
+            let (out, shape) =
+                zip_map::<T, T, T>("binary", a, b, |x, y| T::from_acc(f(x.to_acc(), y.to_acc())))?;
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), &shape))
+        }
+        float_dispatch!("binary", self.dtype(), T => match op {
+            BinaryOp::Add => run::<T>(self, rhs, |a, b| a + b),
+            BinaryOp::Sub => run::<T>(self, rhs, |a, b| a - b),
+            BinaryOp::Mul => run::<T>(self, rhs, |a, b| a * b),
+            BinaryOp::Div => run::<T>(self, rhs, |a, b| a / b),
+            BinaryOp::Maximum => run::<T>(self, rhs, |a, b| a.max(b)),
+            BinaryOp::Minimum => run::<T>(self, rhs, |a, b| a.min(b)),
         })
     }
 

@@ -137,10 +137,21 @@ fn sigmoid<A: Real>(x: A) -> A {
 impl Tensor {
     /// Applies `op` to every element.
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
-        float_dispatch!("unary", self.dtype(), T => {
-            let out = map::<T, T>(self, |v| T::from_acc(op.apply(v.to_acc())));
-            Ok(Tensor::from_cpu(CpuStorage::from_vec(out), self.shape()))
-        })
+        fn run<T: FloatElement>(x: &Tensor, f: impl Fn(T::Acc) -> T::Acc + Sync) -> Result<Tensor> {
+            let out = map::<T, T>(x, |v| T::from_acc(f(v.to_acc())));
+            Ok(Tensor::from_cpu(CpuStorage::from_vec(out), x.shape()))
+        }
+        // A loop per constant op, so that the match folds away and the loop can vectorise.
+        macro_rules! specialised {
+            ($T:ty; $($v:ident),*) => {
+                match op {
+                    $(UnaryOp::$v => run::<$T>(self, |x| UnaryOp::$v.apply(x)),)*
+                    _ => run::<$T>(self, |x| op.apply(x)),
+                }
+            };
+        }
+        float_dispatch!("unary", self.dtype(), T => specialised!(T; Neg, Exp, Log, Sqrt, Rsqrt, Tanh, Sigmoid,
+            Silu, GeluTanh, GeluErf, Softplus, Abs, Sqr, Recip))
     }
 
     /// `grad · f'(x)` elementwise, with `self` as x: the backward of `unary(op)`.
