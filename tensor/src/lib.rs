@@ -12,6 +12,8 @@ pub mod ops;
 pub mod safetensors;
 pub mod storage;
 mod tensor;
+#[cfg(test)]
+mod testing;
 
 pub use dtype::{DType, Element, FloatElement, Real};
 pub use error::{Result, TensorError};

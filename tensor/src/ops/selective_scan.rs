@@ -698,24 +698,7 @@ mod tests {
             g.dz.unwrap(),
             g.ddelta_bias.unwrap(),
         ];
-        for (i, grad) in analytic.iter().enumerate() {
-            assert_eq!(grad.shape(), ops[i].shape());
-            let base = ops[i].to_vec_f64();
-            for (j, &expected) in grad.to_vec_f64().iter().enumerate() {
-                let at = |step: f64| {
-                    let mut v = base.clone();
-                    v[j] += step;
-                    let mut moved = ops.clone();
-                    moved[i] = Tensor::from_vec(v, ops[i].shape()).unwrap();
-                    loss(&moved)
-                };
-                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
-                assert!(
-                    (numeric - expected).abs() < 1e-7,
-                    "input {i}[{j}]: {numeric} vs {expected}"
-                );
-            }
-        }
+        crate::testing::assert_finite_differences(&ops, &analytic, loss);
     }
 
     #[test]
