@@ -4,5 +4,8 @@
 //! on the layers of `nn`; this crate so far holds the device selection and the commands that
 //! run Hugging Face checkpoints (`emma logits`, `emma grads`, `emma vision`).
 
+pub mod alignment;
 pub mod commands;
+pub mod config;
 pub mod device;
+pub mod model;

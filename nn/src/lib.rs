@@ -10,6 +10,7 @@ mod conv1d;
 mod dinov2;
 mod embedding;
 mod error;
+pub mod init;
 pub mod interpolate;
 mod linear;
 pub mod mamba1;

@@ -36,12 +36,11 @@ impl SiglipVision {
                     .cloned()
                     .ok_or_else(|| cfg.error("missing 'vision_config'"))?;
                 vision_cfg = HfConfig::from_value(cfg.path(), value);
-                let names: Vec<String> = store
+                store
                     .names()
+                    .iter()
                     .filter(|k| !k.starts_with("vision_model."))
-                    .map(String::from)
-                    .collect();
-                names.iter().for_each(|k| store.skip(k));
+                    .for_each(|k| store.skip(k));
                 &vision_cfg
             }
             other => return Err(cfg.error(format!("model_type '{other}' is not a SigLIP vision model"))),
@@ -54,12 +53,11 @@ impl SiglipVision {
             ""
         };
         let SiglipHead::Skip = head;
-        let names: Vec<String> = store
+        store
             .names()
+            .iter()
             .filter(|k| k.starts_with(&format!("{p}head.")))
-            .map(String::from)
-            .collect();
-        names.iter().for_each(|k| store.skip(k));
+            .for_each(|k| store.skip(k));
 
         let dims = block_dims(cfg, cfg.usize("intermediate_size")?, 1e-6)?;
         let (image, patch) = (cfg.usize("image_size")?, cfg.usize("patch_size")?);

@@ -1,95 +1,222 @@
 //! `ParamStore`: a model's parameters keyed by their Hugging Face names.
 
+use crate::init::initial_value;
 use crate::{NnError, Result};
 use autograd::Var;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
-use tensor::Tensor;
+use std::sync::{Arc, Mutex};
+use tensor::{DType, Rng, Tensor};
+
+struct Shared {
+    vars: Mutex<BTreeMap<String, Var>>,
+    used: Mutex<BTreeSet<String>>,
+    source_name: String,
+    trainable: bool,
+    /// Prefixes whose parameters are handed out as constants (frozen components).
+    frozen: Mutex<Vec<String>>,
+    /// The dtype of created parameters.
+    dtype: DType,
+    /// When set, a missing parameter is created by `initial_value` instead of being an error.
+    init: Option<Mutex<Rng>>,
+}
 
 /// Named parameters. Trainable stores hand out leaf vars that gather gradients; frozen stores
 /// hand out constants, so a forward pass records no graph. Layers check every name and shape
 /// they need when they are built, and [`ParamStore::check_all_used`] reports names nobody took.
+/// [`ParamStore::scope`] gives a view under a name prefix (one component of a larger model).
+#[derive(Clone)]
 pub struct ParamStore {
-    vars: BTreeMap<String, Var>,
-    source_name: String,
-    used: Mutex<BTreeSet<String>>,
+    shared: Arc<Shared>,
+    prefix: String,
 }
 
 impl ParamStore {
     /// A store over `tensors`; `source_name` (a file or directory) appears in every error.
     pub fn new(tensors: BTreeMap<String, Tensor>, trainable: bool, source_name: impl Into<String>) -> Self {
         let wrap = if trainable { Var::parameter } else { Var::constant };
+        Self::build(
+            tensors.into_iter().map(|(k, t)| (k, wrap(t))).collect(),
+            trainable,
+            source_name,
+            None,
+        )
+    }
+
+    /// An empty store that creates every parameter a layer asks for, in `dtype`, with the
+    /// initialiser its name calls for (see [`crate::init`]), drawing from `rng`.
+    pub fn random(rng: Rng, dtype: DType, trainable: bool, source_name: impl Into<String>) -> Self {
+        let mut store = Self::build(BTreeMap::new(), trainable, source_name, Some(Mutex::new(rng)));
+        Arc::get_mut(&mut store.shared).expect("new store").dtype = dtype;
+        store
+    }
+
+    fn build(
+        vars: BTreeMap<String, Var>,
+        trainable: bool,
+        source_name: impl Into<String>,
+        init: Option<Mutex<Rng>>,
+    ) -> Self {
         ParamStore {
-            vars: tensors.into_iter().map(|(k, t)| (k, wrap(t))).collect(),
-            source_name: source_name.into(),
-            used: Mutex::new(BTreeSet::new()),
+            shared: Arc::new(Shared {
+                vars: Mutex::new(vars),
+                used: Mutex::new(BTreeSet::new()),
+                source_name: source_name.into(),
+                trainable,
+                frozen: Mutex::new(Vec::new()),
+                dtype: DType::F32,
+                init,
+            }),
+            prefix: String::new(),
         }
+    }
+
+    /// A view of the parameters under `prefix` (e.g. `"lm."`): names taken through it are
+    /// prefixed, and its `check_all_used` looks only below the prefix.
+    pub fn scope(&self, prefix: &str) -> ParamStore {
+        ParamStore {
+            shared: self.shared.clone(),
+            prefix: format!("{}{prefix}", self.prefix),
+        }
+    }
+
+    fn trainable(&self, full_name: &str) -> bool {
+        self.shared.trainable
+            && !self
+                .shared
+                .frozen
+                .lock()
+                .expect("frozen lock")
+                .iter()
+                .any(|p| full_name.starts_with(p))
+    }
+
+    /// Freezes every parameter below this view's prefix: they become constants (no gradient,
+    /// no graph), now and when created later. Call it before building the layers that use them.
+    pub fn freeze(&self) {
+        self.shared
+            .frozen
+            .lock()
+            .expect("frozen lock")
+            .push(self.prefix.clone());
+        let mut vars = self.shared.vars.lock().expect("store lock");
+        for (_, v) in vars.iter_mut().filter(|(k, _)| k.starts_with(&self.prefix)) {
+            *v = v.detach();
+        }
+    }
+
+    /// Adds (or replaces) parameter `key` with `value`, trainable unless frozen.
+    pub fn insert(&self, key: &str, value: Tensor) {
+        let full = format!("{}{key}", self.prefix);
+        let var = if self.trainable(&full) {
+            Var::parameter(value)
+        } else {
+            Var::constant(value)
+        };
+        self.shared.vars.lock().expect("store lock").insert(full, var);
     }
 
     /// Where the parameters came from.
     pub fn source_name(&self) -> &str {
-        &self.source_name
+        &self.shared.source_name
     }
 
-    /// Every name, sorted.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.vars.keys().map(String::as_str)
+    /// Every name below this view's prefix (without the prefix), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let vars = self.shared.vars.lock().expect("store lock");
+        vars.keys()
+            .filter_map(|k| k.strip_prefix(&self.prefix))
+            .map(String::from)
+            .collect()
     }
 
-    /// The parameter `key`, which must have `shape`; marks it used.
+    /// The parameter `key`, which must have `shape`; marks it used. In a random store a
+    /// missing parameter is created.
     pub fn take(&self, key: &str, shape: &[usize]) -> Result<Var> {
-        let var = self.vars.get(key).ok_or_else(|| NnError::MissingKey {
-            key: key.to_string(),
+        let full = format!("{}{key}", self.prefix);
+        let mut vars = self.shared.vars.lock().expect("store lock");
+        if !vars.contains_key(&full) {
+            if let Some(rng) = &self.shared.init {
+                let value = initial_value(
+                    &full,
+                    shape,
+                    self.shared.dtype,
+                    &mut rng.lock().expect("rng lock"),
+                )?;
+                let var = if self.trainable(&full) {
+                    Var::parameter(value)
+                } else {
+                    Var::constant(value)
+                };
+                vars.insert(full.clone(), var);
+            }
+        }
+        let var = vars.get(&full).ok_or_else(|| NnError::MissingKey {
+            key: full.clone(),
             shape: shape.to_vec(),
-            source_name: self.source_name.clone(),
+            source_name: self.shared.source_name.clone(),
         })?;
         if var.value().shape() != shape {
             return Err(NnError::ShapeMismatch {
-                key: key.to_string(),
+                key: full,
                 expected: shape.to_vec(),
                 found: var.value().shape().to_vec(),
-                source_name: self.source_name.clone(),
+                source_name: self.shared.source_name.clone(),
             });
         }
-        self.used.lock().expect("used-set lock").insert(key.to_string());
+        self.shared.used.lock().expect("used-set lock").insert(full);
         Ok(var.clone())
     }
 
     /// Whether `key` is present (without marking it used).
     pub fn contains(&self, key: &str) -> bool {
-        self.vars.contains_key(key)
+        self.shared
+            .vars
+            .lock()
+            .expect("store lock")
+            .contains_key(&format!("{}{key}", self.prefix))
     }
 
     /// Marks `key` as deliberately ignored (e.g. a pooling head the model skips).
     pub fn skip(&self, key: &str) {
-        self.used.lock().expect("used-set lock").insert(key.to_string());
+        self.shared
+            .used
+            .lock()
+            .expect("used-set lock")
+            .insert(format!("{}{key}", self.prefix));
     }
 
-    /// Fails naming every parameter that no layer took or skipped.
+    /// Fails naming every parameter below this view's prefix that no layer took or skipped.
     pub fn check_all_used(&self) -> Result<()> {
-        let used = self.used.lock().expect("used-set lock");
-        let keys: Vec<String> = self.vars.keys().filter(|k| !used.contains(*k)).cloned().collect();
+        let used = self.shared.used.lock().expect("used-set lock");
+        let vars = self.shared.vars.lock().expect("store lock");
+        let keys: Vec<String> = vars
+            .keys()
+            .filter(|k| k.starts_with(&self.prefix) && !used.contains(*k))
+            .cloned()
+            .collect();
         if keys.is_empty() {
             return Ok(());
         }
         Err(NnError::UnexpectedKeys {
             keys,
-            source_name: self.source_name.clone(),
+            source_name: self.shared.source_name.clone(),
         })
     }
 
-    /// The gradient gathered by each parameter that has one, by name.
+    /// The gradient gathered by each parameter below the prefix that has one, by full name.
     pub fn grads(&self) -> BTreeMap<String, Tensor> {
-        self.vars
-            .iter()
+        let vars = self.shared.vars.lock().expect("store lock");
+        vars.iter()
+            .filter(|(k, _)| k.starts_with(&self.prefix))
             .filter_map(|(k, v)| v.grad().map(|g| (k.clone(), g)))
             .collect()
     }
 
-    /// Every parameter's current value, by name.
+    /// Every parameter's current value below the prefix, by full name.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.vars
-            .iter()
+        let vars = self.shared.vars.lock().expect("store lock");
+        vars.iter()
+            .filter(|(k, _)| k.starts_with(&self.prefix))
             .map(|(k, v)| (k.clone(), v.value().clone()))
             .collect()
     }

@@ -1,0 +1,125 @@
+//! The assembled EMMA model on the tiny preset: gradients of the full loss against finite
+//! differences for parameters of every component, and the Cobra baseline when the alignment
+//! switches are off.
+
+use emma::config::EmmaConfig;
+use emma::model::{Batch, Emma, IGNORE_INDEX};
+use nn::ParamStore;
+use std::collections::BTreeMap;
+use tensor::{seeded_rng, DType, Tensor};
+
+fn batch(cfg: &EmmaConfig, dtype: DType, seed: u64) -> Batch {
+    let mut rng = seeded_rng(seed);
+    let (b, t, s) = (2, 6, cfg.vision.image_size);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|i| ((i * 37 + 11) % cfg.lm.vocab) as u32)
+        .collect();
+    let labels: Vec<u32> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| if i % t < 3 { IGNORE_INDEX } else { id })
+        .collect();
+    Batch {
+        siglip_pixels: Tensor::randn(&[b, 3, s, s], dtype, 0.0, 1.0, &mut rng).unwrap(),
+        dinov2_pixels: Tensor::randn(&[b, 3, s, s], dtype, 0.0, 1.0, &mut rng).unwrap(),
+        ids: Tensor::from_vec(ids, &[b, t]).unwrap(),
+        labels: Tensor::from_vec(labels, &[b, t]).unwrap(),
+    }
+}
+
+fn total_loss(cfg: &EmmaConfig, params: &BTreeMap<String, Tensor>, batch: &Batch) -> f64 {
+    let model = Emma::new(cfg, ParamStore::new(params.clone(), false, "test")).unwrap();
+    model
+        .losses(batch)
+        .unwrap()
+        .total
+        .value()
+        .to_scalar_f64()
+        .unwrap()
+}
+
+#[test]
+fn full_loss_gradients_match_finite_differences() {
+    let mut cfg = EmmaConfig::preset("tiny").unwrap();
+    // A pixel loss of order one: large enough to matter, small enough that the loss value does
+    // not swamp the differences in rounding.
+    cfg.alignment.weight = 1e-3;
+    let model = Emma::random(&cfg, 7, DType::F64, true).unwrap();
+    let batch = batch(&cfg, DType::F64, 8);
+    let losses = model.losses(&batch).unwrap();
+    assert!(losses.pixel.is_some());
+    losses.total.backward().unwrap();
+    let grads = model.store().grads();
+    let params = model.store().tensors();
+    assert!(
+        !grads.keys().any(|k| k.starts_with("vision.")),
+        "frozen towers got gradients"
+    );
+    let sampled = [
+        "projector.fc1.weight",
+        "projector.fc3.bias",
+        "lm.backbone.embeddings.weight",
+        "lm.backbone.layers.0.mixer.in_proj.weight",
+        "lm.backbone.layers.2.mixer.A_log",
+        "lm.backbone.layers.3.mixer.dt_proj.bias",
+        "alignment.feature_norms.1.weight",
+        "alignment.fusion.weight",
+        "alignment.decoder.query",
+        "alignment.decoder.blocks.0.cross_attn.k_proj.weight",
+        "alignment.decoder.blocks.3.mixer.in_proj.weight",
+        "alignment.decoder.head.weight",
+        "alignment.target_patch_embed.weight",
+    ];
+    for name in sampled {
+        let analytic = grads
+            .get(name)
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .to_vec_f64();
+        let base = params[name].to_vec_f64();
+        for j in [0, base.len() / 2, base.len() - 1] {
+            let at = |step: f64| {
+                let mut p = params.clone();
+                let mut v = base.clone();
+                v[j] += step;
+                p.insert(
+                    name.to_string(),
+                    Tensor::from_vec(v, params[name].shape()).unwrap(),
+                );
+                total_loss(&cfg, &p, &batch)
+            };
+            let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+            let err = (numeric - analytic[j]).abs() / numeric.abs().max(1e-4);
+            assert!(
+                err < 1e-4,
+                "{name}[{j}]: analytic {} vs numeric {numeric}",
+                analytic[j]
+            );
+        }
+    }
+}
+
+#[test]
+fn without_mff_and_pixel_loss_it_is_cobra() {
+    let mut cfg = EmmaConfig::preset("tiny").unwrap();
+    cfg.alignment.mff = false;
+    cfg.alignment.pixel_loss = false;
+    let model = Emma::random(&cfg, 1, DType::F32, true).unwrap();
+    let names: Vec<String> = model.store().tensors().into_keys().collect();
+    assert!(
+        !names.iter().any(|k| k.starts_with("alignment.")),
+        "decoder parameters present"
+    );
+    let losses = model.losses(&batch(&cfg, DType::F32, 2)).unwrap();
+    assert!(losses.pixel.is_none());
+    assert_eq!(
+        losses.total.value().to_vec_f64(),
+        losses.text.value().to_vec_f64()
+    );
+
+    // Without MFF but with the pixel loss: the decoder is there, the fusion map is not.
+    cfg.alignment.pixel_loss = true;
+    let model = Emma::random(&cfg, 1, DType::F32, true).unwrap();
+    let names: Vec<String> = model.store().tensors().into_keys().collect();
+    assert!(names.iter().any(|k| k.starts_with("alignment.decoder.")));
+    assert!(!names.iter().any(|k| k.starts_with("alignment.fusion")));
+}
