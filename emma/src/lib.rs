@@ -5,7 +5,9 @@
 //! run Hugging Face checkpoints (`emma logits`, `emma grads`, `emma vision`).
 
 pub mod alignment;
+pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod info;
 pub mod model;

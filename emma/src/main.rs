@@ -19,6 +19,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Prints each component's parameter count (exact) and the total for a preset.
+    Info {
+        /// tiny, small, emma-v1-2.8b or emma-v2-2.7b.
+        #[arg(long)]
+        preset: String,
+        /// Leave out multi-scale feature fusion.
+        #[arg(long)]
+        no_mff: bool,
+        /// Leave out the pixel loss and its decoder.
+        #[arg(long)]
+        no_pixel_loss: bool,
+    },
     /// Writes the logits [T, vocab] (f32, tensor `logits`) of a Mamba/Mamba-2 LM over token ids.
     Logits {
         /// A Hugging Face `save_pretrained` directory (model_type mamba or mamba2).
@@ -71,6 +83,27 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Info {
+            preset,
+            no_mff,
+            no_pixel_loss,
+        } => {
+            let mut cfg = emma::config::EmmaConfig::preset(&preset).with_context(|| {
+                format!(
+                    "unknown preset '{preset}' (known: {})",
+                    emma::config::PRESETS.join(", ")
+                )
+            })?;
+            cfg.alignment.mff &= !no_mff;
+            cfg.alignment.pixel_loss &= !no_pixel_loss;
+            println!(
+                "EMMA preset {preset} (mff: {}, pixel loss: {})",
+                cfg.alignment.mff, cfg.alignment.pixel_loss
+            );
+            for (component, n) in emma::info::parameter_counts(&cfg)? {
+                println!("{component:<28} {n:>14}  ({:.1}M)", n as f64 / 1e6);
+            }
+        }
         Command::Logits {
             model,
             ids,

@@ -123,3 +123,73 @@ fn without_mff_and_pixel_loss_it_is_cobra() {
     assert!(names.iter().any(|k| k.starts_with("alignment.decoder.")));
     assert!(!names.iter().any(|k| k.starts_with("alignment.fusion")));
 }
+
+#[test]
+fn a_saved_model_loads_back_with_the_same_losses() {
+    let cfg = EmmaConfig::preset("tiny").unwrap();
+    let model = Emma::random(&cfg, 3, DType::F32, false).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    emma::checkpoint::save(&model, dir.path()).unwrap();
+    let loaded = emma::checkpoint::load(dir.path(), false).unwrap();
+    let b = batch(&cfg, DType::F32, 4);
+    let (x, y) = (model.losses(&b).unwrap(), loaded.losses(&b).unwrap());
+    assert_eq!(x.total.value().to_vec_f64(), y.total.value().to_vec_f64());
+
+    // A checkpoint missing a decoder tensor fails naming it.
+    let mut tensors = tensor::safetensors::load(dir.path().join("model.safetensors")).unwrap();
+    tensors.remove("alignment.decoder.head.weight");
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    tensor::safetensors::save(dir.path().join("model.safetensors"), &named, None).unwrap();
+    let err = format!("{:#}", emma::checkpoint::load(dir.path(), false).err().unwrap());
+    assert!(err.contains("alignment.decoder.head.weight"), "{err}");
+}
+
+#[test]
+fn towers_and_lm_load_from_hugging_face_directories() {
+    // The committed parity fixtures are tiny HF models; a config shaped like them takes them in.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    let mut cfg = EmmaConfig::preset("tiny").unwrap();
+    cfg.vision.image_size = 28;
+    cfg.vision.patch = 7;
+    cfg.vision.siglip = emma::config::VitConfig {
+        dim: 32,
+        layers: 3,
+        heads: 4,
+        mlp: 64,
+        registers: 0,
+    };
+    cfg.vision.dinov2 = emma::config::VitConfig {
+        dim: 32,
+        layers: 3,
+        heads: 4,
+        mlp: 64,
+        registers: 2,
+    };
+    cfg.projector_hidden = 4 * 64;
+    cfg.lm = emma::config::LmConfig {
+        hidden: 16,
+        layers: 2,
+        vocab: 64,
+        state: 8,
+        dt_rank: 4,
+        ..cfg.lm
+    };
+    cfg.alignment.layers = vec![1];
+    cfg.alignment.heads = 2;
+    cfg.alignment.head_dim = 8;
+    cfg.alignment.mamba_head_dim = 8;
+    let parts = emma::checkpoint::Pretrained {
+        siglip: Some(&fixtures.join("siglip")),
+        dinov2: Some(&fixtures.join("dinov2_registers")),
+        lm: Some(&fixtures.join("mamba")),
+    };
+    let model = emma::checkpoint::from_pretrained_parts(&cfg, &parts, 0, false).unwrap();
+    let lm = tensor::safetensors::load(fixtures.join("mamba/model.safetensors")).unwrap();
+    let key = "backbone.layers.1.mixer.x_proj.weight";
+    assert_eq!(
+        model.store().tensors()[&format!("lm.{key}")].to_vec_f64(),
+        lm[key].to_vec_f64()
+    );
+    let losses = model.losses(&batch(&cfg, DType::F32, 5)).unwrap();
+    assert!(losses.total.value().to_scalar_f64().unwrap().is_finite());
+}

@@ -7,6 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use tensor::{DType, Rng, Tensor};
 
+/// How a store creates the parameters it does not hold.
+enum Init {
+    /// Drawn by `initial_value` from this generator.
+    Random(Box<Mutex<Rng>>),
+    /// A zero-size placeholder with the right shape (a broadcast scalar): for counting
+    /// parameters of models too large to allocate.
+    Placeholder,
+}
+
 struct Shared {
     vars: Mutex<BTreeMap<String, Var>>,
     used: Mutex<BTreeSet<String>>,
@@ -16,8 +25,8 @@ struct Shared {
     frozen: Mutex<Vec<String>>,
     /// The dtype of created parameters.
     dtype: DType,
-    /// When set, a missing parameter is created by `initial_value` instead of being an error.
-    init: Option<Mutex<Rng>>,
+    /// How a missing parameter is created (`None`: it is an error).
+    init: Option<Init>,
 }
 
 /// Named parameters. Trainable stores hand out leaf vars that gather gradients; frozen stores
@@ -45,16 +54,27 @@ impl ParamStore {
     /// An empty store that creates every parameter a layer asks for, in `dtype`, with the
     /// initialiser its name calls for (see [`crate::init`]), drawing from `rng`.
     pub fn random(rng: Rng, dtype: DType, trainable: bool, source_name: impl Into<String>) -> Self {
-        let mut store = Self::build(BTreeMap::new(), trainable, source_name, Some(Mutex::new(rng)));
+        let mut store = Self::build(
+            BTreeMap::new(),
+            trainable,
+            source_name,
+            Some(Init::Random(Box::new(Mutex::new(rng)))),
+        );
         Arc::get_mut(&mut store.shared).expect("new store").dtype = dtype;
         store
+    }
+
+    /// An empty store whose parameters are shape-only placeholders (no memory, all zero): a
+    /// model built on it reports its parameter names and shapes but cannot be trained.
+    pub fn placeholders(source_name: impl Into<String>) -> Self {
+        Self::build(BTreeMap::new(), false, source_name, Some(Init::Placeholder))
     }
 
     fn build(
         vars: BTreeMap<String, Var>,
         trainable: bool,
         source_name: impl Into<String>,
-        init: Option<Mutex<Rng>>,
+        init: Option<Init>,
     ) -> Self {
         ParamStore {
             shared: Arc::new(Shared {
@@ -129,19 +149,20 @@ impl ParamStore {
             .collect()
     }
 
-    /// The parameter `key`, which must have `shape`; marks it used. In a random store a
-    /// missing parameter is created.
+    /// The parameter `key`, which must have `shape`; marks it used. In a random or placeholder
+    /// store a missing parameter is created.
     pub fn take(&self, key: &str, shape: &[usize]) -> Result<Var> {
         let full = format!("{}{key}", self.prefix);
         let mut vars = self.shared.vars.lock().expect("store lock");
         if !vars.contains_key(&full) {
-            if let Some(rng) = &self.shared.init {
-                let value = initial_value(
-                    &full,
-                    shape,
-                    self.shared.dtype,
-                    &mut rng.lock().expect("rng lock"),
-                )?;
+            if let Some(init) = &self.shared.init {
+                let dtype = self.shared.dtype;
+                let value = match init {
+                    Init::Random(rng) => {
+                        initial_value(&full, shape, dtype, &mut rng.lock().expect("rng lock"))?
+                    }
+                    Init::Placeholder => Tensor::zeros(&[], dtype).broadcast_to(shape)?,
+                };
                 let var = if self.trainable(&full) {
                     Var::parameter(value)
                 } else {
@@ -210,6 +231,15 @@ impl ParamStore {
             .filter(|(k, _)| k.starts_with(&self.prefix))
             .filter_map(|(k, v)| v.grad().map(|g| (k.clone(), g)))
             .collect()
+    }
+
+    /// Number of parameter elements below the prefix.
+    pub fn numel(&self) -> usize {
+        let vars = self.shared.vars.lock().expect("store lock");
+        vars.iter()
+            .filter(|(k, _)| k.starts_with(&self.prefix))
+            .map(|(_, v)| v.value().numel())
+            .sum()
     }
 
     /// Every parameter's current value below the prefix, by full name.
