@@ -54,7 +54,7 @@ pub fn load(dir: &Path, trainable: bool) -> anyhow::Result<Emma> {
     let file = dir.join("model.safetensors");
     let tensors = tensor::safetensors::load(&file)?;
     let store = ParamStore::new(tensors, trainable, file.display().to_string());
-    Ok(Emma::new(&cfg, store).with_context(|| format!("building EMMA from {}", dir.display()))?)
+    Emma::new(&cfg, store).with_context(|| format!("building EMMA from {}", dir.display()))
 }
 
 /// Where pretrained components come from: Hugging Face `save_pretrained` directories.
