@@ -5,6 +5,7 @@
 //! and shape, and hold them as [`autograd::Var`]s: a trainable store makes every forward pass
 //! differentiable, a frozen one records no graph.
 
+mod adamw;
 mod attention;
 mod conv1d;
 mod dinov2;
@@ -23,6 +24,7 @@ mod siglip;
 mod store;
 pub mod vit;
 
+pub use adamw::{AdamW, AdamWConfig};
 pub use attention::{causal_mask, Attention, AttentionNames};
 pub use conv1d::CausalConv1d;
 pub use dinov2::Dinov2;
