@@ -11,3 +11,4 @@ pub mod config;
 pub mod device;
 pub mod info;
 pub mod model;
+pub mod sampling;
