@@ -3,6 +3,7 @@
 
 pub mod reference;
 
+use autograd::{check_gradients, Var};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use reference::RefTensor;
@@ -59,4 +60,17 @@ pub fn random_ids(n: usize, bound: usize, seed: u64) -> Vec<usize> {
 /// Ids as a u32 tensor of `shape`.
 pub fn ids_tensor(ids: &[usize], shape: &[usize]) -> Tensor {
     Tensor::from_vec(ids.iter().map(|&i| i as u32).collect(), shape).expect("ids match their shape")
+}
+
+/// Checks the gradients of `f` at the f64 `inputs` by central differences (step 1e-6) and fails
+/// the proptest case when any input's relative error reaches 1e-6.
+pub fn check(f: impl Fn(&[Var]) -> autograd::Result<Var>, inputs: &[Tensor]) -> Result<(), TestCaseError> {
+    let report = check_gradients(f, inputs, 1e-6).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert!(
+        report.max_error() < 1e-6,
+        "relative errors {:?} for input shapes {:?}",
+        report.relative_errors,
+        inputs.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>()
+    );
+    Ok(())
 }

@@ -3,22 +3,7 @@
 use autograd::{check_gradients, Var};
 use proptest::prelude::*;
 use tensor::{DType, Tensor, UnaryOp};
-use tests::{config, ids_tensor, random_f64, random_ids, shape};
-
-const EPS: f64 = 1e-6;
-const TOL: f64 = 1e-6;
-
-/// Runs the gradient check of `f` at `inputs` and fails the case when any input's error exceeds TOL.
-fn check(f: impl Fn(&[Var]) -> autograd::Result<Var>, inputs: &[Tensor]) -> Result<(), TestCaseError> {
-    let report = check_gradients(f, inputs, EPS).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert!(
-        report.max_error() < TOL,
-        "relative errors {:?} for input shapes {:?}",
-        report.relative_errors,
-        inputs.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>()
-    );
-    Ok(())
-}
+use tests::{check, config, ids_tensor, random_f64, random_ids, shape};
 
 /// `shape` with some axes set to 1 and some leading axes dropped: a shape that broadcasts to it.
 fn broadcastable(shape: &[usize], mask: u32) -> Vec<usize> {

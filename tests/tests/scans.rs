@@ -1,25 +1,9 @@
 //! The Mamba scans: gradients of every input (optional ones included) against finite differences
 //! in f64, the selective scan against a plain loop, and the SSD scan against the selective scan.
 
-use autograd::{check_gradients, Var};
 use proptest::prelude::*;
 use tensor::{DType, Tensor};
-use tests::{config, random_f64};
-
-const EPS: f64 = 1e-6;
-const TOL: f64 = 1e-6;
-
-/// Runs the gradient check of `f` at `inputs` and fails the case when any input's error exceeds TOL.
-fn check(f: impl Fn(&[Var]) -> autograd::Result<Var>, inputs: &[Tensor]) -> Result<(), TestCaseError> {
-    let report = check_gradients(f, inputs, EPS).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    prop_assert!(
-        report.max_error() < TOL,
-        "relative errors {:?} for input shapes {:?}",
-        report.relative_errors,
-        inputs.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>()
-    );
-    Ok(())
-}
+use tests::{check, config, random_f64};
 
 /// Appends `t` to `inputs` when `given`, returning its position there.
 fn push_if(inputs: &mut Vec<Tensor>, given: bool, t: Tensor) -> Option<usize> {
