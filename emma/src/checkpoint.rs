@@ -8,7 +8,6 @@ use crate::model::Emma;
 use anyhow::Context;
 use nn::ParamStore;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 use tensor::{DType, Tensor};
 
@@ -25,19 +24,10 @@ pub fn save(model: &Emma, dir: &Path) -> anyhow::Result<()> {
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     tensor::safetensors::save(dir.join("model.safetensors"), &named, None)?;
     let json = serde_json::to_string_pretty(model.config())?;
-    write_atomic(&dir.join("config.json"), json.as_bytes())
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory.
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    Ok(crate::fsutil::write_atomic(
+        &dir.join("config.json"),
+        json.as_bytes(),
+    )?)
 }
 
 /// Reads the `EmmaConfig` of a saved model directory.

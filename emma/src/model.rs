@@ -7,8 +7,7 @@ use autograd::Var;
 use nn::{Dinov2, Gelu, Linear, MambaLm, ParamStore, SiglipHead, SiglipVision};
 use tensor::{DType, Tensor};
 
-/// The label value that marks a position as not learned (image tokens, prompts).
-pub const IGNORE_INDEX: u32 = u32::MAX;
+pub use crate::prompt::IGNORE_INDEX;
 
 /// One batch of image–text examples.
 pub struct Batch {

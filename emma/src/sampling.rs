@@ -74,7 +74,10 @@ mod tests {
         let logits = [0.1f32, 3.0, 2.9, -1.0];
         let mut rng = seeded_rng(0);
         assert_eq!(pick(&logits, Sampling::Greedy, &mut rng), 1);
-        let tight = Sampling::TopP { temperature: 1.0, top_p: 1e-6 };
+        let tight = Sampling::TopP {
+            temperature: 1.0,
+            top_p: 1e-6,
+        };
         assert!((0..50).all(|_| pick(&logits, tight, &mut rng) == 1));
     }
 
@@ -82,7 +85,10 @@ mod tests {
     fn sampling_follows_the_probabilities() {
         let logits = [0.0f32, (3.0f32).ln()];
         let mut rng = seeded_rng(1);
-        let s = Sampling::TopP { temperature: 1.0, top_p: 1.0 };
+        let s = Sampling::TopP {
+            temperature: 1.0,
+            top_p: 1.0,
+        };
         let ones = (0..4000).filter(|_| pick(&logits, s, &mut rng) == 1).count();
         assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03, "{ones}");
     }
