@@ -4,6 +4,7 @@
 //! shapes and dtypes, then dispatches on the storage's device to a kernel. The CPU kernels are
 //! the numerical reference for every other backend.
 
+pub mod atomic_file;
 mod dispatch;
 pub mod dtype;
 pub mod error;

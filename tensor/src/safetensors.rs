@@ -12,11 +12,9 @@ use memmap2::Mmap;
 use serde_json::{json, Value};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The header key holding the free-form string metadata.
@@ -347,64 +345,17 @@ pub fn save(
     // Pad with spaces (valid JSON whitespace) so the data section starts 8-aligned.
     header.resize(header.len().next_multiple_of(8), b' ');
 
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| bad(path, "the path does not name a file"))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let (tmp_path, file) = create_temp(dir, file_name).map_err(io_err(path))?;
-    let written = write_contents(file, &header, &ordered).and_then(|()| fs::rename(&tmp_path, path));
-    if let Err(e) = written {
-        // Best effort: the original error is the one worth reporting.
-        let _ = fs::remove_file(&tmp_path);
-        return Err(io_err(path)(e));
-    }
-    sync_dir(dir).map_err(io_err(dir))
+    crate::atomic_file::write_atomic(path, |w| write_contents(w, &header, &ordered)).map_err(io_err(path))
 }
 
-/// Creates a fresh hidden file next to the target, named after it.
-fn create_temp(dir: &Path, file_name: &std::ffi::OsStr) -> io::Result<(PathBuf, File)> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    loop {
-        let mut name = OsString::from(".");
-        name.push(file_name);
-        name.push(format!(
-            ".{}.{}.tmp",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let tmp_path = dir.join(name);
-        match OpenOptions::new().write(true).create_new(true).open(&tmp_path) {
-            // A stale file from an earlier process with the same id: try the next name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            opened => return opened.map(|f| (tmp_path, f)),
-        }
-    }
-}
-
-/// Writes the length prefix, the header and every tensor's bytes, then syncs the file.
-fn write_contents(file: File, header: &[u8], ordered: &[(&str, &Tensor)]) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(1 << 20, file);
+/// Writes the length prefix, the header and every tensor's bytes.
+fn write_contents(w: &mut BufWriter<File>, header: &[u8], ordered: &[(&str, &Tensor)]) -> io::Result<()> {
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(header)?;
     for &(_, t) in ordered {
         let t = t.contiguous();
         any_dispatch!(t.dtype(), T => w.write_all(bytemuck::cast_slice(t.contiguous_slice::<T>()))?);
     }
-    w.into_inner().map_err(io::IntoInnerError::into_error)?.sync_all()
-}
-
-/// Makes a rename in `dir` durable.
-#[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Directories cannot be synced portably outside unix; the rename itself is still atomic.
-#[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
@@ -413,6 +364,7 @@ mod tests {
     use super::*;
     use crate::storage::Storage;
     use crate::{bf16, f16};
+    use std::fs;
 
     fn is_mapped(t: &Tensor) -> bool {
         let Storage::Cpu(s) = &**t.storage();
