@@ -7,6 +7,7 @@
 
 mod adamw;
 mod attention;
+mod cache;
 mod conv1d;
 mod dinov2;
 mod embedding;
@@ -26,6 +27,7 @@ pub mod vit;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use attention::{causal_mask, Attention, AttentionNames};
+pub use cache::{Cache, LayerCache};
 pub use conv1d::CausalConv1d;
 pub use dinov2::Dinov2;
 pub use embedding::Embedding;

@@ -2,6 +2,7 @@
 
 use crate::{ParamStore, Result};
 use autograd::Var;
+use tensor::Tensor;
 
 /// A fully connected layer.
 pub struct Linear {
@@ -25,6 +26,15 @@ impl Linear {
         let y = x.matmul(&self.weight.transpose(0, 1)?)?;
         Ok(match &self.bias {
             Some(b) => y.add(b)?,
+            None => y,
+        })
+    }
+
+    /// [`Linear::forward`] on a plain tensor (no graph), for inference.
+    pub fn forward_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.value().transpose(0, 1)?)?;
+        Ok(match &self.bias {
+            Some(b) => y.add(b.value())?,
             None => y,
         })
     }

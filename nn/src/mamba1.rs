@@ -1,8 +1,9 @@
 //! The Mamba-1 mixer (`MambaMixer` in transformers): in_proj → causal conv + SiLU → x_proj into
 //! (dt, B, C) → dt_proj + softplus → selective scan with D skip and SiLU(z) gate → out_proj.
 
-use crate::{CausalConv1d, HfConfig, Linear, ParamStore, Result};
+use crate::{CausalConv1d, HfConfig, LayerCache, Linear, ParamStore, Result};
 use autograd::Var;
+use tensor::{DType, Tensor};
 
 /// Sizes of a Mamba-1 mixer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +86,12 @@ impl Mamba1Mixer {
 
     /// `x [B, L, hidden] -> [B, L, hidden]`.
     pub fn forward(&self, x: &Var) -> Result<Var> {
+        Ok(self.forward_with_state(x)?.0)
+    }
+
+    /// [`Mamba1Mixer::forward`], also returning the decoding state after the last step: the
+    /// last K-1 convolution inputs and the scan's final state `[B, I, N]`.
+    pub fn forward_with_state(&self, x: &Var) -> Result<(Var, LayerCache)> {
         let Mamba1Dims {
             inner,
             state,
@@ -93,6 +100,7 @@ impl Mamba1Mixer {
         } = self.dims;
         let projected = self.in_proj.forward(x)?.transpose(1, 2)?; // [B, 2I, L]
         let (hs, gate) = (projected.narrow(1, 0, inner)?, projected.narrow(1, inner, inner)?);
+        let conv_state = self.conv.state_after(hs.value())?;
         let hs = self.conv.forward(&hs)?.silu()?; // [B, I, L]
         let ssm = self.x_proj.forward(&hs.transpose(1, 2)?)?; // [B, L, R + 2N]
         let dt = self
@@ -102,7 +110,51 @@ impl Mamba1Mixer {
         let b = ssm.narrow(2, dt_rank, state)?.transpose(1, 2)?; // [B, N, L]
         let c = ssm.narrow(2, dt_rank + state, state)?.transpose(1, 2)?;
         let a = self.a_log.exp()?.neg()?;
-        let (y, _) = Var::selective_scan(&hs, &dt, &a, &b, &c, Some(&self.d), Some(&gate), None, true)?;
-        self.out_proj.forward(&y.transpose(1, 2)?)
+        let (y, last) = Var::selective_scan(&hs, &dt, &a, &b, &c, Some(&self.d), Some(&gate), None, true)?;
+        let cache = LayerCache {
+            conv: conv_state,
+            ssm: last,
+        };
+        Ok((self.out_proj.forward(&y.transpose(1, 2)?)?, cache))
+    }
+
+    /// The decoding state before any token: zeros.
+    pub fn empty_state(&self, batch: usize, dtype: DType) -> LayerCache {
+        LayerCache {
+            conv: self.conv.empty_state(batch, dtype),
+            ssm: Tensor::zeros(&[batch, self.dims.inner, self.dims.state], dtype),
+        }
+    }
+
+    /// One token in recurrent mode: `x [B, hidden] -> [B, hidden]` following the tokens that
+    /// `cache` summarises; returns the output and the state after `x`.
+    pub fn step(&self, x: &Tensor, cache: &LayerCache) -> Result<(Tensor, LayerCache)> {
+        let Mamba1Dims {
+            inner,
+            state,
+            dt_rank,
+            ..
+        } = self.dims;
+        let projected = self.in_proj.forward_tensor(x)?; // [B, 2I]
+        let (hs, gate) = (projected.narrow(1, 0, inner)?, projected.narrow(1, inner, inner)?);
+        let (hs, conv) = self.conv.step(&cache.conv, &hs)?;
+        let hs = hs.silu()?;
+        let ssm = self.x_proj.forward_tensor(&hs)?; // [B, R + 2N]
+        let dt = self.dt_proj.forward_tensor(&ssm.narrow(1, 0, dt_rank)?)?; // [B, I]
+        let b = ssm.narrow(1, dt_rank, state)?; // [B, N]
+        let c = ssm.narrow(1, dt_rank + state, state)?;
+        let a = self.a_log.value().exp()?.neg()?;
+        let (y, ssm) = cache.ssm.selective_state_update(
+            &hs,
+            &dt,
+            &a,
+            &b,
+            &c,
+            Some(self.d.value()),
+            Some(&gate),
+            None,
+            true,
+        )?;
+        Ok((self.out_proj.forward_tensor(&y)?, LayerCache { conv, ssm }))
     }
 }

@@ -2,8 +2,9 @@
 //! SiLU over xBC → SSD scan with softplus(dt + dt_bias), groups and D skip → gated RMSNorm with
 //! z → out_proj.
 
-use crate::{CausalConv1d, GatedRmsNorm, HfConfig, Linear, ParamStore, Result};
+use crate::{CausalConv1d, GatedRmsNorm, HfConfig, LayerCache, Linear, ParamStore, Result};
 use autograd::Var;
+use tensor::{DType, Tensor};
 
 /// Sizes of a Mamba-2 mixer.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,6 +129,12 @@ impl Mamba2Mixer {
 
     /// `x [B, L, hidden] -> [B, L, hidden]`.
     pub fn forward(&self, x: &Var) -> Result<Var> {
+        Ok(self.forward_with_state(x)?.0)
+    }
+
+    /// [`Mamba2Mixer::forward`], also returning the decoding state after the last step: the
+    /// last K-1 convolution inputs and the scan's final state `[B, H, P, N]`.
+    pub fn forward_with_state(&self, x: &Var) -> Result<(Var, LayerCache)> {
         let Mamba2Dims {
             inner,
             heads,
@@ -142,6 +149,7 @@ impl Mamba2Mixer {
         let gate = projected.narrow(2, 0, inner)?;
         let xbc = projected.narrow(2, inner, conv_dim)?.transpose(1, 2)?;
         let dt = projected.narrow(2, inner + conv_dim, heads)?; // [B, L, H]
+        let conv_state = self.conv.state_after(xbc.value())?;
         let xbc = self.conv.forward(&xbc)?.silu()?.transpose(1, 2)?; // [B, L, conv_dim]
         let xs = xbc.narrow(2, 0, inner)?.reshape(&[b, l, heads, head_dim])?;
         let bm = xbc
@@ -151,7 +159,7 @@ impl Mamba2Mixer {
             .narrow(2, inner + groups * state, groups * state)?
             .reshape(&[b, l, groups, state])?;
         let a = self.a_log.exp()?.neg()?;
-        let (y, _) = Var::ssd_scan(
+        let (y, last) = Var::ssd_scan(
             &xs,
             &dt,
             &a,
@@ -164,6 +172,66 @@ impl Mamba2Mixer {
             None,
         )?;
         let y = self.norm.forward(&y.reshape(&[b, l, inner])?, &gate)?;
-        self.out_proj.forward(&y)
+        let cache = LayerCache {
+            conv: conv_state,
+            ssm: last,
+        };
+        Ok((self.out_proj.forward(&y)?, cache))
+    }
+
+    /// The decoding state before any token: zeros.
+    pub fn empty_state(&self, batch: usize, dtype: DType) -> LayerCache {
+        let Mamba2Dims {
+            heads,
+            head_dim,
+            state,
+            ..
+        } = self.dims;
+        LayerCache {
+            conv: self.conv.empty_state(batch, dtype),
+            ssm: Tensor::zeros(&[batch, heads, head_dim, state], dtype),
+        }
+    }
+
+    /// One token in recurrent mode: `x [B, hidden] -> [B, hidden]` following the tokens that
+    /// `cache` summarises; returns the output and the state after `x`.
+    pub fn step(&self, x: &Tensor, cache: &LayerCache) -> Result<(Tensor, LayerCache)> {
+        let Mamba2Dims {
+            inner,
+            heads,
+            head_dim,
+            groups,
+            state,
+            ..
+        } = self.dims;
+        let conv_dim = self.dims.conv_dim();
+        let projected = self.in_proj.forward_tensor(x)?; // [B, I + conv_dim + H]
+        let b = projected.dim(0);
+        let gate = projected.narrow(1, 0, inner)?;
+        let dt = projected.narrow(1, inner + conv_dim, heads)?; // [B, H]
+        let (xbc, conv) = self
+            .conv
+            .step(&cache.conv, &projected.narrow(1, inner, conv_dim)?)?;
+        let xbc = xbc.silu()?; // [B, conv_dim]
+        let xs = xbc.narrow(1, 0, inner)?.reshape(&[b, heads, head_dim])?;
+        let bm = xbc
+            .narrow(1, inner, groups * state)?
+            .reshape(&[b, groups, state])?;
+        let cm = xbc
+            .narrow(1, inner + groups * state, groups * state)?
+            .reshape(&[b, groups, state])?;
+        let a = self.a_log.value().exp()?.neg()?;
+        let (y, ssm) = cache.ssm.ssd_state_update(
+            &xs,
+            &dt,
+            &a,
+            &bm,
+            &cm,
+            Some(self.d.value()),
+            Some(self.dt_bias.value()),
+            true,
+        )?;
+        let y = self.norm.forward_tensor(&y.reshape(&[b, inner])?, &gate)?;
+        Ok((self.out_proj.forward_tensor(&y)?, LayerCache { conv, ssm }))
     }
 }

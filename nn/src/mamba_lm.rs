@@ -1,11 +1,13 @@
 //! A Mamba language model (`MambaForCausalLM` / `Mamba2ForCausalLM`): embeddings, residual
-//! blocks of RMSNorm + mixer, a final RMSNorm and an output head, tied or not.
+//! blocks of RMSNorm + mixer, a final RMSNorm and an output head, tied or not; run in parallel
+//! over a whole sequence ([`MambaLm::forward`], [`MambaLm::prefill`]) or one token at a time from
+//! a [`Cache`] ([`MambaLm::step`]).
 
 use crate::mamba1::{Mamba1Dims, Mamba1Mixer};
 use crate::mamba2::{Mamba2Dims, Mamba2Mixer};
-use crate::{Embedding, HfConfig, Linear, ParamStore, Result, RmsNorm};
+use crate::{Cache, Embedding, HfConfig, LayerCache, Linear, NnError, ParamStore, Result, RmsNorm};
 use autograd::Var;
-use tensor::Tensor;
+use tensor::{DType, Tensor};
 
 /// The mixer of every block.
 pub enum Mixer {
@@ -16,10 +18,24 @@ pub enum Mixer {
 }
 
 impl Mixer {
-    fn forward(&self, x: &Var) -> Result<Var> {
+    fn forward_with_state(&self, x: &Var) -> Result<(Var, LayerCache)> {
         match self {
-            Mixer::Mamba1(m) => m.forward(x),
-            Mixer::Mamba2(m) => m.forward(x),
+            Mixer::Mamba1(m) => m.forward_with_state(x),
+            Mixer::Mamba2(m) => m.forward_with_state(x),
+        }
+    }
+
+    fn step(&self, x: &Tensor, cache: &LayerCache) -> Result<(Tensor, LayerCache)> {
+        match self {
+            Mixer::Mamba1(m) => m.step(x, cache),
+            Mixer::Mamba2(m) => m.step(x, cache),
+        }
+    }
+
+    fn empty_state(&self, batch: usize, dtype: DType) -> LayerCache {
+        match self {
+            Mixer::Mamba1(m) => m.empty_state(batch, dtype),
+            Mixer::Mamba2(m) => m.empty_state(batch, dtype),
         }
     }
 }
@@ -33,7 +49,20 @@ pub struct MambaBlock {
 impl MambaBlock {
     /// `[B, L, hidden] -> [B, L, hidden]`.
     pub fn forward(&self, x: &Var) -> Result<Var> {
-        Ok(x.add(&self.mixer.forward(&self.norm.forward(x)?)?)?)
+        Ok(self.forward_with_state(x)?.0)
+    }
+
+    /// [`MambaBlock::forward`], also returning the mixer's decoding state after the last step.
+    pub fn forward_with_state(&self, x: &Var) -> Result<(Var, LayerCache)> {
+        let (y, cache) = self.mixer.forward_with_state(&self.norm.forward(x)?)?;
+        Ok((x.add(&y)?, cache))
+    }
+
+    /// One token in recurrent mode: `x [B, hidden] -> [B, hidden]` after the tokens `cache`
+    /// summarises; returns the output and the state after `x`.
+    pub fn step(&self, x: &Tensor, cache: &LayerCache) -> Result<(Tensor, LayerCache)> {
+        let (y, cache) = self.mixer.step(&self.norm.forward_tensor(x)?, cache)?;
+        Ok((x.add(&y)?, cache))
     }
 }
 
@@ -112,13 +141,98 @@ impl MambaLm {
     /// Runs the blocks over `embeds [B, L, hidden]`; returns the final-normed hidden states and
     /// the output of every block (before the final norm).
     pub fn forward_embeds(&self, embeds: &Var) -> Result<(Var, Vec<Var>)> {
+        let (hidden, per_layer, _) = self.run(embeds)?;
+        Ok((hidden, per_layer))
+    }
+
+    /// The parallel pass over `embeds [B, L, hidden]`: the final-normed hidden states, every
+    /// block's output and every block's decoding state after the last step.
+    fn run(&self, embeds: &Var) -> Result<(Var, Vec<Var>, Vec<LayerCache>)> {
         let mut x = embeds.clone();
         let mut per_layer = Vec::with_capacity(self.blocks.len());
+        let mut states = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
-            x = block.forward(&x)?;
+            let (y, state) = block.forward_with_state(&x)?;
+            x = y;
             per_layer.push(x.clone());
+            states.push(state);
         }
-        Ok((self.norm_f.forward(&x)?, per_layer))
+        Ok((self.norm_f.forward(&x)?, per_layer, states))
+    }
+
+    /// The model width.
+    fn hidden_size(&self) -> usize {
+        self.embeddings.weight().value().dim(1)
+    }
+
+    /// The start of cached generation: the parallel pass over the prompt `embeds [B, L,
+    /// hidden]`, returning the final-normed hidden states `[B, L, hidden]` (see
+    /// [`MambaLm::logits_of`]) and the [`Cache`] that [`MambaLm::step`] continues from. An empty
+    /// prompt (L = 0) gives `[B, 0, hidden]` and [`MambaLm::empty_cache`]. It runs the same code
+    /// as [`MambaLm::forward_embeds`]; over a frozen store it records no graph.
+    pub fn prefill(&self, embeds: &Tensor) -> Result<(Tensor, Cache)> {
+        let hidden = self.hidden_size();
+        let shape = embeds.shape();
+        if shape.len() != 3 || shape[2] != hidden {
+            return Err(NnError::Input {
+                layer: "MambaLm::prefill".into(),
+                detail: format!("embeds must be [B, L, {hidden}], got {shape:?}"),
+            });
+        }
+        if shape[1] == 0 {
+            return Ok((embeds.clone(), self.empty_cache(shape[0])));
+        }
+        let (normed, _, layers) = self.run(&Var::constant(embeds.clone()))?;
+        Ok((normed.value().clone(), Cache { layers }))
+    }
+
+    /// The cache of `batch` sequences before any token (all states zero).
+    pub fn empty_cache(&self, batch: usize) -> Cache {
+        let dtype = self.embeddings.weight().value().dtype();
+        Cache {
+            layers: self
+                .blocks
+                .iter()
+                .map(|b| b.mixer.empty_state(batch, dtype))
+                .collect(),
+        }
+    }
+
+    /// One token of cached generation: the embeddings `embed [B, hidden]` of each sequence's
+    /// next token, after the tokens `cache` summarises. Returns the logits `[B, vocab]` at that
+    /// token and advances `cache` by it; on an error `cache` is left as it was. Runs on plain
+    /// tensors (no graph) in time and memory independent of the tokens seen so far.
+    pub fn step(&self, embed: &Tensor, cache: &mut Cache) -> Result<Tensor> {
+        let (hidden, batch) = (self.hidden_size(), cache.batch());
+        if embed.shape() != [batch, hidden] || cache.layers.len() != self.blocks.len() {
+            return Err(NnError::Input {
+                layer: "MambaLm::step".into(),
+                detail: format!(
+                    "needs embed [{batch}, {hidden}] and a cache of {} layers, got embed {:?} and {} layers",
+                    self.blocks.len(),
+                    embed.shape(),
+                    cache.layers.len()
+                ),
+            });
+        }
+        let mut x = embed.clone();
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        for (block, state) in self.blocks.iter().zip(&cache.layers) {
+            let (y, state) = block.step(&x, state)?;
+            x = y;
+            layers.push(state);
+        }
+        let logits = self.logits_of(&self.norm_f.forward_tensor(&x)?)?;
+        cache.layers = layers;
+        Ok(logits)
+    }
+
+    /// [`MambaLm::logits`] on plain tensors (no graph): `[..., hidden] -> [..., vocab]`.
+    pub fn logits_of(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Head::Tied => Ok(hidden.matmul(&self.embeddings.weight().value().transpose(0, 1)?)?),
+            Head::Own(l) => l.forward_tensor(hidden),
+        }
     }
 
     /// Vocabulary logits of normed hidden states `[B, L, hidden] -> [B, L, vocab]`.

@@ -23,6 +23,11 @@ impl RmsNorm {
     pub fn forward(&self, x: &Var) -> Result<Var> {
         Ok(x.rms_norm(&self.weight, self.eps)?)
     }
+
+    /// [`RmsNorm::forward`] on a plain tensor (no graph), for inference.
+    pub fn forward_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.rms_norm(self.weight.value(), self.eps)?)
+    }
 }
 
 /// `(x - mean) / std · w + b`.
@@ -77,15 +82,32 @@ impl GatedRmsNorm {
     /// `x`, `z`: `[..., dim]`.
     pub fn forward(&self, x: &Var, z: &Var) -> Result<Var> {
         let gated = x.mul(&z.silu()?)?;
-        let shape = gated.value().shape().to_vec();
-        let dim = shape[shape.len() - 1];
-        let mut grouped = shape[..shape.len() - 1].to_vec();
-        grouped.extend([dim / self.group_size, self.group_size]);
-        let ones = Var::constant(Tensor::ones(&[self.group_size], gated.value().dtype()));
+        let (shape, grouped, ones) = self.grouping(gated.value());
+        let normed = gated
+            .reshape(&grouped)?
+            .rms_norm(&Var::constant(ones), self.eps)?
+            .reshape(&shape)?;
+        Ok(normed.mul(&self.weight)?)
+    }
+
+    /// [`GatedRmsNorm::forward`] on plain tensors (no graph), for inference.
+    pub fn forward_tensor(&self, x: &Tensor, z: &Tensor) -> Result<Tensor> {
+        let gated = x.mul(&z.silu()?)?;
+        let (shape, grouped, ones) = self.grouping(&gated);
         let normed = gated
             .reshape(&grouped)?
             .rms_norm(&ones, self.eps)?
             .reshape(&shape)?;
-        Ok(normed.mul(&self.weight)?)
+        Ok(normed.mul(self.weight.value())?)
+    }
+
+    /// The shape of `gated`, that shape with the last axis split into groups, and the unit
+    /// weight of the per-group RMS norm.
+    fn grouping(&self, gated: &Tensor) -> (Vec<usize>, Vec<usize>, Tensor) {
+        let shape = gated.shape().to_vec();
+        let dim = shape[shape.len() - 1];
+        let mut grouped = shape[..shape.len() - 1].to_vec();
+        grouped.extend([dim / self.group_size, self.group_size]);
+        (shape, grouped, Tensor::ones(&[self.group_size], gated.dtype()))
     }
 }
