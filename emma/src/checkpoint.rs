@@ -11,6 +11,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tensor::{DType, Tensor};
 
+/// The file name of the tokenizer saved beside a model (by the trainer), which `emma generate`
+/// picks up.
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
 /// Writes `model` to `dir` (created if needed): both files atomically (temporary file, fsync,
 /// rename), the tensors in f32.
 pub fn save(model: &Emma, dir: &Path) -> anyhow::Result<()> {

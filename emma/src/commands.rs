@@ -6,6 +6,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tensor::{DType, Tensor};
 
+use crate::config::{EmmaConfig, PRESETS};
+use crate::model::Emma;
+use crate::tokenizer::Tokenizer;
+
 fn load(dir: &Path, trainable: bool) -> anyhow::Result<(Pretrained, ParamStore)> {
     let mut pre = load_pretrained(dir).with_context(|| format!("loading model {}", dir.display()))?;
     let tensors = std::mem::take(&mut pre.tensors)
@@ -77,4 +81,53 @@ pub fn read_tensor(path: &Path, name: &str) -> anyhow::Result<Tensor> {
 pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> anyhow::Result<()> {
     tensor::safetensors::save(path, tensors, None)?;
     Ok(())
+}
+
+/// Where `emma generate` takes its model from.
+pub enum ModelSource<'a> {
+    /// A directory written by [`crate::checkpoint::save`] (or by the trainer).
+    Dir(&'a Path),
+    /// A preset with random weights drawn from `seed`.
+    Preset {
+        /// The preset's name (see [`crate::config::PRESETS`]).
+        name: &'a str,
+        /// The seed of the random weights.
+        seed: u64,
+    },
+}
+
+/// The model of `source`, frozen (inference builds no graph).
+pub fn load_model(source: &ModelSource) -> anyhow::Result<Emma> {
+    match *source {
+        ModelSource::Dir(dir) => crate::checkpoint::load(dir, false),
+        ModelSource::Preset { name, seed } => {
+            let cfg = EmmaConfig::preset(name)
+                .with_context(|| format!("unknown preset '{name}' (known: {})", PRESETS.join(", ")))?;
+            Ok(Emma::random(&cfg, seed, DType::F32, false)?)
+        }
+    }
+}
+
+/// The tokenizer of a model: `explicit` when given, else the `tokenizer.json` saved beside a
+/// model directory, else the built-in tokenizer trained for `vocab` tokens. The second value says
+/// which, for the user.
+pub fn tokenizer_for(
+    source: &ModelSource,
+    explicit: Option<&Path>,
+    vocab: usize,
+) -> anyhow::Result<(Tokenizer, String)> {
+    let saved = match *source {
+        ModelSource::Dir(dir) => Some(dir.join(crate::checkpoint::TOKENIZER_FILE)).filter(|p| p.exists()),
+        ModelSource::Preset { .. } => None,
+    };
+    if let Some(path) = explicit.map(Path::to_path_buf).or(saved) {
+        let tok = Tokenizer::from_file(&path)?;
+        return Ok((tok, format!("tokenizer {}", path.display())));
+    }
+    let tok = Tokenizer::train_builtin(vocab)?;
+    let note = format!(
+        "built-in tokenizer ({} tokens); pass --tokenizer for a model trained with another",
+        tok.vocab_size()
+    );
+    Ok((tok, note))
 }

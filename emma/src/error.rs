@@ -11,6 +11,9 @@ pub enum EmmaError {
     /// A tensor op failed.
     #[error(transparent)]
     Tensor(#[from] tensor::TensorError),
+    /// A layer of the model failed (a shape it cannot take, a missing parameter).
+    #[error(transparent)]
+    Nn(#[from] nn::NnError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}", path = path.display())]
     Io {

@@ -1,8 +1,9 @@
 //! `emma`: the EMMA multimodal Mamba model and the `emma` command-line program.
 //!
-//! The model itself (vision backbone, projector, hierarchical alignment, pixel decoder) builds
-//! on the layers of `nn`; this crate so far holds the device selection and the commands that
-//! run Hugging Face checkpoints (`emma logits`, `emma grads`, `emma vision`).
+//! The model (vision backbone, projector, Mamba LM, hierarchical alignment, pixel decoder) builds
+//! on the layers of `nn`; around it are the tokenizer, chat prompts, image preprocessing,
+//! checkpoints, generation and the commands of the `emma` program (`info`, `generate`, and
+//! `logits`/`grads`/`vision` over Hugging Face checkpoints).
 
 pub mod alignment;
 pub mod checkpoint;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod fsutil;
+pub mod generate;
 pub mod image;
 pub mod info;
 pub mod model;

@@ -2,8 +2,11 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use emma::commands;
+use emma::commands::{self, ModelSource};
 use emma::device::{resolve, DeviceChoice};
+use emma::generate::{generate, GenerateOptions};
+use emma::prompt::Conversation;
+use emma::sampling::Sampling;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -58,6 +61,40 @@ enum Command {
         /// Output safetensors file.
         #[arg(long)]
         out: PathBuf,
+        /// cpu, cuda[:N] or auto.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+    },
+    /// Answers a question about an image: prefill of the image and prompt, then recurrent
+    /// decoding until end-of-text or --max-new-tokens.
+    Generate {
+        /// A model directory written by `emma`/`train` (config.json + model.safetensors).
+        #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+        model: Option<PathBuf>,
+        /// A preset with random weights instead (tiny, small, emma-v1-2.8b, emma-v2-2.7b).
+        #[arg(long)]
+        preset: Option<String>,
+        /// The image (PNG or JPEG).
+        #[arg(long)]
+        image: PathBuf,
+        /// The question.
+        #[arg(long)]
+        prompt: String,
+        /// The most tokens to generate.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 picks the most likely token (greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus mass for sampling (with --temperature > 0).
+        #[arg(long, default_value_t = 0.9)]
+        top_p: f64,
+        /// Seed of the sampling (and of a preset's random weights).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// A tokenizer.json; default: the one saved with the model, else the built-in one.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// cpu, cuda[:N] or auto.
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
@@ -132,6 +169,57 @@ fn main() -> anyhow::Result<()> {
                 "loss {loss:.6}; wrote {} gradients to {}",
                 grads.len(),
                 out.display()
+            );
+        }
+        Command::Generate {
+            model,
+            preset,
+            image,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            tokenizer,
+            device,
+        } => {
+            resolve(device)?;
+            let sampling = if temperature == 0.0 {
+                Sampling::Greedy
+            } else if temperature > 0.0 && top_p > 0.0 && top_p <= 1.0 {
+                Sampling::TopP { temperature, top_p }
+            } else {
+                anyhow::bail!(
+                    "--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}"
+                );
+            };
+            let source = match (&model, &preset) {
+                (Some(dir), None) => ModelSource::Dir(dir),
+                (None, Some(name)) => ModelSource::Preset { name, seed },
+                _ => anyhow::bail!("give exactly one of --model DIR or --preset NAME"),
+            };
+            let img = emma::image::load_image(&image)?;
+            let emma = commands::load_model(&source)?;
+            let (tok, which) =
+                commands::tokenizer_for(&source, tokenizer.as_deref(), emma.config().lm.vocab)?;
+            eprintln!("using the {which}");
+            let opts = GenerateOptions {
+                max_new_tokens,
+                sampling,
+                seed,
+            };
+            let out = generate(&emma, &tok, &img, &Conversation::single(prompt, None), &opts)?;
+            println!("{}", out.text);
+            eprintln!(
+                "{} prompt tokens + {} image tokens; generated {} tokens ({})",
+                out.prompt_tokens,
+                emma.config().vision.tokens(),
+                out.ids.len(),
+                if out.finished {
+                    "end of text"
+                } else {
+                    "token limit"
+                }
             );
         }
         Command::Vision {

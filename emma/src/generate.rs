@@ -1,0 +1,101 @@
+//! Answering a question about an image: the image tokens and the chat prompt are run through
+//! the LM in parallel (prefill), then the answer is decoded one token at a time from the
+//! recurrent cache (constant memory per token) until end-of-text or the token limit.
+
+use crate::error::{EmmaError, Result};
+use crate::image::pixels_for_both;
+use crate::model::Emma;
+use crate::prompt::Conversation;
+use crate::sampling::{pick, Sampling};
+use crate::tokenizer::Tokenizer;
+use image::RgbImage;
+use tensor::Tensor;
+
+/// How an answer is generated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// The most tokens to generate (the closing end-of-text included).
+    pub max_new_tokens: usize,
+    /// Greedy or temperature/top-p sampling.
+    pub sampling: Sampling,
+    /// Seed of the sampling random numbers.
+    pub seed: u64,
+}
+
+/// A generated answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    /// Tokens of the prompt (text only; the image tokens come before them).
+    pub prompt_tokens: usize,
+    /// The generated token ids, without the end-of-text that stopped generation.
+    pub ids: Vec<u32>,
+    /// `ids` decoded.
+    pub text: String,
+    /// Whether generation stopped at end-of-text (rather than at `max_new_tokens`).
+    pub finished: bool,
+}
+
+/// Checks that every id `tok` can produce is a row of the model's embedding table.
+pub fn check_tokenizer_fits(model: &Emma, tok: &Tokenizer) -> Result<()> {
+    let vocab = model.config().lm.vocab;
+    if tok.vocab_size() > vocab {
+        return Err(EmmaError::Tokenizer {
+            source_name: tok.source_name().to_owned(),
+            detail: format!(
+                "it has {} tokens but the model's vocabulary has {vocab}",
+                tok.vocab_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Answers the last (unanswered) turn of `conversation` about `image` with `model`.
+pub fn generate(
+    model: &Emma,
+    tok: &Tokenizer,
+    image: &RgbImage,
+    conversation: &Conversation,
+    opts: &GenerateOptions,
+) -> Result<Generation> {
+    check_tokenizer_fits(model, tok)?;
+    let size = model.config().vision.image_size;
+    let (siglip, dinov2) = pixels_for_both(image, size)?;
+    let image_tokens = model
+        .image_tokens(&siglip.unsqueeze(0)?, &dinov2.unsqueeze(0)?)?
+        .value()
+        .clone();
+    let prompt = conversation.encode_prompt(tok)?;
+    let lm = model.lm();
+    let text = lm
+        .embed(&Tensor::from_slice(&prompt, &[1, prompt.len()])?)?
+        .value()
+        .clone();
+    let embeds = Tensor::concat(&[&image_tokens, &text], 1)?;
+    let (hidden, mut cache) = lm.prefill(&embeds)?;
+    let len = hidden.dim(1);
+    let mut logits = lm.logits_of(&hidden.narrow(1, len - 1, 1)?.reshape(&[1, hidden.dim(2)])?)?;
+    let mut rng = tensor::seeded_rng(opts.seed);
+    let mut ids = Vec::new();
+    let mut finished = false;
+    while ids.len() < opts.max_new_tokens {
+        let next = pick(&logits.to_vec::<f32>()?, opts.sampling, &mut rng);
+        if next == tok.eos_id() {
+            finished = true;
+            break;
+        }
+        ids.push(next);
+        if ids.len() == opts.max_new_tokens {
+            break;
+        }
+        let embed = lm.embed(&Tensor::from_slice(&[next], &[1, 1])?)?.value().clone();
+        let hidden_size = embed.dim(2);
+        logits = lm.step(&embed.reshape(&[1, hidden_size])?, &mut cache)?;
+    }
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        text: tok.decode(&ids)?,
+        ids,
+        finished,
+    })
+}
