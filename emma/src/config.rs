@@ -173,8 +173,8 @@ impl EmmaConfig {
         let (vision, lm, alignment_layers, heads, head_dim, state, mamba_head_dim, chunk) = match name {
             "tiny" => (
                 VisionConfig {
-                    image_size: 16,
-                    patch: 4,
+                    image_size: 32,
+                    patch: 8,
                     siglip: vit(32, 2, 2, 64, 0),
                     dinov2: vit(32, 2, 2, 64, 1),
                     frozen: true,

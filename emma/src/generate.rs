@@ -50,28 +50,33 @@ pub fn check_tokenizer_fits(model: &Emma, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-/// Answers the last (unanswered) turn of `conversation` about `image` with `model`.
+/// Answers the last (unanswered) turn of `conversation` with `model`, about `image` (its tokens
+/// go before the prompt) or, without one, from the text alone.
 pub fn generate(
     model: &Emma,
     tok: &Tokenizer,
-    image: &RgbImage,
+    image: Option<&RgbImage>,
     conversation: &Conversation,
     opts: &GenerateOptions,
 ) -> Result<Generation> {
     check_tokenizer_fits(model, tok)?;
-    let size = model.config().vision.image_size;
-    let (siglip, dinov2) = pixels_for_both(image, size)?;
-    let image_tokens = model
-        .image_tokens(&siglip.unsqueeze(0)?, &dinov2.unsqueeze(0)?)?
-        .value()
-        .clone();
     let prompt = conversation.encode_prompt(tok)?;
     let lm = model.lm();
     let text = lm
         .embed(&Tensor::from_slice(&prompt, &[1, prompt.len()])?)?
         .value()
         .clone();
-    let embeds = Tensor::concat(&[&image_tokens, &text], 1)?;
+    let embeds = match image {
+        Some(img) => {
+            let (siglip, dinov2) = pixels_for_both(img, model.config().vision.image_size)?;
+            let image_tokens = model
+                .image_tokens(&siglip.unsqueeze(0)?, &dinov2.unsqueeze(0)?)?
+                .value()
+                .clone();
+            Tensor::concat(&[&image_tokens, &text], 1)?
+        }
+        None => text,
+    };
     let (hidden, mut cache) = lm.prefill(&embeds)?;
     let len = hidden.dim(1);
     let mut logits = lm.logits_of(&hidden.narrow(1, len - 1, 1)?.reshape(&[1, hidden.dim(2)])?)?;

@@ -208,7 +208,13 @@ fn main() -> anyhow::Result<()> {
                 sampling,
                 seed,
             };
-            let out = generate(&emma, &tok, &img, &Conversation::single(prompt, None), &opts)?;
+            let out = generate(
+                &emma,
+                &tok,
+                Some(&img),
+                &Conversation::single(prompt, None),
+                &opts,
+            )?;
             println!("{}", out.text);
             eprintln!(
                 "{} prompt tokens + {} image tokens; generated {} tokens ({})",

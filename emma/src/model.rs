@@ -145,6 +145,34 @@ impl Emma {
             .forward(&self.vision_features(siglip_pixels, dinov2_pixels)?)
     }
 
+    /// The text loss of a batch without images (LLaVA's text-only samples): position t predicts
+    /// text token t + 1 over u32 `ids [B, T]` and their `labels`; no pixel loss.
+    pub fn text_only_losses(&self, ids: &Tensor, labels: &Tensor) -> nn::Result<Losses> {
+        let (b, t) = (ids.dim(0), ids.dim(1));
+        if labels.shape() != ids.shape() || t < 2 {
+            return Err(nn::NnError::Input {
+                layer: "emma".into(),
+                detail: format!(
+                    "text-only batch needs labels like ids [B, T >= 2], got ids {:?} and labels {:?}",
+                    ids.shape(),
+                    labels.shape()
+                ),
+            });
+        }
+        let (hidden, _) = self.lm.forward_embeds(&self.lm.embed(ids)?)?;
+        let logits = self.lm.logits(&hidden.narrow(1, 0, t - 1)?)?;
+        let vocab = logits.value().dim(2);
+        let targets = labels.narrow(1, 1, t - 1)?.reshape(&[b * (t - 1)])?;
+        let text = logits
+            .reshape(&[b * (t - 1), vocab])?
+            .cross_entropy(&targets, IGNORE_INDEX)?;
+        Ok(Losses {
+            total: text.clone(),
+            text,
+            pixel: None,
+        })
+    }
+
     /// Text loss, pixel loss and their sum for a batch. Text position t is predicted from the
     /// position before it (the last image token predicts the first text token).
     pub fn losses(&self, batch: &Batch) -> nn::Result<Losses> {

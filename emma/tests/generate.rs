@@ -121,7 +121,7 @@ fn generation_stops_at_the_token_limit() {
     let img = image(10, [0, 120, 0]);
     let conv = Conversation::single("How many shapes?", None);
     for limit in [0, 1, 5] {
-        let out = generate(&model, &tok, &img, &conv, &greedy(limit)).unwrap();
+        let out = generate(&model, &tok, Some(&img), &conv, &greedy(limit)).unwrap();
         assert!(out.ids.len() <= limit);
         assert!(out.finished || out.ids.len() == limit, "{limit}: {out:?}");
     }
@@ -133,8 +133,8 @@ fn generation_stops_at_the_token_limit() {
         },
         seed: 3,
     };
-    let a = generate(&model, &tok, &img, &conv, &sampled).unwrap();
-    let b = generate(&model, &tok, &img, &conv, &sampled).unwrap();
+    let a = generate(&model, &tok, Some(&img), &conv, &sampled).unwrap();
+    let b = generate(&model, &tok, Some(&img), &conv, &sampled).unwrap();
     assert_eq!(a, b, "sampling with one seed is deterministic");
 }
 
@@ -147,7 +147,7 @@ fn a_tokenizer_larger_than_the_vocabulary_is_refused() {
     let err = generate(
         &model,
         &tok,
-        &image(8, [1, 2, 3]),
+        Some(&image(8, [1, 2, 3])),
         &Conversation::single("hi", None),
         &greedy(3),
     )

@@ -49,9 +49,24 @@ impl AdamW {
         }
     }
 
+    /// An optimiser continuing from a saved state: `step` steps taken and the first and second
+    /// moments by parameter name (as [`AdamW::moments`] gives them).
+    pub fn resume(config: AdamWConfig, step: u64, moments: BTreeMap<String, (Tensor, Tensor)>) -> Self {
+        AdamW {
+            config,
+            step,
+            moments,
+        }
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// The first and second moments by parameter name (for checkpoints).
+    pub fn moments(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
+        &self.moments
     }
 
     /// Updates every parameter that has a gradient in `grads`; others are left as they are.

@@ -1,0 +1,149 @@
+//! Communication between data-parallel ranks. The training loop is written against
+//! [`Collective`]; on CPU the ranks are threads of one process ([`ThreadGroup`]), and a GPU
+//! backend implements the same operations over NCCL, one rank per GPU.
+//!
+//! Every rank must make the same calls in the same order (as with NCCL). Sums are taken in rank
+//! order on every rank, so all ranks see bit-identical results and a run is deterministic.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+/// The collective operations of one rank.
+pub trait Collective: Send + Sync {
+    /// This rank's index, from 0.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn world(&self) -> usize;
+    /// Every rank's `local` buffer, in rank order (the buffers may differ in length).
+    fn all_gather(&self, local: Vec<f32>) -> Vec<Arc<Vec<f32>>>;
+
+    /// The element-wise sum over ranks of equally long buffers, written into `data` on every
+    /// rank (summed in rank order).
+    fn all_reduce_sum(&self, data: &mut [f32]) {
+        let all = self.all_gather(data.to_vec());
+        data.copy_from_slice(&all[0]);
+        for other in &all[1..] {
+            for (d, o) in data.iter_mut().zip(other.iter()) {
+                *d += o;
+            }
+        }
+    }
+
+    /// The sum over ranks of each value of `local`, in f64 (for counts and losses).
+    fn sum_f64(&self, local: &[f64]) -> Vec<f64> {
+        // Each f64 travels as two f32 halves of its bits, so nothing is rounded.
+        let bits: Vec<f32> = local
+            .iter()
+            .flat_map(|v| {
+                let b = v.to_bits();
+                [f32::from_bits((b >> 32) as u32), f32::from_bits(b as u32)]
+            })
+            .collect();
+        let all = self.all_gather(bits);
+        let mut out = vec![0.0; local.len()];
+        for buf in &all {
+            for (i, o) in out.iter_mut().enumerate() {
+                let b = (u64::from(buf[2 * i].to_bits()) << 32) | u64::from(buf[2 * i + 1].to_bits());
+                *o += f64::from_bits(b);
+            }
+        }
+        out
+    }
+
+    /// Waits until every rank has arrived.
+    fn barrier(&self) {
+        self.all_gather(Vec::new());
+    }
+}
+
+/// State shared by the threads of a [`ThreadGroup`].
+struct Shared {
+    slots: Mutex<Vec<Arc<Vec<f32>>>>,
+    barrier: Barrier,
+}
+
+/// One rank of a group of threads in this process.
+pub struct ThreadGroup {
+    rank: usize,
+    world: usize,
+    shared: Arc<Shared>,
+}
+
+impl ThreadGroup {
+    /// The `world` ranks of a new group; hand one to each thread.
+    pub fn new(world: usize) -> Vec<ThreadGroup> {
+        let shared = Arc::new(Shared {
+            slots: Mutex::new((0..world).map(|_| Arc::new(Vec::new())).collect()),
+            barrier: Barrier::new(world),
+        });
+        (0..world)
+            .map(|rank| ThreadGroup {
+                rank,
+                world,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_gather(&self, local: Vec<f32>) -> Vec<Arc<Vec<f32>>> {
+        self.shared.slot_lock()[self.rank] = Arc::new(local);
+        // Every rank has written before anyone reads ...
+        self.shared.barrier.wait();
+        let all = self.shared.slot_lock().clone();
+        // ... and every rank has read before anyone writes the next call's buffer.
+        self.shared.barrier.wait();
+        all
+    }
+}
+
+impl Shared {
+    /// The slots; a rank that panicked while holding the lock cannot leave them half-written
+    /// (each write is one pointer), so a poisoned lock is still usable.
+    fn slot_lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Vec<f32>>>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Collective, ThreadGroup};
+
+    #[test]
+    fn threads_gather_and_sum_in_rank_order() {
+        let ranks = ThreadGroup::new(3);
+        let results: Vec<(Vec<f32>, Vec<f64>, usize)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        let r = g.rank() as f32;
+                        let mut data = vec![r, 10.0 * r, 1.0];
+                        for _ in 0..5 {
+                            // Repeated calls must not mix up rounds.
+                            g.barrier();
+                        }
+                        g.all_reduce_sum(&mut data);
+                        let sums = g.sum_f64(&[0.1 * g.rank() as f64, 1e-17]);
+                        let lens = g.all_gather(vec![0.0; g.rank()]).iter().map(|b| b.len()).sum();
+                        (data, sums, lens)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (data, sums, lens) in results {
+            assert_eq!(data, vec![3.0, 30.0, 3.0]);
+            assert_eq!(sums, vec![0.0 + 0.1 + 0.2, 3e-17]);
+            assert_eq!(lens, 3);
+        }
+    }
+}

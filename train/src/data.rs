@@ -1,0 +1,274 @@
+//! Training and evaluation examples and where they come from: the built-in "shapes" set
+//! (generated on the fly from a seed) or a LLaVA-format JSON file with an image folder.
+//!
+//! A LLaVA file is a JSON list of records `{"id", "image"?, "conversations": [{"from": "human",
+//! "value": "<image>\n..."}, {"from": "gpt", "value": "..."}, ...]}`: turns alternate, starting
+//! with the human and ending with the model; a record without `"image"` is text-only. Every record
+//! and every image is checked when the file is loaded (images are decoded, in parallel), so that a
+//! bad sample is reported before training starts, with its index, id and path; with
+//! `skip_bad_samples` it is counted and left out instead.
+
+use crate::shapes::ShapesConfig;
+use emma::prompt::Conversation;
+use image::RgbImage;
+use rayon::prelude::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// An example ready to be batched: its image (none for text-only samples) and conversation.
+pub struct Example {
+    /// Where the example came from (its record id).
+    pub id: String,
+    /// The image, if any.
+    pub image: Option<RgbImage>,
+    /// The conversation; every turn answered.
+    pub conversation: Conversation,
+}
+
+/// A data set problem, naming the file, record index, id and image path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// The data file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a JSON list.
+    #[error("{}: not a LLaVA JSON list of records: {detail}", path.display())]
+    NotAList {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A record or its image is unusable.
+    #[error("{}: record {index} (id {id}): {detail}", path.display())]
+    BadSample {
+        /// The data file.
+        path: PathBuf,
+        /// The record's position in the list (from 0).
+        index: usize,
+        /// The record's id, or `?` when it has none.
+        id: String,
+        /// What is wrong (with the image path when it is the image).
+        detail: String,
+    },
+    /// The data set has no usable examples.
+    #[error("{0}: no usable examples")]
+    Empty(String),
+}
+
+/// A source of examples, indexed from 0.
+pub trait Dataset: Send + Sync {
+    /// Number of examples.
+    fn len(&self) -> usize;
+    /// Whether there are no examples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Example `index` (< `len()`), its image decoded.
+    fn get(&self, index: usize) -> Result<Example, DataError>;
+    /// What the data set is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// `count` examples of the shapes set starting at example `first`.
+pub struct ShapesData {
+    /// The generator.
+    pub config: ShapesConfig,
+    /// The first example index.
+    pub first: u64,
+    /// The number of examples.
+    pub count: usize,
+}
+
+impl Dataset for ShapesData {
+    fn len(&self) -> usize {
+        self.count
+    }
+
+    fn get(&self, index: usize) -> Result<Example, DataError> {
+        let ex = self.config.example(self.first + index as u64);
+        Ok(Example {
+            id: format!("shapes-{}", ex.index),
+            image: Some(ex.image),
+            conversation: Conversation::single(ex.question, Some(ex.answer)),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "shapes (seed {}, examples {}..{})",
+            self.config.seed,
+            self.first,
+            self.first + self.count as u64
+        )
+    }
+}
+
+/// One checked record of a LLaVA file.
+struct Record {
+    id: String,
+    index: usize,
+    image: Option<PathBuf>,
+    conversation: Conversation,
+}
+
+/// A sample left out by `skip_bad_samples`, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    /// The record's position in the list.
+    pub index: usize,
+    /// The full error message.
+    pub reason: String,
+}
+
+/// A checked LLaVA-format data set.
+pub struct LlavaData {
+    path: PathBuf,
+    records: Vec<Record>,
+    /// The records left out as bad (only with `skip_bad_samples`).
+    pub skipped: Vec<Skipped>,
+}
+
+impl LlavaData {
+    /// Reads and checks `json` (images relative to `image_folder`): every record parsed, every
+    /// image decoded. A bad record or image is an error, or, with `skip_bad_samples`, left out
+    /// and listed in [`LlavaData::skipped`].
+    pub fn load(json: &Path, image_folder: &Path, skip_bad_samples: bool) -> Result<Self, DataError> {
+        let text = std::fs::read_to_string(json).map_err(|source| DataError::Read {
+            path: json.to_owned(),
+            source,
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| DataError::NotAList {
+            path: json.to_owned(),
+            detail: e.to_string(),
+        })?;
+        let Value::Array(items) = value else {
+            return Err(DataError::NotAList {
+                path: json.to_owned(),
+                detail: "the top level is not a list".to_owned(),
+            });
+        };
+        let checked: Vec<Result<Record, DataError>> = items
+            .par_iter()
+            .enumerate()
+            .map(|(index, item)| check_record(json, image_folder, index, item))
+            .collect();
+        let mut records = Vec::with_capacity(checked.len());
+        let mut skipped = Vec::new();
+        for (index, r) in checked.into_iter().enumerate() {
+            match r {
+                Ok(rec) => records.push(rec),
+                Err(e) if skip_bad_samples => skipped.push(Skipped {
+                    index,
+                    reason: e.to_string(),
+                }),
+                Err(e) => return Err(e),
+            }
+        }
+        if records.is_empty() {
+            return Err(DataError::Empty(json.display().to_string()));
+        }
+        Ok(LlavaData {
+            path: json.to_owned(),
+            records,
+            skipped,
+        })
+    }
+}
+
+impl Dataset for LlavaData {
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    fn get(&self, index: usize) -> Result<Example, DataError> {
+        let r = &self.records[index];
+        let image = match &r.image {
+            Some(p) => Some(emma::image::load_image(p).map_err(|e| DataError::BadSample {
+                path: self.path.clone(),
+                index: r.index,
+                id: r.id.clone(),
+                detail: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(Example {
+            id: r.id.clone(),
+            image,
+            conversation: r.conversation.clone(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("{} ({} records)", self.path.display(), self.records.len())
+    }
+}
+
+/// Parses record `index` and decodes its image once to check it.
+fn check_record(json: &Path, folder: &Path, index: usize, item: &Value) -> Result<Record, DataError> {
+    let id = item.get("id").map_or_else(
+        || "?".to_owned(),
+        |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+    );
+    let bad = |detail: String| DataError::BadSample {
+        path: json.to_owned(),
+        index,
+        id: id.clone(),
+        detail,
+    };
+    if !item.is_object() {
+        return Err(bad("not a JSON object".to_owned()));
+    }
+    let Some(turns) = item.get("conversations").and_then(Value::as_array) else {
+        return Err(bad("no \"conversations\" list".to_owned()));
+    };
+    if turns.is_empty() || turns.len() % 2 != 0 {
+        return Err(bad(format!(
+            "{} messages; a conversation is one or more human/gpt pairs",
+            turns.len()
+        )));
+    }
+    let mut messages = Vec::with_capacity(turns.len());
+    for (i, turn) in turns.iter().enumerate() {
+        let expected = if i % 2 == 0 { "human" } else { "gpt" };
+        let from = turn.get("from").and_then(Value::as_str);
+        let value = turn.get("value").and_then(Value::as_str);
+        match (from, value) {
+            (Some(f), Some(v)) if f == expected => messages.push(v.to_owned()),
+            _ => {
+                return Err(bad(format!(
+                    "message {i} must be {{\"from\": \"{expected}\", \"value\": string}}, got {turn}"
+                )))
+            }
+        }
+    }
+    let conversation = Conversation {
+        turns: messages
+            .chunks(2)
+            .map(|pair| (pair[0].clone(), Some(pair[1].clone())))
+            .collect(),
+    };
+    let image = match item.get("image") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(rel)) => {
+            let path = folder.join(rel);
+            if !path.is_file() {
+                return Err(bad(format!("image {} does not exist", path.display())));
+            }
+            emma::image::load_image(&path).map_err(|e| bad(e.to_string()))?;
+            Some(path)
+        }
+        Some(other) => return Err(bad(format!("\"image\" must be a string, got {other}"))),
+    };
+    Ok(Record {
+        id,
+        index,
+        image,
+        conversation,
+    })
+}

@@ -1,0 +1,16 @@
+//! `train`: trains EMMA. The default job trains the `tiny` preset on the built-in "shapes"
+//! visual-question set and reports held-out answer accuracy; the same loop takes LLaVA-format
+//! data and the paper's presets, runs R data-parallel ranks with a sharded optimizer, and
+//! resumes a killed run exactly from its last checkpoint.
+
+pub mod checkpoint;
+pub mod collate;
+pub mod collective;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod options;
+pub mod schedule;
+pub mod shapes;
+pub mod trainer;
+pub mod zero;

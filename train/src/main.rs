@@ -1,0 +1,159 @@
+//! `train`: trains EMMA. With no arguments, the `tiny` preset on the built-in shapes data set,
+//! ending with its held-out answer accuracy; see `train --help`.
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use emma::device::{resolve, DeviceChoice};
+use std::path::PathBuf;
+use train::data::{Dataset, LlavaData, ShapesData};
+use train::options::{expand_config_file, TrainOptions};
+use train::shapes::{write_llava, ShapesConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "train",
+    version,
+    about = "Train EMMA (default: the tiny preset on the built-in shapes visual-question set)",
+    args_override_self = true,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A TOML or JSON file of options (keys named like the flags); flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainOptions,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Reports answer accuracy of a trained model on held-out data.
+    Eval {
+        /// A model directory (`OUT/final` or a checkpoint `OUT/checkpoints/step-N`).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// `shapes` (the held-out split of the built-in set) or a LLaVA-format JSON file.
+        #[arg(long, default_value = "shapes")]
+        data: String,
+        /// Folder of the LLaVA images (default: the JSON file's folder).
+        #[arg(long)]
+        image_folder: Option<PathBuf>,
+        /// Held-out shapes examples.
+        #[arg(long, default_value_t = 500)]
+        shapes_eval: u64,
+        /// Seed of the shapes set (as trained with).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Count and skip bad records instead of failing.
+        #[arg(long)]
+        skip_bad_samples: bool,
+        /// Most tokens generated per answer.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+    },
+    /// Writes examples of the shapes set in LLaVA format (data.json + images/).
+    Shapes {
+        /// The output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of examples.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Index of the first example (the held-out split starts at 2^40).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+        /// Seed of the set.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let known: Vec<String> = Cli::command()
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    let args = expand_config_file(std::env::args().collect(), &known)?;
+    let matches = Cli::command().get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        None => run_training(&cli.train),
+        Some(Command::Eval {
+            checkpoint,
+            data,
+            image_folder,
+            shapes_eval,
+            seed,
+            skip_bad_samples,
+            max_new_tokens,
+        }) => {
+            let model = emma::checkpoint::load(&checkpoint, false)?;
+            let source = emma::commands::ModelSource::Dir(&checkpoint);
+            let (tok, which) = emma::commands::tokenizer_for(&source, None, model.config().lm.vocab)?;
+            eprintln!("using the {which}");
+            let dataset: Box<dyn Dataset> = if data == "shapes" {
+                Box::new(ShapesData {
+                    config: ShapesConfig { image_size: 32, seed },
+                    first: train::trainer::SHAPES_EVAL_FIRST,
+                    count: shapes_eval as usize,
+                })
+            } else {
+                let json = PathBuf::from(&data);
+                let folder =
+                    image_folder.unwrap_or_else(|| json.parent().map(PathBuf::from).unwrap_or_default());
+                let d = LlavaData::load(&json, &folder, skip_bad_samples)?;
+                for s in &d.skipped {
+                    eprintln!("skipped: {}", s.reason);
+                }
+                Box::new(d)
+            };
+            let bar = indicatif::ProgressBar::new(dataset.len() as u64);
+            let report = train::eval::evaluate(&model, &tok, dataset.as_ref(), max_new_tokens, Some(&bar))?;
+            bar.finish_and_clear();
+            for (q, want, got) in &report.samples {
+                println!("  {q:?}: expected {want:?}, answered {got:?}");
+            }
+            print!("{}", report.breakdown());
+            println!("{}", report.summary());
+            Ok(())
+        }
+        Some(Command::Shapes {
+            out,
+            count,
+            first,
+            seed,
+        }) => {
+            let cfg = ShapesConfig { image_size: 32, seed };
+            let json = write_llava(&cfg, first, count, &out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {count} examples to {}", json.display());
+            Ok(())
+        }
+    }
+}
+
+fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
+    let device: DeviceChoice = opts.device.parse().map_err(anyhow::Error::msg)?;
+    resolve(device)?;
+    let summary = train::trainer::train(opts)?;
+    if !summary.skipped.is_empty() {
+        println!("skipped {} bad training sample(s)", summary.skipped.len());
+    }
+    println!(
+        "trained {} steps (from step {}); final loss {:.4}; model saved to {}",
+        summary.steps,
+        summary.resumed_from,
+        summary.final_loss,
+        summary.final_model.display()
+    );
+    if let Some(report) = &summary.eval {
+        for (q, want, got) in &report.samples {
+            println!("  {q:?}: expected {want:?}, answered {got:?}");
+        }
+        print!("{}", report.breakdown());
+        println!("{}", report.summary());
+    }
+    Ok(())
+}

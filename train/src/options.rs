@@ -1,0 +1,362 @@
+//! Every training option, as command-line flags (clap) and as keys of a `--config` file (TOML or
+//! JSON, keys spelled like the flags, `-` or `_`). Flags given on the command line override the
+//! file. Options left unset take the defaults of the preset ([`Recipe`]).
+
+use crate::error::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// How `train` trains.
+#[derive(clap::Args, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOptions {
+    /// Model preset: tiny, small, emma-v1-2.8b or emma-v2-2.7b.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// Training data: `shapes` (built in) or a LLaVA-format JSON file.
+    #[arg(long, default_value = "shapes")]
+    pub data: String,
+    /// Folder the LLaVA records' image paths are relative to (default: the JSON file's folder).
+    #[arg(long)]
+    pub image_folder: Option<PathBuf>,
+    /// Held-out LLaVA JSON file evaluated at the end (shapes: a held-out split is built in).
+    #[arg(long)]
+    pub eval_data: Option<String>,
+    /// Number of shapes training examples.
+    #[arg(long, default_value_t = 20_000)]
+    pub shapes_train: u64,
+    /// Number of held-out shapes examples (drawn from their own seeds).
+    #[arg(long, default_value_t = 500)]
+    pub shapes_eval: u64,
+    /// Count and skip malformed records and missing or unreadable images instead of failing.
+    #[arg(long)]
+    pub skip_bad_samples: bool,
+    /// A tokenizer.json (default: the built-in byte-level BPE for the preset's vocabulary).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// A SigLIP `save_pretrained` directory to start the SigLIP tower from.
+    #[arg(long)]
+    pub siglip: Option<PathBuf>,
+    /// A DINOv2 `save_pretrained` directory to start the DINOv2 tower from.
+    #[arg(long)]
+    pub dinov2: Option<PathBuf>,
+    /// A Mamba / Mamba-2 `save_pretrained` directory to start the LM from.
+    #[arg(long)]
+    pub lm: Option<PathBuf>,
+    /// Where checkpoints, metrics and the final model go (default: runs/PRESET-DATA).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Delete the checkpoints of an earlier run in --out and start over.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// Optimizer steps (default: --epochs over the training data).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Passes over the training data (default: the preset's recipe).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Peak learning rate (default: the preset's recipe).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Fraction of the steps spent warming up linearly.
+    #[arg(long)]
+    pub warmup_ratio: Option<f64>,
+    /// Decoupled weight decay (not on 1-D parameters: norms and biases).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Examples per optimizer step, over all ranks and accumulation steps.
+    #[arg(long)]
+    pub global_batch: Option<usize>,
+    /// Examples per forward pass on each rank (default: global batch / ranks).
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
+    /// Data-parallel ranks (threads on CPU, one GPU each on CUDA).
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// f32, or bf16 (weights and activations in bf16 for the passes; f32 master weights).
+    #[arg(long, default_value = "auto")]
+    pub precision: String,
+    /// Text tokens kept per example.
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Seed of the initial weights and of the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 250)]
+    pub checkpoint_every: u64,
+    /// Checkpoints kept (the newest).
+    #[arg(long, default_value_t = 2)]
+    pub keep: usize,
+    /// Leave out multi-scale feature fusion.
+    #[arg(long)]
+    pub no_mff: bool,
+    /// Leave out the pixel loss and its decoder (with --no-mff: the Cobra baseline).
+    #[arg(long)]
+    pub no_pixel_loss: bool,
+    /// Weight of the pixel loss (default: the preset's).
+    #[arg(long)]
+    pub pixel_weight: Option<f64>,
+    /// Train the vision towers too (frozen by default, as in the paper).
+    #[arg(long)]
+    pub train_vision: bool,
+    /// Most tokens generated per held-out answer.
+    #[arg(long, default_value_t = 16)]
+    pub eval_max_new_tokens: usize,
+    /// cpu, cuda[:N] or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Stop after this many steps of this invocation, as if killed (for tests of --resume).
+    #[arg(long, hide = true)]
+    #[serde(default)]
+    pub stop_after: Option<u64>,
+}
+
+/// The defaults a preset trains with.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Recipe {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Examples per optimizer step.
+    pub global_batch: usize,
+    /// Warm-up fraction.
+    pub warmup_ratio: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Passes over the data.
+    pub epochs: f64,
+    /// Text tokens kept per example.
+    pub max_len: usize,
+}
+
+impl Recipe {
+    /// The recipe of `preset`: the paper's Table 5 for the paper's models (lr 2e-5, batch 128,
+    /// warm-up 0.03, weight decay 0.1, 2 epochs); a faster one for the small presets, which
+    /// start from random weights.
+    pub fn of(preset: &str) -> Recipe {
+        match preset {
+            "tiny" => Recipe {
+                lr: 3e-3,
+                global_batch: 32,
+                warmup_ratio: 0.03,
+                weight_decay: 0.01,
+                epochs: 2.0,
+                max_len: 64,
+            },
+            "small" => Recipe {
+                lr: 1e-3,
+                global_batch: 64,
+                warmup_ratio: 0.03,
+                weight_decay: 0.05,
+                epochs: 2.0,
+                max_len: 256,
+            },
+            _ => Recipe {
+                lr: 2e-5,
+                global_batch: 128,
+                warmup_ratio: 0.03,
+                weight_decay: 0.1,
+                epochs: 2.0,
+                max_len: 2048,
+            },
+        }
+    }
+}
+
+impl TrainOptions {
+    /// The options with every unset recipe value filled from the preset.
+    pub fn recipe(&self) -> Recipe {
+        let d = Recipe::of(&self.preset);
+        Recipe {
+            lr: self.lr.unwrap_or(d.lr),
+            global_batch: self.global_batch.unwrap_or(d.global_batch),
+            warmup_ratio: self.warmup_ratio.unwrap_or(d.warmup_ratio),
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            epochs: self.epochs.unwrap_or(d.epochs),
+            max_len: self.max_len.unwrap_or(d.max_len),
+        }
+    }
+
+    /// The output directory.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            let data = Path::new(&self.data)
+                .file_stem()
+                .map_or_else(|| "data".to_owned(), |s| s.to_string_lossy().into_owned());
+            PathBuf::from("runs").join(format!("{}-{data}", self.preset))
+        })
+    }
+
+    /// Per-rank micro-batch and accumulation steps: `ranks * micro * accum == global batch`.
+    pub fn batching(&self) -> Result<(usize, usize)> {
+        let global = self.recipe().global_batch;
+        if self.ranks == 0 || global == 0 {
+            return Err(TrainError::Options(
+                "--ranks and --global-batch must be positive".to_owned(),
+            ));
+        }
+        if !global.is_multiple_of(self.ranks) {
+            return Err(TrainError::Options(format!(
+                "--global-batch {global} is not a multiple of --ranks {}",
+                self.ranks
+            )));
+        }
+        let per_rank = global / self.ranks;
+        let micro = self.micro_batch.unwrap_or(per_rank);
+        if micro == 0 || !per_rank.is_multiple_of(micro) {
+            return Err(TrainError::Options(format!(
+                "--micro-batch {micro} must divide the {per_rank} examples each rank takes per step \
+                 (--global-batch {global} / --ranks {})",
+                self.ranks
+            )));
+        }
+        Ok((micro, per_rank / micro))
+    }
+
+    /// The options that must not change when a run is resumed, as `(name, value)`: what shapes
+    /// the model, the data and its order, and the optimization. Ranks, micro-batch, device,
+    /// checkpoint cadence and the like may change.
+    pub fn run_identity(&self) -> Vec<(&'static str, String)> {
+        let r = self.recipe();
+        vec![
+            ("preset", self.preset.clone()),
+            ("data", self.data.clone()),
+            ("shapes-train", self.shapes_train.to_string()),
+            ("seed", self.seed.to_string()),
+            ("steps", format!("{:?}", self.steps)),
+            ("epochs", r.epochs.to_string()),
+            ("lr", r.lr.to_string()),
+            ("warmup-ratio", r.warmup_ratio.to_string()),
+            ("weight-decay", r.weight_decay.to_string()),
+            ("max-grad-norm", self.max_grad_norm.to_string()),
+            ("global-batch", r.global_batch.to_string()),
+            ("max-len", r.max_len.to_string()),
+            ("no-mff", self.no_mff.to_string()),
+            ("no-pixel-loss", self.no_pixel_loss.to_string()),
+            ("pixel-weight", format!("{:?}", self.pixel_weight)),
+            ("train-vision", self.train_vision.to_string()),
+            ("precision", self.precision.clone()),
+        ]
+    }
+}
+
+/// Command-line arguments with a `--config FILE` expanded in place: the file's keys become
+/// flags placed before the command line's own, so that flags given on the command line win.
+/// `known` lists the long flag names the file may set.
+pub fn expand_config_file(args: Vec<String>, known: &[String]) -> Result<Vec<String>> {
+    let Some(pos) = args
+        .iter()
+        .position(|a| a == "--config" || a.starts_with("--config="))
+    else {
+        return Ok(args);
+    };
+    let (path, consumed) = match args[pos].strip_prefix("--config=") {
+        Some(p) => (PathBuf::from(p), 1),
+        None => match args.get(pos + 1) {
+            Some(p) => (PathBuf::from(p), 2),
+            None => return Err(TrainError::Options("--config needs a file".to_owned())),
+        },
+    };
+    let text = std::fs::read_to_string(&path).map_err(crate::error::io_err(&path))?;
+    let bad = |detail: String| TrainError::Options(format!("config file {}: {detail}", path.display()));
+    let table: serde_json::Map<String, serde_json::Value> = if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+    } else {
+        let value: toml::Value = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        match serde_json::to_value(value).map_err(|e| bad(e.to_string()))? {
+            serde_json::Value::Object(m) => m,
+            _ => return Err(bad("not a table".to_owned())),
+        }
+    };
+    let mut from_file = Vec::new();
+    for (key, value) in table {
+        let flag = key.replace('_', "-");
+        if !known.contains(&flag) || flag == "config" {
+            return Err(bad(format!("unknown option '{key}'")));
+        }
+        match value {
+            serde_json::Value::Bool(true) => from_file.push(format!("--{flag}")),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {}
+            serde_json::Value::String(s) => from_file.push(format!("--{flag}={s}")),
+            serde_json::Value::Number(n) => from_file.push(format!("--{flag}={n}")),
+            other => {
+                return Err(bad(format!(
+                    "option '{key}' must be a string, number or boolean, got {other}"
+                )))
+            }
+        }
+    }
+    let mut out = args[..pos].to_vec();
+    // The program name stays first; the file's flags come before the command line's.
+    let insert_at = out.len().min(1);
+    for (i, f) in from_file.into_iter().enumerate() {
+        out.insert(insert_at + i, f);
+    }
+    out.extend(args[pos + consumed..].iter().cloned());
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_config_file;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn config_file_keys_become_flags_that_the_command_line_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let known = args(&["lr", "steps", "resume", "no-mff", "data", "config"]);
+        let toml = dir.path().join("run.toml");
+        std::fs::write(
+            &toml,
+            "lr = 0.5\nsteps = 7\nresume = true\nno_mff = false\ndata = \"x.json\"\n",
+        )
+        .unwrap();
+        let out = expand_config_file(
+            args(&["train", "--config", toml.to_str().unwrap(), "--lr", "0.1"]),
+            &known,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            args(&[
+                "train",
+                "--data=x.json",
+                "--lr=0.5",
+                "--resume",
+                "--steps=7",
+                "--lr",
+                "0.1"
+            ])
+        );
+        let json = dir.path().join("run.json");
+        std::fs::write(&json, r#"{"steps": 3}"#).unwrap();
+        let out =
+            expand_config_file(args(&["train", &format!("--config={}", json.display())]), &known).unwrap();
+        assert_eq!(out, args(&["train", "--steps=3"]));
+    }
+
+    #[test]
+    fn unknown_keys_and_unreadable_files_are_errors_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "learning_rate = 1\n").unwrap();
+        let known = args(&["lr"]);
+        let err = expand_config_file(args(&["train", "--config", bad.to_str().unwrap()]), &known)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.toml") && err.contains("learning_rate"), "{err}");
+        let err = expand_config_file(args(&["train", "--config", "/nonexistent.toml"]), &known)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent.toml"), "{err}");
+    }
+}

@@ -1,0 +1,697 @@
+//! The training loop, written for R data-parallel ranks.
+//!
+//! Each optimizer step takes the next `global batch` examples of the epoch's shuffled order; rank
+//! r takes micro-batches `a * R + r` (a = 0 .. accumulation steps). Every term of the loss is
+//! divided by the global batch's count (answer tokens for the text loss, images for the pixel
+//! loss), so the summed gradient over ranks and micro-batches is the gradient of the global
+//! batch's mean loss whatever R and the micro-batch size are. Gradients are summed across ranks,
+//! clipped by their global norm, and applied by the sharded AdamW ([`crate::zero`]).
+//!
+//! Everything that decides a step (weights, optimizer moments, step count, data order seeded by
+//! `(seed, epoch)`) is in the checkpoint, so a resumed run repeats the uninterrupted run's steps
+//! exactly.
+
+use crate::checkpoint::{self, TrainState};
+use crate::collate::{collate, MicroBatch};
+use crate::collective::{Collective, ThreadGroup};
+use crate::data::{Dataset, LlavaData, ShapesData, Skipped};
+use crate::error::{io_err, Result, TrainError};
+use crate::eval::{evaluate, EvalReport};
+use crate::options::TrainOptions;
+use crate::schedule::learning_rate;
+use crate::shapes::ShapesConfig;
+use crate::zero::{load_moments, ShardedAdamW};
+use autograd::Var;
+use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
+use emma::config::{EmmaConfig, PRESETS};
+use emma::model::Emma;
+use emma::tokenizer::Tokenizer;
+use indicatif::{ProgressBar, ProgressStyle};
+use nn::{AdamWConfig, ParamStore};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+use tensor::{DType, Tensor};
+
+/// The first example index of the held-out shapes split: far from the training indices, so
+/// that its scenes come from other seeds.
+pub const SHAPES_EVAL_FIRST: u64 = 1 << 40;
+
+/// What a finished run reports.
+pub struct Summary {
+    /// Steps of the whole run.
+    pub steps: u64,
+    /// The step this invocation started from (0, or the resumed checkpoint's).
+    pub resumed_from: u64,
+    /// The loss of the last step.
+    pub final_loss: f64,
+    /// The final model (a directory `emma generate` and `train eval` take).
+    pub final_model: PathBuf,
+    /// Training samples left out as bad.
+    pub skipped: Vec<Skipped>,
+    /// Held-out accuracy, when there is held-out data.
+    pub eval: Option<EvalReport>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Metrics {
+    step: u64,
+    loss: f64,
+    text_loss: f64,
+    pixel_loss: f64,
+    lr: f64,
+    grad_norm: f64,
+}
+
+/// Everything the ranks share, read-only.
+struct Run<'a> {
+    opts: &'a TrainOptions,
+    cfg: EmmaConfig,
+    tok: Tokenizer,
+    data: &'a dyn Dataset,
+    /// The trainable parameters' names (sorted): the order of the flat gradient.
+    trainable: Vec<String>,
+    compute: DType,
+    adamw: AdamWConfig,
+    total: u64,
+    steps_per_epoch: u64,
+    micro: usize,
+    accum: usize,
+    root: PathBuf,
+    out: PathBuf,
+    progress: ProgressBar,
+    metrics: Mutex<std::fs::File>,
+}
+
+/// Trains as `opts` says (on the CPU backend) and evaluates on the held-out data.
+pub fn train(opts: &TrainOptions) -> Result<Summary> {
+    let mut cfg = EmmaConfig::preset(&opts.preset).ok_or_else(|| {
+        TrainError::Options(format!(
+            "unknown preset '{}' (known: {})",
+            opts.preset,
+            PRESETS.join(", ")
+        ))
+    })?;
+    cfg.alignment.mff &= !opts.no_mff;
+    cfg.alignment.pixel_loss &= !opts.no_pixel_loss;
+    if let Some(w) = opts.pixel_weight {
+        cfg.alignment.weight = w;
+    }
+    cfg.vision.frozen = !opts.train_vision;
+    let compute = match opts.precision.as_str() {
+        "auto" | "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(TrainError::Options(format!(
+                "--precision {other}: use f32, bf16 or auto"
+            )))
+        }
+    };
+    let recipe = opts.recipe();
+    let (micro, accum) = opts.batching()?;
+    let tok = match &opts.tokenizer {
+        Some(p) => Tokenizer::from_file(p)?,
+        None => Tokenizer::train_builtin(cfg.lm.vocab)?,
+    };
+    if tok.vocab_size() > cfg.lm.vocab {
+        return Err(TrainError::Options(format!(
+            "tokenizer {} has {} tokens, more than the {} rows of the preset's embedding",
+            tok.source_name(),
+            tok.vocab_size(),
+            cfg.lm.vocab
+        )));
+    }
+    let (train_data, eval_data, skipped) = datasets(opts)?;
+    let n = train_data.len() as u64;
+    let global = recipe.global_batch as u64;
+    if n < global {
+        return Err(TrainError::Options(format!(
+            "{} has {n} examples, fewer than one global batch ({global})",
+            train_data.describe()
+        )));
+    }
+    let steps_per_epoch = n / global;
+    let total = opts
+        .steps
+        .unwrap_or_else(|| ((recipe.epochs * n as f64) / global as f64).ceil().max(1.0) as u64);
+
+    let out = opts.out_dir();
+    let root = out.join("checkpoints");
+    let (params, state) = initial_state(opts, &cfg, &root)?;
+    let trainable: Vec<String> = params
+        .keys()
+        .filter(|k| !(cfg.vision.frozen && k.starts_with("vision.")))
+        .cloned()
+        .collect();
+    let start = state.as_ref().map_or(0, |s| s.step);
+    std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+    let metrics = open_metrics(&out, start)?;
+    let progress = ProgressBar::new(total).with_position(start);
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (ETA {eta})")
+            .map_err(|e| TrainError::Options(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    eprintln!(
+        "training {} ({} trainable of {} parameters) on {}: {total} steps of {global} examples \
+         ({} rank(s) x {accum} x {micro}), {:?}{}",
+        cfg.name,
+        trainable.iter().map(|k| params[k].numel()).sum::<usize>(),
+        params.values().map(Tensor::numel).sum::<usize>(),
+        train_data.describe(),
+        opts.ranks,
+        compute,
+        if start > 0 {
+            format!(", resuming at step {start}")
+        } else {
+            String::new()
+        }
+    );
+    let run = Run {
+        opts,
+        cfg,
+        tok,
+        data: train_data.as_ref(),
+        trainable,
+        compute,
+        adamw: AdamWConfig {
+            lr: recipe.lr,
+            weight_decay: recipe.weight_decay,
+            ..Default::default()
+        },
+        total,
+        steps_per_epoch,
+        micro,
+        accum,
+        root,
+        out: out.clone(),
+        progress,
+        metrics: Mutex::new(metrics),
+    };
+    let resume_dir = state.as_ref().map(|s| checkpoint::step_dir(&run.root, s.step));
+    let group = ThreadGroup::new(opts.ranks);
+    let results: Vec<Result<(f64, BTreeMap<String, Tensor>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = group
+            .iter()
+            .map(|coll| {
+                let (run, params, resume_dir) = (&run, params.clone(), resume_dir.clone());
+                s.spawn(move || rank_loop(run, coll, params, start, resume_dir.as_deref()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(TrainError::PeerFailed(usize::MAX)))
+            })
+            .collect()
+    });
+    run.progress.finish();
+    let mut first_err = None;
+    let mut rank0 = None;
+    for r in results {
+        match r {
+            Ok(v) => rank0 = rank0.or(Some(v)),
+            Err(TrainError::PeerFailed(_)) => {}
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    let (final_loss, params) = rank0.ok_or(TrainError::PeerFailed(usize::MAX))?;
+
+    let final_model = out.join("final");
+    let model = Emma::new(&run.cfg, ParamStore::new(params, false, "trained model"))?;
+    save_model(&model, &run.tok, &final_model)?;
+    let eval = match &eval_data {
+        Some(data) => {
+            let bar = ProgressBar::new(data.len() as u64);
+            bar.set_message("evaluating");
+            let report = evaluate(
+                &model,
+                &run.tok,
+                data.as_ref(),
+                opts.eval_max_new_tokens,
+                Some(&bar),
+            )?;
+            bar.finish_and_clear();
+            Some(report)
+        }
+        None => None,
+    };
+    Ok(Summary {
+        steps: total,
+        resumed_from: start,
+        final_loss,
+        final_model,
+        skipped,
+        eval,
+    })
+}
+
+/// Writes a model directory with its tokenizer.
+fn save_model(model: &Emma, tok: &Tokenizer, dir: &Path) -> Result<()> {
+    emma::checkpoint::save(model, dir).map_err(|e| TrainError::Checkpoint {
+        path: dir.to_owned(),
+        detail: format!("{e:#}"),
+    })?;
+    tok.save(dir.join(TOKENIZER_FILE))?;
+    Ok(())
+}
+
+type Datasets = (Box<dyn Dataset>, Option<Box<dyn Dataset>>, Vec<Skipped>);
+
+/// The training data, the held-out data and the training samples skipped as bad.
+fn datasets(opts: &TrainOptions) -> Result<Datasets> {
+    if opts.data == "shapes" {
+        let config = ShapesConfig {
+            image_size: 32,
+            seed: opts.seed,
+        };
+        let train = ShapesData {
+            config: config.clone(),
+            first: 0,
+            count: opts.shapes_train as usize,
+        };
+        let eval = ShapesData {
+            config,
+            first: SHAPES_EVAL_FIRST,
+            count: opts.shapes_eval as usize,
+        };
+        let eval: Option<Box<dyn Dataset>> = (eval.count > 0).then(|| Box::new(eval) as Box<dyn Dataset>);
+        return Ok((Box::new(train), eval, Vec::new()));
+    }
+    let load = |json: &str| -> Result<LlavaData> {
+        let json = PathBuf::from(json);
+        let folder = opts
+            .image_folder
+            .clone()
+            .unwrap_or_else(|| json.parent().map(Path::to_path_buf).unwrap_or_default());
+        Ok(LlavaData::load(&json, &folder, opts.skip_bad_samples)?)
+    };
+    let train = load(&opts.data)?;
+    let skipped = train.skipped.clone();
+    for s in &skipped {
+        eprintln!("skipped: {}", s.reason);
+    }
+    let eval = match &opts.eval_data {
+        Some(path) => Some(Box::new(load(path)?) as Box<dyn Dataset>),
+        None => None,
+    };
+    Ok((Box::new(train), eval, skipped))
+}
+
+/// The starting weights and, when resuming, the checkpoint's state.
+fn initial_state(
+    opts: &TrainOptions,
+    cfg: &EmmaConfig,
+    root: &Path,
+) -> Result<(BTreeMap<String, Tensor>, Option<TrainState>)> {
+    checkpoint::remove_partials(root)?;
+    let existing = checkpoint::list(root)?;
+    if let Some((step, dir)) = existing.last().filter(|_| opts.resume) {
+        let state = checkpoint::read_state(dir)?;
+        let identity: Vec<(String, String)> = opts
+            .run_identity()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        let changed: Vec<String> = identity
+            .iter()
+            .filter(|kv| !state.identity.contains(kv))
+            .map(|(k, v)| {
+                let was = state
+                    .identity
+                    .iter()
+                    .find(|(sk, _)| sk == k)
+                    .map_or("unset", |(_, sv)| sv);
+                format!("--{k} {v} (the run used {was})")
+            })
+            .collect();
+        if !changed.is_empty() {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                detail: format!("cannot resume with other options: {}", changed.join(", ")),
+            });
+        }
+        let model = emma::checkpoint::load(dir, true).map_err(|e| TrainError::Checkpoint {
+            path: dir.clone(),
+            detail: format!("{e:#}"),
+        })?;
+        if model.config() != cfg {
+            return Err(TrainError::Checkpoint {
+                path: dir.clone(),
+                detail: "its model config differs from this run's".to_owned(),
+            });
+        }
+        debug_assert_eq!(*step, state.step);
+        return Ok((model.store().tensors(), Some(state)));
+    }
+    if let Some((step, _)) = existing.last() {
+        if !opts.overwrite {
+            return Err(TrainError::Options(format!(
+                "{} holds checkpoints of an earlier run (up to step {step}): pass --resume to continue \
+                 it, --overwrite to start over, or another --out",
+                root.display()
+            )));
+        }
+        std::fs::remove_dir_all(root).map_err(io_err(root))?;
+    } else if opts.resume {
+        eprintln!("note: no checkpoint in {}; starting from step 0", root.display());
+    }
+    let parts = Pretrained {
+        siglip: opts.siglip.as_deref(),
+        dinov2: opts.dinov2.as_deref(),
+        lm: opts.lm.as_deref(),
+    };
+    let model = from_pretrained_parts(cfg, &parts, opts.seed, true)
+        .map_err(|e| TrainError::Options(format!("{e:#}")))?;
+    Ok((model.store().tensors(), None))
+}
+
+/// The metrics file, holding the lines of steps up to `start` (a resumed run rewrites the
+/// steps after its checkpoint).
+fn open_metrics(out: &Path, start: u64) -> Result<std::fs::File> {
+    let path = out.join("metrics.jsonl");
+    let kept: String = match std::fs::read_to_string(&path) {
+        Ok(text) if start > 0 => text
+            .lines()
+            .filter(|l| serde_json::from_str::<Metrics>(l).is_ok_and(|m| m.step <= start))
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    tensor::atomic_file::write_atomic(&path, |w| w.write_all(kept.as_bytes())).map_err(io_err(&path))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .map_err(io_err(&path))
+}
+
+/// Turns this rank's outcome into one every rank agrees on: if any rank failed, every rank
+/// stops (the failing one with its own error).
+fn agree<T>(coll: &dyn Collective, local: Result<T>) -> Result<T> {
+    let mut flags = vec![0.0; coll.world()];
+    flags[coll.rank()] = f64::from(u8::from(local.is_err()));
+    let failed = coll.sum_f64(&flags);
+    match local {
+        Err(e) => Err(e),
+        Ok(v) => match failed.iter().position(|&f| f > 0.0) {
+            Some(r) => Err(TrainError::PeerFailed(r)),
+            None => Ok(v),
+        },
+    }
+}
+
+/// One rank's training from step `start`; returns the last loss and the final weights.
+fn rank_loop(
+    run: &Run,
+    coll: &dyn Collective,
+    mut params: BTreeMap<String, Tensor>,
+    start: u64,
+    resume_dir: Option<&Path>,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let (rank, world) = (coll.rank(), coll.world());
+    let trainable_map: BTreeMap<String, Tensor> = run
+        .trainable
+        .iter()
+        .map(|k| (k.clone(), params[k].clone()))
+        .collect();
+    let moments = match resume_dir {
+        Some(dir) => load_moments(dir, &trainable_map, rank, world),
+        None => Ok(BTreeMap::new()),
+    };
+    let moments = agree(coll, moments)?;
+    let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
+    let global = run.micro * run.accum * world;
+    let mut order: Option<(u64, Vec<usize>)> = None;
+    let mut last_loss = f64::NAN;
+    let mut last_checkpoint = resume_dir.map(Path::to_path_buf);
+    for step in start..run.total {
+        let timer = Instant::now();
+        let epoch = step / run.steps_per_epoch;
+        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            order = Some((epoch, shuffled(run.data.len(), run.opts.seed, epoch)));
+        }
+        let epoch_order = &order.as_ref().map(|(_, o)| o).cloned().unwrap_or_default();
+        let first = (step % run.steps_per_epoch) as usize * global;
+        let mine: Vec<usize> = (0..run.accum)
+            .flat_map(|a| {
+                let at = first + (a * world + rank) * run.micro;
+                epoch_order[at..at + run.micro].iter().copied()
+            })
+            .collect();
+        let batches = agree(coll, load_micro_batches(run, &mine))?;
+        let counts = coll.sum_f64(&[
+            batches
+                .iter()
+                .map(|b| (b.answer_tokens[0] + b.answer_tokens[1]) as f64)
+                .sum(),
+            batches.iter().map(|b| b.images as f64).sum(),
+            batches.iter().map(|b| b.positions as f64).sum(),
+        ]);
+        let local = agree(coll, accumulate(run, &params, &batches, counts[0], counts[1]));
+        let (grads, text, pixel) = local?;
+        let mut flat = flatten(run, &params, &grads)?;
+        coll.all_reduce_sum(&mut flat);
+        let losses = coll.sum_f64(&[text, pixel]);
+        let loss = losses[0] + losses[1];
+        let grad_norm = flat
+            .iter()
+            .map(|&g| f64::from(g) * f64::from(g))
+            .sum::<f64>()
+            .sqrt();
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                loss,
+                grad_norm,
+                checkpoint: last_checkpoint,
+            });
+        }
+        let max = run.opts.max_grad_norm;
+        if max > 0.0 && grad_norm > max {
+            let scale = (max / grad_norm) as f32;
+            flat.iter_mut().for_each(|g| *g *= scale);
+        }
+        let grads = unflatten(run, &params, &flat)?;
+        let lr = learning_rate(step, run.total, run.adamw.lr, run.opts.recipe().warmup_ratio);
+        opt.step(coll, &mut params, &grads, lr)?;
+        last_loss = loss;
+        if rank == 0 {
+            let line = Metrics {
+                step: step + 1,
+                loss,
+                text_loss: losses[0],
+                pixel_loss: losses[1],
+                lr,
+                grad_norm,
+            };
+            record(run, &line, counts[2] / timer.elapsed().as_secs_f64())?;
+        }
+        let done = step + 1;
+        if done.is_multiple_of(run.opts.checkpoint_every.max(1)) || done == run.total {
+            let state = TrainState {
+                step: done,
+                total_steps: run.total,
+                epoch: done / run.steps_per_epoch,
+                position: (done % run.steps_per_epoch) * global as u64,
+                data_seed: run.opts.seed,
+                ranks: world,
+                loss,
+                identity: run
+                    .opts
+                    .run_identity()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            };
+            last_checkpoint = Some(save_checkpoint(run, coll, &opt, &params, &state)?);
+        }
+    }
+    Ok((last_loss, params))
+}
+
+/// The examples' order in `epoch`: a shuffle seeded by `(seed, epoch)` only.
+fn shuffled(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mix = seed ^ epoch.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix));
+    order
+}
+
+/// Reads and collates this rank's micro-batches of a step.
+fn load_micro_batches(run: &Run, indices: &[usize]) -> Result<Vec<MicroBatch>> {
+    indices
+        .chunks(run.micro)
+        .map(|chunk| {
+            let examples = chunk
+                .iter()
+                .map(|&i| run.data.get(i))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            collate(
+                &examples,
+                &run.tok,
+                run.cfg.vision.image_size,
+                run.cfg.vision.tokens(),
+                run.opts.recipe().max_len,
+            )
+        })
+        .collect()
+}
+
+/// Forward and backward over this rank's micro-batches: the summed gradients (f32, by name) and
+/// this rank's shares of the text and pixel losses.
+fn accumulate(
+    run: &Run,
+    params: &BTreeMap<String, Tensor>,
+    batches: &[MicroBatch],
+    global_tokens: f64,
+    global_images: f64,
+) -> Result<(BTreeMap<String, Tensor>, f64, f64)> {
+    let weights: BTreeMap<String, Tensor> = params
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_dtype(run.compute)?)))
+        .collect::<Result<_>>()?;
+    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let (mut text, mut pixel) = (0.0, 0.0);
+    for mb in batches {
+        let model = Emma::new(
+            &run.cfg,
+            ParamStore::new(weights.clone(), true, "training weights"),
+        )?;
+        // (term, whether it is a pixel-loss term)
+        let mut terms: Vec<(Var, bool)> = Vec::new();
+        if let Some(batch) = &mb.with_images {
+            let l = model.losses(batch)?;
+            if mb.answer_tokens[0] > 0 {
+                terms.push((
+                    l.text.affine(mb.answer_tokens[0] as f64 / global_tokens, 0.0)?,
+                    false,
+                ));
+            }
+            if let Some(p) = l.pixel {
+                terms.push((p.affine(1.0 / global_images, 0.0)?, true));
+            }
+        }
+        if let Some((ids, labels)) = &mb.text_only {
+            if mb.answer_tokens[1] > 0 {
+                let l = model.text_only_losses(ids, labels)?;
+                terms.push((
+                    l.text.affine(mb.answer_tokens[1] as f64 / global_tokens, 0.0)?,
+                    false,
+                ));
+            }
+        }
+        let Some(((first, _), rest)) = terms.split_first() else {
+            continue;
+        };
+        let mut objective = first.clone();
+        for (t, _) in rest {
+            objective = objective.add(t)?;
+        }
+        for (t, is_pixel) in &terms {
+            let v = t.value().to_scalar_f64()?;
+            if *is_pixel {
+                pixel += v;
+            } else {
+                text += v;
+            }
+        }
+        objective.backward()?;
+        for (k, g) in model.store().grads() {
+            let g = g.to_dtype(DType::F32)?;
+            let sum = match grads.remove(&k) {
+                Some(acc) => acc.add(&g)?,
+                None => g,
+            };
+            grads.insert(k, sum);
+        }
+    }
+    Ok((grads, text, pixel))
+}
+
+/// The trainable gradients in name order as one f32 buffer (zeros where a rank had none).
+fn flatten(
+    run: &Run,
+    params: &BTreeMap<String, Tensor>,
+    grads: &BTreeMap<String, Tensor>,
+) -> Result<Vec<f32>> {
+    let mut flat = Vec::new();
+    for k in &run.trainable {
+        match grads.get(k) {
+            Some(g) => flat.extend(g.to_vec::<f32>()?),
+            None => flat.extend(std::iter::repeat_n(0.0, params[k].numel())),
+        }
+    }
+    Ok(flat)
+}
+
+/// The inverse of [`flatten`].
+fn unflatten(run: &Run, params: &BTreeMap<String, Tensor>, flat: &[f32]) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    let mut at = 0;
+    for k in &run.trainable {
+        let shape = params[k].shape();
+        let n = params[k].numel();
+        out.insert(k.clone(), Tensor::from_slice(&flat[at..at + n], shape)?);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Appends a metrics line and updates the progress bar (rank 0).
+fn record(run: &Run, m: &Metrics, positions_per_s: f64) -> Result<()> {
+    let line = serde_json::to_string(m).map_err(|e| TrainError::Options(e.to_string()))?;
+    let path = run.out.join("metrics.jsonl");
+    let mut file = run.metrics.lock().unwrap_or_else(|e| e.into_inner());
+    writeln!(file, "{line}").map_err(io_err(&path))?;
+    run.progress.set_message(format!(
+        "loss {:.4} pixel {:.4} lr {:.2e} {:.0} tok/s",
+        m.text_loss, m.pixel_loss, m.lr, positions_per_s
+    ));
+    run.progress.set_position(m.step);
+    if run.progress.is_hidden() && (m.step.is_multiple_of(50) || m.step == run.total) {
+        eprintln!(
+            "step {}/{}: loss {:.4} (text {:.4}, pixel {:.4}), lr {:.2e}, grad norm {:.3}, {:.0} tok/s",
+            m.step, run.total, m.loss, m.text_loss, m.pixel_loss, m.lr, m.grad_norm, positions_per_s
+        );
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint: every rank its optimizer shard, rank 0 the model and the state; returns
+/// the checkpoint's directory.
+fn save_checkpoint(
+    run: &Run,
+    coll: &dyn Collective,
+    opt: &ShardedAdamW,
+    params: &BTreeMap<String, Tensor>,
+    state: &TrainState,
+) -> Result<PathBuf> {
+    let partial = checkpoint::partial_dir(&run.root, state.step);
+    let created = if coll.rank() == 0 {
+        std::fs::create_dir_all(&partial).map_err(io_err(&partial))
+    } else {
+        Ok(())
+    };
+    agree(coll, created)?;
+    let shard = partial.join(format!("optimizer-rank{}.safetensors", coll.rank()));
+    agree(coll, opt.save(&shard))?;
+    let finished = if coll.rank() == 0 {
+        Emma::new(&run.cfg, ParamStore::new(params.clone(), false, "checkpoint"))
+            .map_err(TrainError::from)
+            .and_then(|model| save_model(&model, &run.tok, &partial))
+            .and_then(|()| checkpoint::finish(&run.root, state, run.opts.keep))
+    } else {
+        Ok(PathBuf::new())
+    };
+    agree(coll, finished)?;
+    Ok(checkpoint::step_dir(&run.root, state.step))
+}

@@ -1,0 +1,189 @@
+//! AdamW sharded across data-parallel ranks (ZeRO stage 1): each rank owns a share of the
+//! trainable parameters, keeps their moments and updates them alone; the updated parameters are
+//! then gathered so that every rank holds the whole model again. Moments are saved one file per
+//! rank under the parameters' names, so a run can resume on any number of ranks.
+
+use crate::collective::Collective;
+use crate::error::{Result, TrainError};
+use nn::{AdamW, AdamWConfig};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tensor::Tensor;
+
+/// Assigns each named parameter (with its element count) to a rank: largest first, each to the
+/// rank with the fewest elements so far (ties: lowest rank, then name order). Deterministic.
+pub fn partition(sizes: &BTreeMap<String, usize>, world: usize) -> BTreeMap<String, usize> {
+    let mut order: Vec<(&String, usize)> = sizes.iter().map(|(k, &n)| (k, n)).collect();
+    order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut load = vec![0usize; world];
+    let mut owner = BTreeMap::new();
+    for (name, n) in order {
+        let r = (0..world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+        load[r] += n;
+        owner.insert(name.clone(), r);
+    }
+    owner
+}
+
+/// This rank's share of a sharded AdamW.
+pub struct ShardedAdamW {
+    owner: BTreeMap<String, usize>,
+    rank: usize,
+    opt: AdamW,
+}
+
+impl ShardedAdamW {
+    /// The optimizer of `rank` over the `trainable` parameters, resumed from `moments` (this
+    /// rank's, by name) after `step` steps.
+    pub fn new(
+        trainable: &BTreeMap<String, Tensor>,
+        rank: usize,
+        world: usize,
+        config: AdamWConfig,
+        step: u64,
+        moments: BTreeMap<String, (Tensor, Tensor)>,
+    ) -> Self {
+        let sizes = trainable.iter().map(|(k, t)| (k.clone(), t.numel())).collect();
+        ShardedAdamW {
+            owner: partition(&sizes, world),
+            rank,
+            opt: AdamW::resume(config, step, moments),
+        }
+    }
+
+    /// The names this rank owns.
+    pub fn owned(&self) -> impl Iterator<Item = &String> {
+        self.owner.iter().filter(|(_, &r)| r == self.rank).map(|(k, _)| k)
+    }
+
+    /// One update with learning rate `lr`: this rank steps its own parameters with their
+    /// (already all-reduced) gradients, then every rank's updates are gathered into `params`.
+    pub fn step(
+        &mut self,
+        coll: &dyn Collective,
+        params: &mut BTreeMap<String, Tensor>,
+        grads: &BTreeMap<String, Tensor>,
+        lr: f64,
+    ) -> Result<()> {
+        self.opt.config.lr = lr;
+        let owned: Vec<String> = self.owned().cloned().collect();
+        let mut mine: BTreeMap<String, Tensor> =
+            owned.iter().map(|k| (k.clone(), params[k].clone())).collect();
+        let my_grads: BTreeMap<String, Tensor> = owned
+            .iter()
+            .filter_map(|k| grads.get(k).map(|g| (k.clone(), g.clone())))
+            .collect();
+        self.opt.step(&mut mine, &my_grads)?;
+        let mut flat = Vec::new();
+        for t in mine.values() {
+            flat.extend(t.to_vec::<f32>()?);
+        }
+        let all = coll.all_gather(flat);
+        for (r, buf) in all.iter().enumerate() {
+            let mut at = 0;
+            for (name, _) in self.owner.iter().filter(|(_, &o)| o == r) {
+                let shape = params[name].shape().to_vec();
+                let n: usize = shape.iter().product();
+                let slice = buf.get(at..at + n).ok_or_else(|| {
+                    TrainError::Options(format!(
+                        "rank {r} sent {} values, fewer than its parameters",
+                        buf.len()
+                    ))
+                })?;
+                params.insert(name.clone(), Tensor::from_slice(slice, &shape)?);
+                at += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.opt.steps()
+    }
+
+    /// Writes this rank's moments to `path` (tensors `exp_avg.NAME` and `exp_avg_sq.NAME`).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let named: Vec<(String, &Tensor)> = self
+            .opt
+            .moments()
+            .iter()
+            .flat_map(|(k, (m, v))| [(format!("exp_avg.{k}"), m), (format!("exp_avg_sq.{k}"), v)])
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, t)| (k.as_str(), *t)).collect();
+        tensor::safetensors::save(path, &refs, None)?;
+        Ok(())
+    }
+}
+
+/// The moments of the parameters `rank` owns among `trainable` (for `world` ranks), read from
+/// every `optimizer-rank*.safetensors` file in `dir`, whatever number of ranks wrote them. Each
+/// owned parameter must have both moments, with its shape.
+pub fn load_moments(
+    dir: &Path,
+    trainable: &BTreeMap<String, Tensor>,
+    rank: usize,
+    world: usize,
+) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
+    let mut found = BTreeMap::new();
+    let entries = std::fs::read_dir(dir).map_err(crate::error::io_err(dir))?;
+    for entry in entries {
+        let path = entry.map_err(crate::error::io_err(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("optimizer-rank") && name.ends_with(".safetensors") {
+            found.extend(tensor::safetensors::load(&path)?);
+        }
+    }
+    let sizes = trainable.iter().map(|(k, t)| (k.clone(), t.numel())).collect();
+    let owner = partition(&sizes, world);
+    let mut moments = BTreeMap::new();
+    for (name, _) in owner.iter().filter(|(_, &r)| r == rank) {
+        let mut take = |prefix: &str| {
+            let key = format!("{prefix}.{name}");
+            match found.remove(&key) {
+                Some(t) if t.shape() == trainable[name].shape() => Ok(t),
+                Some(t) => Err(TrainError::Checkpoint {
+                    path: dir.to_owned(),
+                    detail: format!(
+                        "optimizer tensor {key} has shape {:?}, the parameter {:?}",
+                        t.shape(),
+                        trainable[name].shape()
+                    ),
+                }),
+                None => Err(TrainError::Checkpoint {
+                    path: dir.to_owned(),
+                    detail: format!("no optimizer tensor {key}"),
+                }),
+            }
+        };
+        let m = take("exp_avg")?;
+        let v = take("exp_avg_sq")?;
+        moments.insert(name.clone(), (m, v));
+    }
+    Ok(moments)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn partition_balances_elements_and_covers_every_parameter() {
+        let sizes: BTreeMap<String, usize> = [("a", 100), ("b", 60), ("c", 50), ("d", 10), ("e", 1)]
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n))
+            .collect();
+        let owner = partition(&sizes, 2);
+        assert_eq!(owner.len(), 5);
+        let load = |r| {
+            sizes
+                .iter()
+                .filter(|(k, _)| owner[*k] == r)
+                .map(|(_, n)| n)
+                .sum::<usize>()
+        };
+        assert_eq!((load(0), load(1)), (111, 110));
+        assert!(partition(&sizes, 1).values().all(|&r| r == 0));
+    }
+}
