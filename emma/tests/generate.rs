@@ -103,7 +103,7 @@ fn a_trained_tiny_model_answers_each_image_with_its_answer() {
         let out = generate(
             &model,
             &tok,
-            img,
+            Some(img),
             &Conversation::single(question, None),
             &greedy(20),
         )

@@ -8,6 +8,9 @@ use tensor::{DType, Rng, Tensor};
 /// - biases: 0; norm and layer-scale weights (1-D `*.weight` of a norm, `lambda1`): 1;
 /// - Mamba `A_log`: ln(1..=N) per state (Mamba-1 `[D, N]`) or ln(1..=H) (Mamba-2 `[H]`);
 ///   `D`: 1; `dt_bias` / `dt_proj.bias`: softplus⁻¹ of dt log-uniform in [1e-3, 0.1];
+/// - the weights of the multimodal projector (`projector.*.weight`): uniform in ±1/√fan_in,
+///   PyTorch's `nn.Linear` default that Cobra's projector keeps, so that image tokens reach the
+///   LM at the scale of the vision features rather than shrunk by each layer;
 /// - everything else (projections, embeddings, tokens): normal with std 0.02.
 pub fn initial_value(name: &str, shape: &[usize], dtype: DType, rng: &mut Rng) -> Result<Tensor> {
     let leaf = name.rsplit('.').next().unwrap_or(name);
@@ -43,6 +46,10 @@ pub fn initial_value(name: &str, shape: &[usize], dtype: DType, rng: &mut Rng) -
         "bias" if name.ends_with("dt_proj.bias") => inverse_softplus_dt(shape, dtype, rng)?,
         "bias" => Tensor::zeros(shape, dtype),
         "weight" if shape.len() == 1 && is_norm => Tensor::ones(shape, dtype),
+        "weight" if name.starts_with("projector.") && shape.len() == 2 => {
+            let bound = 1.0 / (shape[1] as f64).sqrt();
+            Tensor::rand_uniform(shape, dtype, -bound, bound, rng)?
+        }
         _ => Tensor::randn(shape, dtype, 0.0, 0.02, rng)?,
     })
 }

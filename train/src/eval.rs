@@ -28,6 +28,9 @@ pub struct EvalReport {
     pub samples: Vec<(String, String, String)>,
     /// `(correct, examples)` by the question's first two words (a rough question type).
     pub by_question_start: BTreeMap<String, (usize, usize)>,
+    /// How many questions the best constant answer per question type gets right: what a model
+    /// that reads the question but not the image can reach.
+    pub type_majority_count: usize,
 }
 
 impl EvalReport {
@@ -39,6 +42,11 @@ impl EvalReport {
     /// The accuracy of always giving the majority answer.
     pub fn majority_accuracy(&self) -> f64 {
         self.majority_count as f64 / self.examples.max(1) as f64
+    }
+
+    /// The accuracy of the best constant answer per question type.
+    pub fn type_majority_accuracy(&self) -> f64 {
+        self.type_majority_count as f64 / self.examples.max(1) as f64
     }
 
     /// One line per question start: `  what colour: 41/120 (34.2%)`.
@@ -57,10 +65,12 @@ impl EvalReport {
     /// The one-line summary `held-out accuracy 83.1% (majority baseline 24.0%)`.
     pub fn summary(&self) -> String {
         format!(
-            "held-out accuracy {:.1}% (majority baseline {:.1}%: always \"{}\"; {} examples)",
+            "held-out accuracy {:.1}% (majority baseline {:.1}%: always \"{}\"; per-question-type \
+             majority {:.1}%; {} examples)",
             100.0 * self.accuracy(),
             100.0 * self.majority_accuracy(),
             self.majority_answer,
+            100.0 * self.type_majority_accuracy(),
             self.examples
         )
     }
@@ -95,6 +105,7 @@ pub fn evaluate(
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut samples = Vec::new();
     let mut by_question_start: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    let mut answers_by_type: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for i in 0..data.len() {
         let ex = data.get(i)?;
         let mut turns = ex.conversation.turns.clone();
@@ -111,6 +122,11 @@ pub fn evaluate(
             .take(2)
             .collect::<Vec<_>>()
             .join(" ");
+        *answers_by_type
+            .entry(start.clone())
+            .or_default()
+            .entry(want.clone())
+            .or_default() += 1;
         let kind = by_question_start.entry(start).or_default();
         kind.0 += usize::from(want == got);
         kind.1 += 1;
@@ -134,5 +150,21 @@ pub fn evaluate(
         majority_count,
         samples,
         by_question_start,
+        type_majority_count: answers_by_type
+            .values()
+            .map(|answers| answers.values().max().copied().unwrap_or(0))
+            .sum(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise;
+
+    #[test]
+    fn normalising_ignores_case_punctuation_and_spacing() {
+        assert_eq!(normalise("  Dark   Blue. "), "dark blue");
+        assert_eq!(normalise("Yes!"), "yes");
+        assert_ne!(normalise("two"), normalise("three"));
+    }
 }
