@@ -4,8 +4,8 @@
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use emma::device::{resolve, DeviceChoice};
-use std::path::PathBuf;
-use train::data::{Dataset, LlavaData, ShapesData};
+use std::path::{Path, PathBuf};
+use train::data::{Dataset, ShapesData};
 use train::options::{expand_config_file, TrainOptions};
 use train::shapes::{write_llava, ShapesConfig};
 
@@ -100,13 +100,8 @@ fn main() -> anyhow::Result<()> {
                     count: shapes_eval as usize,
                 })
             } else {
-                let json = PathBuf::from(&data);
-                let folder =
-                    image_folder.unwrap_or_else(|| json.parent().map(PathBuf::from).unwrap_or_default());
-                let d = LlavaData::load(&json, &folder, skip_bad_samples)?;
-                for s in &d.skipped {
-                    eprintln!("skipped: {}", s.reason);
-                }
+                let d =
+                    train::trainer::open_llava(Path::new(&data), image_folder.as_deref(), skip_bad_samples)?;
                 Box::new(d)
             };
             let bar = indicatif::ProgressBar::new(dataset.len() as u64);

@@ -287,24 +287,30 @@ fn datasets(opts: &TrainOptions) -> Result<Datasets> {
         let eval: Option<Box<dyn Dataset>> = (eval.count > 0).then(|| Box::new(eval) as Box<dyn Dataset>);
         return Ok((Box::new(train), eval, Vec::new()));
     }
-    let load = |json: &str| -> Result<LlavaData> {
-        let json = PathBuf::from(json);
-        let folder = opts
-            .image_folder
-            .clone()
-            .unwrap_or_else(|| json.parent().map(Path::to_path_buf).unwrap_or_default());
-        Ok(LlavaData::load(&json, &folder, opts.skip_bad_samples)?)
-    };
-    let train = load(&opts.data)?;
+    let folder = opts.image_folder.as_deref();
+    let train = open_llava(Path::new(&opts.data), folder, opts.skip_bad_samples)?;
     let skipped = train.skipped.clone();
-    for s in &skipped {
-        eprintln!("skipped: {}", s.reason);
-    }
     let eval = match &opts.eval_data {
-        Some(path) => Some(Box::new(load(path)?) as Box<dyn Dataset>),
+        Some(path) => {
+            Some(Box::new(open_llava(Path::new(path), folder, opts.skip_bad_samples)?) as Box<dyn Dataset>)
+        }
         None => None,
     };
     Ok((Box::new(train), eval, skipped))
+}
+
+/// Loads a LLaVA file whose images are relative to `image_folder` (default: the file's folder),
+/// printing each record skipped as bad.
+pub fn open_llava(json: &Path, image_folder: Option<&Path>, skip_bad_samples: bool) -> Result<LlavaData> {
+    let folder = image_folder.map_or_else(
+        || json.parent().map(Path::to_path_buf).unwrap_or_default(),
+        Path::to_path_buf,
+    );
+    let data = LlavaData::load(json, &folder, skip_bad_samples)?;
+    for s in &data.skipped {
+        eprintln!("skipped: {}", s.reason);
+    }
+    Ok(data)
 }
 
 /// The starting weights and, when resuming, the checkpoint's state.
@@ -439,7 +445,7 @@ fn rank_loop(
         if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
             order = Some((epoch, shuffled(run.data.len(), run.opts.seed, epoch)));
         }
-        let epoch_order = &order.as_ref().map(|(_, o)| o).cloned().unwrap_or_default();
+        let epoch_order = order.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
         let first = (step % run.steps_per_epoch) as usize * global;
         let mine: Vec<usize> = (0..run.accum)
             .flat_map(|a| {
