@@ -24,7 +24,7 @@ use crate::zero::{load_moments, ShardedAdamW};
 use autograd::Var;
 use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
 use emma::config::{EmmaConfig, PRESETS};
-use emma::model::Emma;
+use emma::model::{Batch, Emma};
 use emma::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use nn::{AdamWConfig, ParamStore};
@@ -194,13 +194,14 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         metrics: Mutex::new(metrics),
     };
     let resume_dir = state.as_ref().map(|s| checkpoint::step_dir(&run.root, s.step));
+    let start_loss = state.as_ref().map_or(f64::NAN, |s| s.loss);
     let group = ThreadGroup::new(opts.ranks);
     let results: Vec<Result<(f64, BTreeMap<String, Tensor>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = group
             .iter()
             .map(|coll| {
                 let (run, params, resume_dir) = (&run, params.clone(), resume_dir.clone());
-                s.spawn(move || rank_loop(run, coll, params, start, resume_dir.as_deref()))
+                s.spawn(move || rank_loop(run, coll, params, start, start_loss, resume_dir.as_deref()))
             })
             .collect();
         handles
@@ -415,12 +416,14 @@ fn agree<T>(coll: &dyn Collective, local: Result<T>) -> Result<T> {
     }
 }
 
-/// One rank's training from step `start`; returns the last loss and the final weights.
+/// One rank's training from step `start` (whose loss was `start_loss`); returns the last loss
+/// and the final weights.
 fn rank_loop(
     run: &Run,
     coll: &dyn Collective,
     mut params: BTreeMap<String, Tensor>,
     start: u64,
+    start_loss: f64,
     resume_dir: Option<&Path>,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
     let (rank, world) = (coll.rank(), coll.world());
@@ -437,7 +440,7 @@ fn rank_loop(
     let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
     let global = run.micro * run.accum * world;
     let mut order: Option<(u64, Vec<usize>)> = None;
-    let mut last_loss = f64::NAN;
+    let mut last_loss = start_loss;
     let mut last_checkpoint = resume_dir.map(Path::to_path_buf);
     for step in start..run.total {
         let timer = Instant::now();
@@ -575,7 +578,12 @@ fn accumulate(
         // (term, whether it is a pixel-loss term)
         let mut terms: Vec<(Var, bool)> = Vec::new();
         if let Some(batch) = &mb.with_images {
-            let l = model.losses(batch)?;
+            let l = model.losses(&Batch {
+                siglip_pixels: batch.siglip_pixels.to_dtype(run.compute)?,
+                dinov2_pixels: batch.dinov2_pixels.to_dtype(run.compute)?,
+                ids: batch.ids.clone(),
+                labels: batch.labels.clone(),
+            })?;
             if mb.answer_tokens[0] > 0 {
                 terms.push((
                     l.text.affine(mb.answer_tokens[0] as f64 / global_tokens, 0.0)?,
