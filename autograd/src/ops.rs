@@ -24,9 +24,14 @@ fn spread(grad: &Tensor, shape: &[usize], axes: &[usize], keepdim: bool) -> tens
     g.broadcast_to(shape)
 }
 
-/// A tensor of zeros shaped and typed like `t`.
-fn zeros_like(t: &Tensor) -> Tensor {
-    Tensor::zeros(t.shape(), t.dtype())
+/// A tensor of zeros shaped and typed like `t`, on its device.
+fn zeros_like(t: &Tensor) -> tensor::Result<Tensor> {
+    Tensor::zeros_on(t.shape(), t.dtype(), t.device())
+}
+
+/// A scalar zero of `g`'s dtype on `g`'s device (the "else" of a masked gradient).
+fn zero_for(g: &Tensor) -> tensor::Result<Tensor> {
+    Tensor::zeros_on(&[], g.dtype(), g.device())
 }
 
 impl Var {
@@ -64,7 +69,7 @@ impl Var {
                     } else {
                         a.le(&b)?
                     };
-                    let zero = Tensor::zeros(&[], g.dtype());
+                    let zero = zero_for(g)?;
                     (pick_a.where_(g, &zero)?, pick_a.where_(&zero, g)?)
                 }
             };
@@ -84,7 +89,7 @@ impl Var {
             on_false.value().shape().to_vec(),
         );
         Ok(Var::record(y, &[on_true, on_false], move |g, needs| {
-            let zero = Tensor::zeros(&[], g.dtype());
+            let zero = zero_for(g)?;
             Ok(vec![
                 needs[0]
                     .then(|| unbroadcast(&cond.where_(g, &zero)?, &st))
@@ -158,10 +163,12 @@ impl Var {
             // One-hot of the picked position along `axis`, broadcast against the input.
             let mut pos_shape = vec![1; x.rank()];
             pos_shape[axis] = x.dim(axis);
-            let positions = Tensor::arange(x.dim(axis), DType::U32).reshape(&pos_shape)?;
+            let positions = Tensor::arange(x.dim(axis), DType::U32)
+                .to_device(x.device())?
+                .reshape(&pos_shape)?;
             let picked = positions.eq(&at)?;
             let g = spread(g, x.shape(), &[axis], keepdim)?;
-            Ok(vec![Some(picked.where_(&g, &Tensor::zeros(&[], g.dtype()))?)])
+            Ok(vec![Some(picked.where_(&g, &zero_for(&g)?)?)])
         }))
     }
 
@@ -231,7 +238,7 @@ impl Var {
         Ok(Var::record(y, &[self], move |g, _| {
             let flat_ids = ids.reshape(&[ids.numel()])?;
             let g = g.reshape(&[ids.numel(), w.dim(1)])?;
-            Ok(vec![Some(zeros_like(&w).index_add(0, &flat_ids, &g)?)])
+            Ok(vec![Some(zeros_like(&w)?.index_add(0, &flat_ids, &g)?)])
         }))
     }
 
@@ -241,7 +248,7 @@ impl Var {
         let y = x.index_select(axis, ids)?;
         let ids = ids.clone();
         Ok(Var::record(y, &[self], move |g, _| {
-            Ok(vec![Some(zeros_like(&x).index_add(axis, &ids, g)?)])
+            Ok(vec![Some(zeros_like(&x)?.index_add(axis, &ids, g)?)])
         }))
     }
 
@@ -340,8 +347,8 @@ impl Var {
             let mut after = shape.clone();
             after[axis] = shape[axis] - start - len;
             let (zb, za) = (
-                Tensor::zeros(&before, g.dtype()),
-                Tensor::zeros(&after, g.dtype()),
+                Tensor::zeros_on(&before, g.dtype(), g.device())?,
+                Tensor::zeros_on(&after, g.dtype(), g.device())?,
             );
             parts.push(&zb);
             parts.push(g);

@@ -111,7 +111,8 @@ impl Var {
         if !self.requires_grad() {
             return Err(AutogradError::NoGradient);
         }
-        let seed = Tensor::ones(self.value().shape(), self.value().dtype());
+        let value = self.value();
+        let seed = Tensor::ones_on(value.shape(), value.dtype(), value.device())?;
         self.backward_with(seed)
     }
 
@@ -139,7 +140,7 @@ impl Var {
                 let mut slot = var.0.grad.lock().expect("grad lock");
                 *slot = Some(match slot.take() {
                     Some(acc) => acc.add(&g)?,
-                    None => g.contiguous(),
+                    None => g.try_contiguous()?,
                 });
                 continue;
             };

@@ -41,22 +41,76 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
-/// Resolves a request to the device that will run it. This build has only the CPU backend,
-/// so `cuda` is an error and `auto` falls back to the CPU with a one-line notice (an error
-/// when `EMMA_REQUIRE_GPU=1`).
+/// Whether `EMMA_REQUIRE_GPU=1` is set: a missing GPU is then an error, never a fallback.
+fn gpu_required() -> bool {
+    std::env::var("EMMA_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// Resolves a request to the device that will run it, opening the GPU (the probe) when one is
+/// asked for. `cuda[:N]` without a usable GPU is an error naming what is missing; `auto` takes
+/// CUDA device 0 when it is usable and otherwise falls back to the CPU with a one-line notice,
+/// or fails when `EMMA_REQUIRE_GPU=1`.
 pub fn resolve(choice: DeviceChoice) -> anyhow::Result<tensor::Device> {
-    let require_gpu = std::env::var("EMMA_REQUIRE_GPU").is_ok_and(|v| v == "1");
     match choice {
         DeviceChoice::Cpu => Ok(tensor::Device::Cpu),
-        DeviceChoice::Cuda(n) => {
-            anyhow::bail!("--device cuda:{n}: this build has no CUDA backend yet; use --device cpu")
-        }
-        DeviceChoice::Auto if require_gpu => {
-            anyhow::bail!("EMMA_REQUIRE_GPU=1 but this build has no CUDA backend")
-        }
-        DeviceChoice::Auto => {
-            eprintln!("note: no CUDA backend in this build; running on the CPU");
+        DeviceChoice::Cuda(n) => match tensor::cuda_device(n) {
+            Ok(_) => Ok(tensor::Device::Cuda(n)),
+            Err(e) => anyhow::bail!("--device cuda:{n}: no usable GPU: {e}"),
+        },
+        DeviceChoice::Auto => match tensor::cuda_device(0) {
+            Ok(_) => Ok(tensor::Device::Cuda(0)),
+            Err(e) if gpu_required() => anyhow::bail!("EMMA_REQUIRE_GPU=1 but no usable GPU: {e}"),
+            Err(e) => {
+                eprintln!("note: no usable GPU ({e}); running on the CPU");
+                Ok(tensor::Device::Cpu)
+            }
+        },
+    }
+}
+
+/// Resolves `choice` for the EMMA model and its layers, which run only on the CPU so far (their
+/// layers still build host constants, and the Mamba scans have no CUDA kernels until issue 7):
+/// an explicit `cuda` is an error saying so, and `auto` with a usable GPU says it runs on the CPU
+/// (an error when `EMMA_REQUIRE_GPU=1`). Nothing falls back silently.
+pub fn resolve_for_model(choice: DeviceChoice) -> anyhow::Result<tensor::Device> {
+    let why = "the EMMA model does not run on CUDA yet (its layers build host tensors and the Mamba \
+               scans have no CUDA kernels: issue 7)";
+    match resolve(choice)? {
+        tensor::Device::Cpu => Ok(tensor::Device::Cpu),
+        d if choice == DeviceChoice::Auto && !gpu_required() => {
+            eprintln!("note: {d} is usable, but {why}; running on the CPU");
             Ok(tensor::Device::Cpu)
         }
+        d => anyhow::bail!("--device {choice} resolved to {d}, but {why}; use --device cpu"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{resolve, DeviceChoice};
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
+        assert!("gpu".parse::<DeviceChoice>().is_err());
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn cuda_resolves_to_the_device_or_names_what_is_missing() {
+        assert_eq!(resolve(DeviceChoice::Cpu).unwrap(), tensor::Device::Cpu);
+        match resolve(DeviceChoice::Cuda(0)) {
+            Ok(device) => assert_eq!(device, tensor::Device::Cuda(0)),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("cuda:0") && msg.contains("no usable GPU"), "{msg}");
+            }
+        }
+        // A device ordinal no machine has is never usable.
+        let err = resolve(DeviceChoice::Cuda(1 << 20)).unwrap_err().to_string();
+        assert!(err.contains("cuda:1048576"), "{err}");
     }
 }

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use emma::commands::{self, ModelSource};
-use emma::device::{resolve, DeviceChoice};
+use emma::device::{resolve_for_model, DeviceChoice};
 use emma::generate::{generate, GenerateOptions};
 use emma::prompt::Conversation;
 use emma::sampling::Sampling;
@@ -147,7 +147,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
-            resolve(device)?;
+            resolve_for_model(device)?;
             let logits = commands::logits(&model, &ids)?;
             commands::write_tensors(&out, &[("logits", &logits)])?;
             println!("wrote logits {:?} to {}", logits.shape(), out.display());
@@ -158,7 +158,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
-            resolve(device)?;
+            resolve_for_model(device)?;
             let (loss, grads) = commands::grads(&model, &ids)?;
             let loss_t = tensor::Tensor::scalar(loss as f32);
             let mut named: Vec<(&str, &tensor::Tensor)> =
@@ -183,7 +183,7 @@ fn main() -> anyhow::Result<()> {
             tokenizer,
             device,
         } => {
-            resolve(device)?;
+            resolve_for_model(device)?;
             let sampling = if temperature == 0.0 {
                 Sampling::Greedy
             } else if temperature > 0.0 && top_p > 0.0 && top_p <= 1.0 {
@@ -234,7 +234,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
-            resolve(device)?;
+            resolve_for_model(device)?;
             let px = commands::read_tensor(&pixels, "pixel_values")
                 .with_context(|| format!("reading pixel_values from {}", pixels.display()))?;
             let (last, penultimate) = commands::vision(&model, &px)?;

@@ -1,6 +1,6 @@
 //! The error type of every tensor operation.
 
-use crate::DType;
+use crate::{DType, Device};
 use std::path::PathBuf;
 
 /// What went wrong in a tensor operation; each variant names the op and the shapes at fault.
@@ -39,6 +39,42 @@ pub enum TensorError {
         lhs: DType,
         /// Second operand's dtype.
         rhs: DType,
+    },
+    /// Operands live on different devices.
+    #[error("{op}: operands on different devices: {lhs} and {rhs}")]
+    DeviceMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The first operand's device.
+        lhs: Device,
+        /// The device of the first operand that differs from it.
+        rhs: Device,
+    },
+    /// The op has no CUDA kernel yet and was given a tensor on a CUDA device.
+    #[error("op {op} has no CUDA kernel yet (issue 7)")]
+    NoCudaKernel {
+        /// The operation.
+        op: &'static str,
+    },
+    /// The dtype cannot live on the device (CUDA holds f32, bf16, f16 and u32).
+    #[error("{op}: dtype {dtype} is not supported on {device}")]
+    DeviceDType {
+        /// The operation.
+        op: &'static str,
+        /// The offending dtype.
+        dtype: DType,
+        /// The device.
+        device: Device,
+    },
+    /// The CUDA layer failed (no usable GPU, out of device memory, a driver or cuBLAS error).
+    #[error("{op} on {device}: {source}")]
+    Cuda {
+        /// The operation.
+        op: &'static str,
+        /// The device.
+        device: Device,
+        /// What the CUDA layer reported (boxed: it is large, and rare).
+        source: Box<cuda::CudaError>,
     },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]

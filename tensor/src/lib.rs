@@ -1,13 +1,15 @@
 //! `tensor`: n-dimensional arrays with strided views and a rayon CPU backend.
 //!
 //! Tensors are immutable and cheap to clone (shared storage + layout). Every op checks its
-//! shapes and dtypes, then dispatches on the storage's device to a kernel. The CPU kernels are
-//! the numerical reference for every other backend.
+//! shapes and dtypes, then dispatches on the storage's device to a kernel: a rayon CPU kernel, or
+//! a launcher of the `cuda` crate for tensors on a CUDA device. The CPU kernels are the numerical
+//! reference for every other backend. Operands of one op must live on one device.
 
 pub mod atomic_file;
 mod dispatch;
 pub mod dtype;
 pub mod error;
+pub mod gpu;
 pub mod layout;
 pub mod ops;
 pub mod safetensors;
@@ -18,6 +20,7 @@ mod testing;
 
 pub use dtype::{DType, Element, FloatElement, Real};
 pub use error::{Result, TensorError};
+pub use gpu::{cuda_device, CudaBuffer, CudaStorage};
 pub use half::{bf16, f16};
 pub use layout::Layout;
 pub use ops::binary::{BinaryOp, CmpOp};

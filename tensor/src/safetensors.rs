@@ -6,7 +6,7 @@
 //! section. Elements are little-endian; this module assumes a little-endian host.
 
 use crate::dispatch::any_dispatch;
-use crate::storage::{Buffer, CpuStorage};
+use crate::storage::{Buffer, CpuStorage, Device};
 use crate::{DType, Element, Result, Tensor, TensorError};
 use memmap2::Mmap;
 use serde_json::{json, Value};
@@ -296,7 +296,7 @@ pub fn load(path: impl AsRef<Path>) -> Result<BTreeMap<String, Tensor>> {
     SafetensorsFile::open(path)?.load_all()
 }
 
-/// Writes `tensors` (any dtype and layout; views are written row-major) and optional string
+/// Writes `tensors` (any dtype, layout and device; views are written row-major) and optional string
 /// `metadata` to `path`, atomically: the file is written and synced under a temporary name in the
 /// same directory, then renamed over `path`.
 ///
@@ -353,7 +353,8 @@ fn write_contents(w: &mut BufWriter<File>, header: &[u8], ordered: &[(&str, &Ten
     w.write_all(&(header.len() as u64).to_le_bytes())?;
     w.write_all(header)?;
     for &(_, t) in ordered {
-        let t = t.contiguous();
+        // A tensor on a device is copied to the host, one at a time.
+        let t = t.to_device(Device::Cpu).map_err(io::Error::other)?.contiguous();
         any_dispatch!(t.dtype(), T => w.write_all(bytemuck::cast_slice(t.contiguous_slice::<T>()))?);
     }
     Ok(())
@@ -367,7 +368,9 @@ mod tests {
     use std::fs;
 
     fn is_mapped(t: &Tensor) -> bool {
-        let Storage::Cpu(s) = &**t.storage();
+        let Storage::Cpu(s) = &**t.storage() else {
+            return false;
+        };
         matches!(
             s,
             CpuStorage::F32(Buffer::Mapped { .. })

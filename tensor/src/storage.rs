@@ -1,6 +1,7 @@
 //! Where a tensor's elements live. Each device is one `Storage` variant; an op matches on it
 //! and calls that device's kernel, so a new backend adds a variant and its arms.
 
+use crate::gpu::CudaStorage;
 use crate::{DType, Element};
 use memmap2::Mmap;
 use std::sync::Arc;
@@ -11,12 +12,15 @@ use std::sync::Arc;
 pub enum Device {
     /// Host memory; kernels run on the rayon thread pool.
     Cpu,
+    /// The CUDA device of this ordinal; kernels are the `cuda` crate's.
+    Cuda(usize),
 }
 
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
 }
@@ -82,6 +86,22 @@ impl CpuStorage {
         }
     }
 
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            CpuStorage::F32(b) => b.len(),
+            CpuStorage::F64(b) => b.len(),
+            CpuStorage::BF16(b) => b.len(),
+            CpuStorage::F16(b) => b.len(),
+            CpuStorage::U32(b) => b.len(),
+        }
+    }
+
+    /// Whether the storage holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The elements as a slice of `T`, or `None` when the element type differs.
     pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
         let bytes: &[u8] = match self {
@@ -123,6 +143,8 @@ impl CpuStorage {
 pub enum Storage {
     /// Host memory.
     Cpu(CpuStorage),
+    /// Memory of a CUDA device.
+    Cuda(CudaStorage),
 }
 
 impl Storage {
@@ -130,6 +152,7 @@ impl Storage {
     pub fn device(&self) -> Device {
         match self {
             Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => s.device(),
         }
     }
 
@@ -137,6 +160,7 @@ impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::Cpu(s) => s.dtype(),
+            Storage::Cuda(s) => s.dtype(),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::dispatch::any_dispatch;
 use crate::error::{shape_err, Result};
+use crate::gpu::Gpu;
 use crate::layout::{numel, Layout};
 use crate::storage::{CpuStorage, Device, Storage};
 use crate::{DType, Element, TensorError};
@@ -132,9 +133,14 @@ impl Tensor {
         self.layout.is_contiguous()
     }
 
+    /// The host storage, for CPU kernels (which every op reaches only for host tensors).
     pub(crate) fn cpu(&self) -> &CpuStorage {
         match &*self.storage {
             Storage::Cpu(s) => s,
+            Storage::Cuda(_) => panic!(
+                "a CPU kernel was given a tensor on {}: the op must dispatch on the device",
+                self.device()
+            ),
         }
     }
 
@@ -159,7 +165,8 @@ impl Tensor {
         }
     }
 
-    /// Row-major copy of the elements; `T` must be the tensor's dtype.
+    /// Row-major copy of the elements on the host (copied from the device for a GPU tensor);
+    /// `T` must be the tensor's dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if self.dtype() != T::DTYPE {
             return Err(TensorError::DTypeMismatch {
@@ -168,15 +175,24 @@ impl Tensor {
                 rhs: T::DTYPE,
             });
         }
-        Ok(self.contiguous().contiguous_slice::<T>().to_vec())
+        let host = self.to_device(Device::Cpu)?;
+        Ok(host.contiguous().contiguous_slice::<T>().to_vec())
     }
 
-    /// Row-major copy of the elements widened to f64 (any dtype).
+    /// Row-major copy of the elements widened to f64 (any dtype), on the host.
+    ///
+    /// # Panics
+    /// When the tensor is on a CUDA device and the copy to the host fails (a device fault);
+    /// [`Tensor::to_vec`] reports that as an error instead.
     pub fn to_vec_f64(&self) -> Vec<f64> {
-        any_dispatch!(self.dtype(), T => self.contiguous().contiguous_slice::<T>().iter().map(|v| v.to_f64()).collect())
+        let host = self
+            .to_device(Device::Cpu)
+            .unwrap_or_else(|e| panic!("to_vec_f64 of {self:?}: {e}"));
+        any_dispatch!(host.dtype(), T => host.contiguous().contiguous_slice::<T>().iter().map(|v| v.to_f64()).collect())
     }
 
-    /// The single element of a one-element tensor, as f64.
+    /// The single element of a one-element tensor, as f64 (copied from the device for a GPU
+    /// tensor).
     pub fn to_scalar_f64(&self) -> Result<f64> {
         if self.numel() != 1 {
             return shape_err(
@@ -184,15 +200,30 @@ impl Tensor {
                 format!("tensor of shape {:?} is not a scalar", self.shape()),
             );
         }
-        Ok(self.to_vec_f64()[0])
+        Ok(self.to_device(Device::Cpu)?.to_vec_f64()[0])
     }
 
     /// A contiguous tensor with the same elements (a cheap clone when already contiguous).
+    ///
+    /// # Panics
+    /// When the tensor is on a CUDA device and the copy fails (out of device memory, a driver
+    /// error); [`Tensor::try_contiguous`] reports that as an error instead. Host tensors never
+    /// panic.
     pub fn contiguous(&self) -> Tensor {
+        self.try_contiguous()
+            .unwrap_or_else(|e| panic!("contiguous of {self:?}: {e}"))
+    }
+
+    /// A contiguous tensor with the same elements (a cheap clone when already contiguous); on a
+    /// CUDA device the copy is a strided-copy kernel, and its failure an error.
+    pub fn try_contiguous(&self) -> Result<Tensor> {
         if self.is_contiguous() {
-            return self.clone();
+            return Ok(self.clone());
         }
-        any_dispatch!(self.dtype(), T => {
+        if let Some(gpu) = Gpu::of("contiguous", &[self])? {
+            return gpu.copy(self);
+        }
+        Ok(any_dispatch!(self.dtype(), T => {
             let src = self.storage_slice::<T>();
             let n = self.numel();
             let mut out = Vec::<T>::with_capacity(n);
@@ -208,7 +239,7 @@ impl Tensor {
             // SAFETY: every one of the n slots was written above.
             unsafe { out.set_len(n) };
             Self::from_cpu(CpuStorage::from_vec(out), self.shape())
-        })
+        }))
     }
 
     /// The same elements in a new shape; copies only when `self` is not contiguous.
@@ -219,7 +250,7 @@ impl Tensor {
                 format!("cannot reshape {:?} into {shape:?}", self.shape()),
             );
         }
-        let src = self.contiguous();
+        let src = self.try_contiguous()?;
         let layout = src.layout.reshape(shape).expect("contiguous after contiguous()");
         Ok(src.with_layout(layout))
     }

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use emma::device::{resolve, DeviceChoice};
+use emma::device::{resolve_for_model, DeviceChoice};
 use std::path::{Path, PathBuf};
 use train::data::{Dataset, ShapesData};
 use train::options::{expand_config_file, TrainOptions};
@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
 
 fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
     let device: DeviceChoice = opts.device.parse().map_err(anyhow::Error::msg)?;
-    resolve(device)?;
+    resolve_for_model(device)?;
     let summary = train::trainer::train(opts)?;
     if !summary.skipped.is_empty() {
         println!("skipped {} bad training sample(s)", summary.skipped.len());

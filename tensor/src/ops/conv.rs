@@ -3,8 +3,10 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
+use cuda::kernels::{ConvGrads, ConvSpec};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -19,6 +21,50 @@ fn check(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize,
     }
     x.check_same_dtype(op, weight)?;
     Ok((xs[0], xs[1], xs[2], ws[1]))
+}
+
+/// The convolution's shape for the kernels (no fused SiLU).
+fn spec(x: &Tensor, k: usize) -> ConvSpec {
+    let s = x.shape();
+    ConvSpec {
+        batch: s[0],
+        channels: s[1],
+        len: s[2],
+        kernel: k,
+        silu: false,
+    }
+}
+
+/// `conv1d_causal_depthwise` on a CUDA device.
+fn conv_cuda(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, k: usize) -> Result<Tensor> {
+    let (xp, w) = (gpu.packed(x)?, gpu.packed(weight)?);
+    let b = bias.map(|b| gpu.packed(b)).transpose()?;
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut y = gpu.alloc::<T>(xp.numel())?;
+        let bb = b.as_ref().map(|b| b.cuda_buffer::<T>());
+        gpu.check(gpu.dev.conv1d(xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), bb, &mut y, spec(x, k)))?;
+        Ok(gpu.tensor(y, x.shape()))
+    })
+}
+
+/// `conv1d_causal_depthwise_backward` on a CUDA device: (dx, dweight, dbias).
+fn conv_backward_cuda(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    k: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (xp, w, g) = (gpu.packed(x)?, gpu.packed(weight)?, gpu.packed(grad)?);
+    let c = x.dim(1);
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut dx = gpu.alloc::<T>(xp.numel())?;
+        let (mut dw, mut db) = (gpu.alloc::<T>(c * k)?, gpu.alloc::<T>(c)?);
+        let grads = ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: &mut db };
+        let operands = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), None);
+        gpu.check(gpu.dev.conv1d_backward(operands, g.cuda_buffer::<T>(), grads, spec(x, k)))?;
+        Ok((gpu.tensor(dx, x.shape()), gpu.tensor(dw, &[c, k]), gpu.tensor(db, &[c])))
+    })
 }
 
 impl Tensor {
@@ -36,6 +82,11 @@ impl Tensor {
                 );
             }
             self.check_same_dtype("conv1d_causal_depthwise", b)?;
+        }
+        let mut operands = vec![self, weight];
+        operands.extend(bias);
+        if let Some(gpu) = Gpu::of("conv1d_causal_depthwise", &operands)? {
+            return conv_cuda(&gpu, self, weight, bias, k);
         }
         let (x, w) = (self.contiguous(), weight.contiguous());
         float_dispatch!("conv1d_causal_depthwise", self.dtype(), T => {
@@ -78,6 +129,9 @@ impl Tensor {
             );
         }
         self.check_same_dtype(op, grad)?;
+        if let Some(gpu) = Gpu::of(op, &[self, weight, grad])? {
+            return conv_backward_cuda(&gpu, self, weight, grad, k);
+        }
         let (x, w, g) = (self.contiguous(), weight.contiguous(), grad.contiguous());
         float_dispatch!(op, self.dtype(), T => {
             type A = <T as FloatElement>::Acc;

@@ -3,9 +3,11 @@
 
 use crate::dispatch::{any_dispatch, float_dispatch};
 use crate::error::{range_err, shape_err};
+use crate::gpu::{cuda_any_dispatch, cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::tensor::PAR_CHUNK;
 use crate::{DType, Element, FloatElement, Result, Tensor, TensorError};
+use cuda::kernels::Dims3;
 use rayon::prelude::*;
 
 /// Sizes of the axes before, at and after `axis`.
@@ -40,11 +42,17 @@ fn checked_ids(op: &'static str, ids: &Tensor, bound: usize) -> Result<Vec<usize
     Ok(ids.into_iter().map(|id| id as usize).collect())
 }
 
-/// Like `checked_ids`, for ids that must be 1-D.
-fn checked_ids_1d(op: &'static str, ids: &Tensor, bound: usize) -> Result<Vec<usize>> {
+/// Errors unless `ids` is 1-D.
+fn check_1d(op: &'static str, ids: &Tensor) -> Result<()> {
     if ids.rank() != 1 {
         return shape_err(op, format!("ids must be 1-D, got {:?}", ids.shape()));
     }
+    Ok(())
+}
+
+/// Like `checked_ids`, for ids that must be 1-D.
+fn checked_ids_1d(op: &'static str, ids: &Tensor, bound: usize) -> Result<Vec<usize>> {
+    check_1d(op, ids)?;
     checked_ids(op, ids, bound)
 }
 
@@ -79,6 +87,67 @@ fn gather(x: &Tensor, axis: usize, ids: &[usize]) -> Tensor {
     Tensor::from_cpu(out, &shape)
 }
 
+/// Errors unless `ids` is u32 (the CUDA kernels check the values themselves).
+fn check_id_dtype(op: &'static str, ids: &Tensor) -> Result<()> {
+    if ids.dtype() != DType::U32 {
+        return Err(TensorError::DType {
+            op,
+            dtype: ids.dtype(),
+        });
+    }
+    Ok(())
+}
+
+/// `gather` on a CUDA device with the u32 `ids` on the device; ids out of range are an error
+/// naming the first one found.
+fn gather_cuda(gpu: &Gpu, x: &Tensor, axis: usize, ids: &Tensor) -> Result<Tensor> {
+    check_id_dtype(gpu.op, ids)?;
+    let (xp, idp) = (gpu.packed(x)?, gpu.packed(ids)?);
+    let dims = Dims3::around(x.shape(), axis);
+    let mut shape = x.shape().to_vec();
+    shape[axis] = ids.numel();
+    cuda_any_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut out = gpu.alloc::<T>(crate::layout::numel(&shape))?;
+        gpu.check(gpu.dev.index_select(xp.cuda_buffer::<T>(), idp.cuda_buffer::<u32>(), dims, &mut out))?;
+        Ok(gpu.tensor(out, &shape))
+    })
+}
+
+/// `index_add` on a CUDA device: sums in f32 (atomics, in no fixed order), rounded once.
+fn index_add_cuda(gpu: &Gpu, x: &Tensor, axis: usize, ids: &Tensor, src: &Tensor) -> Result<Tensor> {
+    let dims = Dims3::around(x.shape(), axis);
+    let (xp, sp, idp) = (gpu.packed(x)?, gpu.packed(src)?, gpu.packed(ids)?);
+    // The f32 accumulator starts as a copy of `self`, widened.
+    let mut acc = gpu.alloc::<f32>(xp.numel())?;
+    let widened = match xp.dtype() {
+        DType::F32 => gpu.dev.copy(xp.cuda_buffer::<f32>(), &mut acc),
+        DType::BF16 => gpu.dev.cast(xp.cuda_buffer::<half::bf16>(), &mut acc),
+        DType::F16 => gpu.dev.cast(xp.cuda_buffer::<half::f16>(), &mut acc),
+        dtype @ (DType::U32 | DType::F64) => return Err(TensorError::DType { op: gpu.op, dtype }),
+    };
+    gpu.check(widened)?;
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        gpu.check(gpu.dev.index_add(&mut acc, dims, idp.cuda_buffer::<u32>(), sp.cuda_buffer::<T>()))?;
+    });
+    gpu.cast(&gpu.tensor(acc, x.shape()), x.dtype())
+}
+
+/// `concat` on a CUDA device; the parts are checked by the caller.
+fn concat_cuda(gpu: &Gpu, tensors: &[&Tensor], axis: usize, shape: &[usize]) -> Result<Tensor> {
+    let (outer, _, inner) = split(shape, axis);
+    let parts = tensors
+        .iter()
+        .map(|t| gpu.packed(t))
+        .collect::<Result<Vec<_>>>()?;
+    let lens: Vec<usize> = parts.iter().map(|p| p.dim(axis)).collect();
+    cuda_any_dispatch!(gpu.op, gpu.device, tensors[0].dtype(), T => {
+        let bufs: Vec<_> = parts.iter().map(|p| p.cuda_buffer::<T>()).collect();
+        let mut out = gpu.alloc::<T>(crate::layout::numel(shape))?;
+        gpu.check(gpu.dev.concat(&bufs, &lens, (outer, inner), &mut out))?;
+        Ok(gpu.tensor(out, shape))
+    })
+}
+
 /// Positions of `ids` grouped by id (a counting sort): index `j < len` receives positions
 /// `order[starts[j]..starts[j + 1]]`, in increasing order.
 fn positions_by_id(ids: &[usize], len: usize) -> (Vec<usize>, Vec<usize>) {
@@ -110,9 +179,12 @@ impl Tensor {
                 format!("table must be [V, D], got {:?}", self.shape()),
             );
         }
-        let rows = checked_ids("embedding", ids, self.dim(0))?;
         let mut shape = ids.shape().to_vec();
         shape.push(self.dim(1));
+        if let Some(gpu) = Gpu::of("embedding", &[self, ids])? {
+            return gather_cuda(&gpu, self, 0, ids)?.reshape(&shape);
+        }
+        let rows = checked_ids("embedding", ids, self.dim(0))?;
         gather(self, 0, &rows).reshape(&shape)
     }
 
@@ -120,6 +192,10 @@ impl Tensor {
     /// result has `self`'s shape with axis `axis` of length `len(ids)`.
     pub fn index_select(&self, axis: usize, ids: &Tensor) -> Result<Tensor> {
         check_axis("index_select", self.shape(), axis)?;
+        if let Some(gpu) = Gpu::of("index_select", &[self, ids])? {
+            check_1d("index_select", ids)?;
+            return gather_cuda(&gpu, self, axis, ids);
+        }
         let ids = checked_ids_1d("index_select", ids, self.dim(axis))?;
         Ok(gather(self, axis, &ids))
     }
@@ -132,9 +208,9 @@ impl Tensor {
         check_axis("index_add", self.shape(), axis)?;
         self.check_same_dtype("index_add", src)?;
         let (_, len, inner) = split(self.shape(), axis);
-        let ids = checked_ids_1d("index_add", ids, len)?;
+        check_1d("index_add", ids)?;
         let mut expected = self.shape().to_vec();
-        expected[axis] = ids.len();
+        expected[axis] = ids.numel();
         if src.shape() != expected {
             return shape_err(
                 "index_add",
@@ -142,10 +218,15 @@ impl Tensor {
                     "source {:?} does not match {:?} with {} ids along axis {axis}",
                     src.shape(),
                     self.shape(),
-                    ids.len()
+                    ids.numel()
                 ),
             );
         }
+        if let Some(gpu) = Gpu::of("index_add", &[self, ids, src])? {
+            check_id_dtype("index_add", ids)?;
+            return index_add_cuda(&gpu, self, axis, ids, src);
+        }
+        let ids = checked_ids("index_add", ids, len)?;
         let (x, s) = (self.contiguous(), src.contiguous());
         float_dispatch!("index_add", self.dtype(), T => {
             let (xs, ss) = (x.contiguous_slice::<T>(), s.contiguous_slice::<T>());
@@ -202,6 +283,9 @@ impl Tensor {
         }
         let mut shape = first.shape().to_vec();
         shape[axis] = tensors.iter().map(|t| t.dim(axis)).sum();
+        if let Some(gpu) = Gpu::of("concat", tensors)? {
+            return concat_cuda(&gpu, tensors, axis, &shape);
+        }
         let (_, total, inner) = split(&shape, axis);
         let row = total * inner;
         let parts: Vec<Tensor> = tensors.iter().map(|t| t.contiguous()).collect();

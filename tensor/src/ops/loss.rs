@@ -1,21 +1,18 @@
 //! Fused cross-entropy over logits with an ignore index. Each row is computed in the dtype's
 //! compute type with a max-subtracted log-sum-exp, in parallel over rows; the mean over rows is
-//! summed in row order, so the loss does not depend on the thread count.
+//! summed in row order, so the loss does not depend on the thread count. On a CUDA device the
+//! fused kernels of the `cuda` crate validate the targets themselves.
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{DType, Element, FloatElement, Real, Result, Tensor, TensorError};
 use num_traits::Float;
 use rayon::prelude::*;
 
-/// Checks shapes and dtypes and reads the targets; returns (rows, classes, targets).
-fn check(
-    op: &'static str,
-    logits: &Tensor,
-    targets: &Tensor,
-    ignore_index: u32,
-) -> Result<(usize, usize, Vec<u32>)> {
+/// Checks shapes and dtypes; returns (rows, classes).
+fn check_shapes(op: &'static str, logits: &Tensor, targets: &Tensor) -> Result<(usize, usize)> {
     let (l, t) = (logits.shape(), targets.shape());
     if l.len() != 2 || t.len() != 1 || t[0] != l[0] {
         return shape_err(
@@ -29,6 +26,18 @@ fn check(
             dtype: targets.dtype(),
         });
     }
+    Ok((l[0], l[1]))
+}
+
+/// Checks shapes and dtypes and reads the (host) targets; returns (rows, classes, targets).
+fn check(
+    op: &'static str,
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: u32,
+) -> Result<(usize, usize, Vec<u32>)> {
+    let (n, c) = check_shapes(op, logits, targets)?;
+    let l = logits.shape();
     let ids = targets.to_vec::<u32>()?;
     let bad = ids
         .iter()
@@ -43,7 +52,45 @@ fn check(
             ),
         );
     }
-    Ok((l[0], l[1], ids))
+    Ok((n, c, ids))
+}
+
+/// `cross_entropy` on a CUDA device: the loss stays on the device (reading back the bad-target
+/// flag waits for it).
+fn cross_entropy_cuda(gpu: &Gpu, logits: &Tensor, targets: &Tensor, ignore_index: u32) -> Result<Tensor> {
+    let (n, c) = check_shapes(gpu.op, logits, targets)?;
+    let (x, ids) = (gpu.packed(logits)?, gpu.packed(targets)?);
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let launched = gpu.dev.cross_entropy(x.cuda_buffer::<T>(), ids.cuda_buffer::<u32>(), (n, c), ignore_index);
+        let (loss, _count) = gpu.check(launched)?;
+        Ok(gpu.tensor(loss, &[]))
+    })
+}
+
+/// `cross_entropy_backward` on a CUDA device; the upstream scalar is read on the device.
+/// Targets out of range are reported by the forward pass; here their rows get zero gradient.
+fn cross_entropy_backward_cuda(
+    gpu: &Gpu,
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: u32,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let (n, c) = check_shapes(gpu.op, logits, targets)?;
+    let (x, ids) = (gpu.packed(logits)?, gpu.packed(targets)?);
+    let g = gpu.cast(grad, DType::F32)?;
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut dx = gpu.alloc::<T>(n * c)?;
+        gpu.check(gpu.dev.cross_entropy_backward(
+            x.cuda_buffer::<T>(),
+            ids.cuda_buffer::<u32>(),
+            g.cuda_buffer::<f32>(),
+            &mut dx,
+            (n, c),
+            ignore_index,
+        ))?;
+        Ok(gpu.tensor(dx, &[n, c]))
+    })
 }
 
 /// `log Σ exp(row)`, max-subtracted, in the compute type.
@@ -58,6 +105,9 @@ impl Tensor {
     /// in the logits' dtype (0 when no row counts). A target `>= C` that is not `ignore_index`
     /// is an error naming its row and value.
     pub fn cross_entropy(&self, targets: &Tensor, ignore_index: u32) -> Result<Tensor> {
+        if let Some(gpu) = Gpu::of("cross_entropy", &[self, targets])? {
+            return cross_entropy_cuda(&gpu, self, targets, ignore_index);
+        }
         let (_, c, ids) = check("cross_entropy", self, targets, ignore_index)?;
         let x = self.contiguous();
         float_dispatch!("cross_entropy", self.dtype(), T => {
@@ -83,15 +133,17 @@ impl Tensor {
     }
 
     /// d loss / d logits scaled by the upstream scalar `grad` (a one-element tensor of any
-    /// dtype): `grad · (softmax - onehot) / count` on counted rows, 0 on ignored rows. The
-    /// result has the logits' shape and dtype.
+    /// dtype, on the logits' device): `grad · (softmax - onehot) / count` on counted rows, 0 on
+    /// ignored rows. The result has the logits' shape and dtype. On a CUDA device, targets out
+    /// of range are reported by the forward pass only (their rows get zero gradient here).
     pub fn cross_entropy_backward(
         &self,
         targets: &Tensor,
         ignore_index: u32,
         grad: &Tensor,
     ) -> Result<Tensor> {
-        let (n, c, ids) = check("cross_entropy_backward", self, targets, ignore_index)?;
+        let op = "cross_entropy_backward";
+        check_shapes(op, self, targets)?;
         if grad.numel() != 1 {
             return shape_err(
                 "cross_entropy_backward",
@@ -101,6 +153,10 @@ impl Tensor {
                 ),
             );
         }
+        if let Some(gpu) = Gpu::of(op, &[self, targets, grad])? {
+            return cross_entropy_backward_cuda(&gpu, self, targets, ignore_index, grad);
+        }
+        let (n, c, ids) = check(op, self, targets, ignore_index)?;
         let count = ids.iter().filter(|&&id| id != ignore_index).count();
         let scale = grad.to_scalar_f64()? / count.max(1) as f64;
         let x = self.contiguous();

@@ -5,11 +5,19 @@
 //! f32, multiplied and rounded once. Every operand is passed to gemm by the strides of its last
 //! two axes, so transposed and other strided views multiply without a copy; batch axes are
 //! addressed through per-matrix offsets of the broadcast layouts.
+//!
+//! On a CUDA device the product is one cuBLAS strided-batched GEMM (f32 accumulation, rounded
+//! once). An operand goes to cuBLAS in place when its matrices are stored row-major or
+//! transposed without gaps and its batch matrices sit at a constant stride (0 for a broadcast);
+//! otherwise its matrices are packed first (and, when the batch axes still do not fit, the
+//! broadcast is materialised).
 
 use crate::error::shape_err;
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::layout::{broadcast_shapes, numel, Layout};
 use crate::storage::CpuStorage;
 use crate::{DType, Element, Result, Tensor, TensorError};
+use cuda::GemmSpec;
 use gemm::Parallelism;
 use num_traits::{One, Zero};
 use rayon::prelude::*;
@@ -37,6 +45,9 @@ impl Tensor {
         let mut out_shape = batch.clone();
         out_shape.extend([m, n]);
         let dims = Dims { m, k, n };
+        if let Some(gpu) = Gpu::of("matmul", &[self, rhs])? {
+            return matmul_cuda(&gpu, self, rhs, &batch, dims).and_then(|t| t.reshape(&out_shape));
+        }
         let out = match self.dtype() {
             DType::F32 => CpuStorage::from_vec(batched::<f32>(self, rhs, &batch, dims)?),
             DType::F64 => CpuStorage::from_vec(batched::<f64>(self, rhs, &batch, dims)?),
@@ -54,6 +65,100 @@ impl Tensor {
         };
         Ok(Tensor::from_cpu(out, &out_shape))
     }
+}
+
+/// How cuBLAS reads one operand: its tensor (whose storage starts at its matrix 0), whether the
+/// matrices are stored transposed, and the elements between consecutive batch matrices.
+struct GemmOperand {
+    tensor: Tensor,
+    trans: bool,
+    stride: usize,
+}
+
+/// `t`'s `[batch..., rows, cols]` matrices as cuBLAS can read them, or `None`: the view must start
+/// at its storage's first element, its matrices must be row-major (`trans` false) or column-major
+/// (`trans` true) without gaps, and its batch matrices must sit at one stride (0 when shared).
+fn gemm_view(t: &Tensor, batch: &[usize], rows: usize, cols: usize) -> Option<GemmOperand> {
+    let l = t.layout().broadcast_to(&[batch, &[rows, cols]].concat()).ok()?;
+    if l.offset() != 0 {
+        return None;
+    }
+    let r = batch.len();
+    let (rs, cs) = (l.strides()[r], l.strides()[r + 1]);
+    let trans = if (cs == 1 || cols == 1) && (rs == cols || rows == 1) {
+        false
+    } else if (rs == 1 || rows == 1) && (cs == rows || cols == 1) {
+        true
+    } else {
+        return None;
+    };
+    // Batch axes (ignoring those of size 1) must flatten to one arithmetic progression: all
+    // strides 0 (one matrix for the whole batch), or each axis' stride the next one's times its
+    // length.
+    let axes: Vec<(usize, usize)> = batch
+        .iter()
+        .zip(l.strides())
+        .filter(|(&n, _)| n != 1)
+        .map(|(&n, &s)| (n, s))
+        .collect();
+    let stride = axes.last().map_or(rows * cols, |&(_, s)| s);
+    let uniform = if stride == 0 {
+        axes.iter().all(|&(_, s)| s == 0)
+    } else {
+        axes.windows(2).all(|w| w[0].1 == w[1].1 * w[1].0) && stride >= rows * cols
+    };
+    uniform.then(|| GemmOperand {
+        tensor: t.clone(),
+        trans,
+        stride,
+    })
+}
+
+/// `t` as a cuBLAS operand: in place when it can be, else with its own matrices packed, else with
+/// the broadcast to `[batch..., rows, cols]` materialised. `pack` makes a packed copy.
+fn gemm_operand(
+    t: &Tensor,
+    batch: &[usize],
+    (rows, cols): (usize, usize),
+    pack: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<GemmOperand> {
+    if let Some(op) = gemm_view(t, batch, rows, cols) {
+        return Ok(op);
+    }
+    if let Some(op) = gemm_view(&pack(t)?, batch, rows, cols) {
+        return Ok(op);
+    }
+    let full = pack(&t.broadcast_to(&[batch, &[rows, cols]].concat())?)?;
+    Ok(GemmOperand {
+        tensor: full,
+        trans: false,
+        stride: rows * cols,
+    })
+}
+
+/// `matmul` on a CUDA device: `[batch, m, n]` from one strided-batched cuBLAS GEMM.
+fn matmul_cuda(gpu: &Gpu, a: &Tensor, b: &Tensor, batch: &[usize], d: Dims) -> Result<Tensor> {
+    let count = numel(batch);
+    let shape = [count, d.m, d.n];
+    cuda_float_dispatch!(gpu.op, gpu.device, a.dtype(), T => {
+        if d.k == 0 || count * d.m * d.n == 0 {
+            return Ok(gpu.tensor(gpu.zeros::<T>(count * d.m * d.n)?, &shape));
+        }
+        let mut out = gpu.alloc::<T>(count * d.m * d.n)?;
+        let pack = |t: &Tensor| gpu.packed(t);
+        let (oa, ob) = (
+            gemm_operand(a, batch, (d.m, d.k), pack)?,
+            gemm_operand(b, batch, (d.k, d.n), pack)?,
+        );
+        let spec = GemmSpec {
+            stride_a: oa.stride,
+            stride_b: ob.stride,
+            ..GemmSpec::new(d.m, d.n, d.k).batched(count).transposed(oa.trans, ob.trans)
+        };
+        let (ab, bb) = (oa.tensor.cuda_buffer::<T>(), ob.tensor.cuda_buffer::<T>());
+        gpu.check(gpu.dev.gemm(ab, bb, &mut out, spec))?;
+        Ok(gpu.tensor(out, &shape))
+    })
 }
 
 /// Matrix sizes of one product: `[m, k] x [k, n]`.
@@ -142,6 +247,8 @@ fn batched<T: Element + Zero + One>(a: &Tensor, b: &Tensor, batch: &[usize], d: 
 
 #[cfg(test)]
 mod tests {
+    use super::{gemm_operand, GemmOperand};
+    use crate::layout::{broadcast_shapes, numel};
     use crate::{DType, Tensor, TensorError};
 
     /// The naive triple loop over f64 copies, for comparison.
@@ -155,6 +262,79 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Matrix `i` of a cuBLAS operand as the GEMM reads it: `rows × cols`, stored row-major or
+    /// (`trans`) column-major without gaps, `i · stride` elements from the storage's start.
+    fn read(op: &GemmOperand, i: usize, (rows, cols): (usize, usize)) -> Vec<f64> {
+        let buf = op.tensor.storage_slice::<f64>();
+        let at = |r: usize, c: usize| if op.trans { c * rows + r } else { r * cols + c };
+        (0..rows * cols)
+            .map(|e| buf[i * op.stride + at(e / cols, e % cols)])
+            .collect()
+    }
+
+    /// `a · b` computed as the CUDA arm does: each operand through `gemm_operand` (packing on
+    /// the host), then one product per batch matrix from the storage alone.
+    fn as_cublas_would(a: &Tensor, b: &Tensor) -> Vec<f64> {
+        let (ra, rb) = (a.rank(), b.rank());
+        let (m, k, n) = (a.dim(ra - 2), a.dim(ra - 1), b.dim(rb - 1));
+        let batch = broadcast_shapes("t", &a.shape()[..ra - 2], &b.shape()[..rb - 2]).unwrap();
+        let pack = |t: &Tensor| Tensor::from_vec(t.to_vec_f64(), t.shape());
+        let oa = gemm_operand(a, &batch, (m, k), pack).unwrap();
+        let ob = gemm_operand(b, &batch, (k, n), pack).unwrap();
+        let mut out = Vec::new();
+        for i in 0..numel(&batch) {
+            let (x, y) = (read(&oa, i, (m, k)), read(&ob, i, (k, n)));
+            for r in 0..m {
+                for c in 0..n {
+                    out.push((0..k).map(|p| x[r * k + p] * y[p * n + c]).sum());
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn cublas_operands_read_every_layout() {
+        let t = |shape: &[usize], start: usize| {
+            let n = numel(shape);
+            Tensor::from_vec((start..start + n).map(|v| (v % 13) as f64 - 6.0).collect(), shape).unwrap()
+        };
+        let x = t(&[2, 3, 4], 0);
+        let cases: Vec<(Tensor, Tensor)> = vec![
+            // Packed, and transposed without a copy.
+            (x.clone(), t(&[4, 5], 1)),
+            (x.clone(), t(&[5, 4], 2).t().unwrap()),
+            (t(&[2, 4, 3], 3).t().unwrap(), t(&[2, 5, 4], 4).t().unwrap()),
+            // A shared matrix (batch stride 0) and a broadcast batch axis.
+            (t(&[3, 4], 5), t(&[2, 4, 5], 6)),
+            (t(&[2, 1, 3, 4], 7), t(&[3, 4, 2], 8)),
+            // Views that need a copy: an offset, gaps in rows, permuted batch axes.
+            (x.narrow(0, 1, 1).unwrap(), t(&[4, 2], 9)),
+            (t(&[2, 3, 6], 10).narrow(2, 1, 4).unwrap(), t(&[4, 1], 11)),
+            (t(&[3, 2, 4], 12).permute(&[1, 0, 2]).unwrap(), t(&[4, 3], 13)),
+            (t(&[4, 3, 2], 14).permute(&[2, 1, 0]).unwrap(), t(&[2, 4, 2], 15)),
+            // Vectors and size-1 axes.
+            (t(&[1, 4], 16), t(&[4, 1], 17)),
+            (t(&[4, 1], 18).t().unwrap(), t(&[1, 4], 19).t().unwrap()),
+        ];
+        for (a, b) in cases {
+            let want = a.matmul(&b).unwrap().to_vec_f64();
+            assert_eq!(as_cublas_would(&a, &b), want, "{a:?} x {b:?}");
+        }
+        // A linear layer's x · wᵀ and a shared matrix go to cuBLAS without a copy.
+        let no_copy = |t: &Tensor, batch: &[usize], dims| {
+            let op = gemm_operand(t, batch, dims, |_| panic!("no copy expected")).unwrap();
+            (
+                op.trans,
+                op.stride,
+                std::sync::Arc::ptr_eq(op.tensor.storage(), t.storage()),
+            )
+        };
+        let w = t(&[5, 4], 0);
+        assert_eq!(no_copy(&w.t().unwrap(), &[2], (4, 5)), (true, 0, true));
+        assert_eq!(no_copy(&x, &[2], (3, 4)), (false, 12, true));
     }
 
     #[test]

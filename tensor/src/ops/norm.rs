@@ -4,8 +4,10 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
+use cuda::kernels::{LayerNormGrads, NormSpec, RmsNormGrads};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -118,6 +120,77 @@ fn rows_backward<T: FloatElement, const P: usize>(
     (Tensor::from_cpu(CpuStorage::from_vec(dx), x.shape()), params)
 }
 
+/// The norm's shape for the kernels: rows of `d` features.
+fn spec(x: &Tensor, d: usize, eps: f64) -> NormSpec {
+    NormSpec::new(x.numel().checked_div(d).unwrap_or(0), d, eps)
+}
+
+/// `rms_norm` (no bias) or `layer_norm` (`layer`) forward on a CUDA device.
+fn norm_cuda(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+    layer: bool,
+) -> Result<Tensor> {
+    let d = weight.numel();
+    let (xp, w) = (gpu.packed(x)?, gpu.packed(weight)?);
+    let b = bias.map(|b| gpu.packed(b)).transpose()?;
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut y = gpu.alloc::<T>(xp.numel())?;
+        let (xb, wb) = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>());
+        let launched = if layer {
+            let bb = b.as_ref().map(|b| b.cuda_buffer::<T>());
+            gpu.dev.layer_norm(xb, None, wb, bb, &mut y, spec(&xp, d, eps))
+        } else {
+            gpu.dev.rms_norm(xb, None, wb, &mut y, spec(&xp, d, eps))
+        };
+        gpu.check(launched)?;
+        Ok(gpu.tensor(y, x.shape()))
+    })
+}
+
+/// `rms_norm_backward` on a CUDA device: (dx, dweight).
+fn rms_norm_backward_cuda(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let d = weight.numel();
+    let (xp, w, g) = (gpu.packed(x)?, gpu.packed(weight)?, gpu.packed(grad)?);
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut dx = gpu.alloc::<T>(xp.numel())?;
+        let mut dw = gpu.alloc::<T>(d)?;
+        let grads = RmsNormGrads { dx: &mut dx, dweight: &mut dw };
+        let (xb, wb, gb) = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), g.cuda_buffer::<T>());
+        gpu.check(gpu.dev.rms_norm_backward(xb, wb, gb, grads, spec(&xp, d, eps)))?;
+        Ok((gpu.tensor(dx, x.shape()), gpu.tensor(dw, &[d])))
+    })
+}
+
+/// `layer_norm_backward` on a CUDA device: (dx, dweight, dbias).
+fn layer_norm_backward_cuda(
+    gpu: &Gpu,
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = weight.numel();
+    let (xp, w, g) = (gpu.packed(x)?, gpu.packed(weight)?, gpu.packed(grad)?);
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut dx = gpu.alloc::<T>(xp.numel())?;
+        let (mut dw, mut db) = (gpu.alloc::<T>(d)?, gpu.alloc::<T>(d)?);
+        let grads = LayerNormGrads { dx: &mut dx, dweight: &mut dw, dbias: &mut db };
+        let (xb, wb, gb) = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), g.cuda_buffer::<T>());
+        gpu.check(gpu.dev.layer_norm_backward(xb, wb, gb, grads, spec(&xp, d, eps)))?;
+        Ok((gpu.tensor(dx, x.shape()), gpu.tensor(dw, &[d]), gpu.tensor(db, &[d])))
+    })
+}
+
 /// 1/sqrt(mean(x²) + eps) of a row.
 fn inv_rms<A: Real>(row: &[A], eps: f64) -> A {
     let ms = row.iter().map(|&v| v * v).sum::<A>() / A::lit(row.len() as f64);
@@ -137,6 +210,9 @@ impl Tensor {
     /// and `weight` is `[D]` of the same dtype.
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let d = check("rms_norm", self, &[weight])?;
+        if let Some(gpu) = Gpu::of("rms_norm", &[self, weight])? {
+            return norm_cuda(&gpu, self, weight, None, eps, false);
+        }
         float_dispatch!("rms_norm", self.dtype(), T => {
             let w = widen::<T>(weight);
             Ok(rows_forward::<T>(self, d, |x, y| {
@@ -153,6 +229,9 @@ impl Tensor {
     pub fn rms_norm_backward(&self, weight: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         let d = check("rms_norm_backward", self, &[weight])?;
         check_grad("rms_norm_backward", self, grad)?;
+        if let Some(gpu) = Gpu::of("rms_norm_backward", &[self, weight, grad])? {
+            return rms_norm_backward_cuda(&gpu, self, weight, grad, eps);
+        }
         float_dispatch!("rms_norm_backward", self.dtype(), T => {
             type A = <T as FloatElement>::Acc;
             let w = widen::<T>(weight);
@@ -179,6 +258,11 @@ impl Tensor {
         if let Some(b) = bias {
             check("layer_norm", self, &[b])?;
         }
+        let mut operands = vec![self, weight];
+        operands.extend(bias);
+        if let Some(gpu) = Gpu::of("layer_norm", &operands)? {
+            return norm_cuda(&gpu, self, weight, bias, eps, true);
+        }
         float_dispatch!("layer_norm", self.dtype(), T => {
             let w = widen::<T>(weight);
             let b = bias.map(widen::<T>);
@@ -203,6 +287,9 @@ impl Tensor {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = check("layer_norm_backward", self, &[weight])?;
         check_grad("layer_norm_backward", self, grad)?;
+        if let Some(gpu) = Gpu::of("layer_norm_backward", &[self, weight, grad])? {
+            return layer_norm_backward_cuda(&gpu, self, weight, grad, eps);
+        }
         float_dispatch!("layer_norm_backward", self.dtype(), T => {
             type A = <T as FloatElement>::Acc;
             let w = widen::<T>(weight);

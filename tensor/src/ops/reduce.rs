@@ -7,8 +7,10 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
-use crate::{FloatElement, Real, Result, Tensor};
+use crate::{FloatElement, Real, Result, Tensor, TensorError};
+use cuda::kernels::{Dims3, ReduceOp};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -278,6 +280,64 @@ where
     }
 }
 
+/// `reduce` on a CUDA device over the runs of axes `first` and then `rest`. One run is one kernel
+/// pass rounding straight to the dtype; with several runs every pass but the last writes f32 and
+/// the result is rounded once at the end, as on the CPU. A mean divides by `mean_of`.
+fn reduce_cuda(
+    gpu: &Gpu,
+    x: &Tensor,
+    (first, rest): (&(usize, usize), &[(usize, usize)]),
+    how: Reduce,
+    mean_of: Option<usize>,
+) -> Result<Tensor> {
+    let x = gpu.packed(x)?;
+    let mut shape = x.shape().to_vec();
+    // The pass over run `(start, end)`: the dims it reduces, and `shape` updated past it.
+    let mut pass = |(start, end): (usize, usize)| {
+        let dims = Dims3 {
+            outer: shape[..start].iter().product(),
+            len: shape[start..end].iter().product(),
+            inner: shape[end..].iter().product(),
+        };
+        shape[start..end].fill(1);
+        dims
+    };
+    let op = |last: bool| match (how, mean_of) {
+        (Reduce::Sum, Some(count)) if last => ReduceOp::Mean { count },
+        (Reduce::Sum, _) => ReduceOp::Sum,
+        (Reduce::Max, _) => ReduceOp::Max,
+        (Reduce::Min, _) => ReduceOp::Min,
+    };
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let dims = pass(*first);
+        if rest.is_empty() {
+            let mut out = gpu.alloc::<T>(dims.outer * dims.inner)?;
+            gpu.check(gpu.dev.reduce(op(true), x.cuda_buffer::<T>(), dims, &mut out))?;
+            return Ok(gpu.tensor(out, &shape));
+        }
+        let mut acc = gpu.alloc::<f32>(dims.outer * dims.inner)?;
+        gpu.check(gpu.dev.reduce_to_f32(op(false), x.cuda_buffer::<T>(), dims, &mut acc))?;
+        for (i, &run) in rest.iter().enumerate() {
+            let dims = pass(run);
+            let mut next = gpu.alloc::<f32>(dims.outer * dims.inner)?;
+            gpu.check(gpu.dev.reduce(op(i + 1 == rest.len()), &acc, dims, &mut next))?;
+            acc = next;
+        }
+        gpu.cast(&gpu.tensor(acc, &shape), <T as crate::Element>::DTYPE)
+    })
+}
+
+/// `argmax` on a CUDA device.
+fn argmax_cuda(gpu: &Gpu, x: &Tensor, axis: usize) -> Result<Tensor> {
+    let x = gpu.packed(x)?;
+    let dims = Dims3::around(x.shape(), axis);
+    let mut out = gpu.alloc::<u32>(dims.outer * dims.inner)?;
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        gpu.check(gpu.dev.argmax(x.cuda_buffer::<T>(), dims, &mut out))?;
+    });
+    Ok(gpu.tensor(out, &reduced_shape(x.shape(), &[axis], true)))
+}
+
 impl Tensor {
     /// Shared body of sum, mean, max and min.
     fn reduce(
@@ -289,6 +349,19 @@ impl Tensor {
         mean: bool,
     ) -> Result<Tensor> {
         check_axes(op, self.shape(), axes)?;
+        if let Some(gpu) = Gpu::of(op, &[self])? {
+            let out_shape = reduced_shape(self.shape(), axes, keepdim);
+            let count = mean.then(|| axes.iter().map(|&a| self.dim(a)).product::<usize>());
+            return match runs(axes).split_first() {
+                Some(runs) => reduce_cuda(&gpu, self, runs, how, count)?.reshape(&out_shape),
+                // Nothing to reduce: the elements themselves (a mean divides by 1).
+                None if self.dtype().is_float() => gpu.copy(self)?.reshape(&out_shape),
+                None => Err(TensorError::DType {
+                    op,
+                    dtype: self.dtype(),
+                }),
+            };
+        }
         let divisor = mean.then(|| axes.iter().map(|&a| self.dim(a)).product::<usize>() as f64);
         let x = self.contiguous();
         let out = float_dispatch!(op, self.dtype(), T => CpuStorage::from_vec(reduce_runs::<T>(
@@ -344,6 +417,9 @@ impl Tensor {
     /// rule). An empty axis is an error.
     pub fn argmax(&self, axis: usize, keepdim: bool) -> Result<Tensor> {
         self.check_nonempty("argmax", axis)?;
+        if let Some(gpu) = Gpu::of("argmax", &[self])? {
+            return argmax_cuda(&gpu, self, axis)?.reshape(&reduced_shape(self.shape(), &[axis], keepdim));
+        }
         let x = self.contiguous();
         let dims = split(self.shape(), axis);
         let out = float_dispatch!("argmax", self.dtype(), T => argmax_view(x.contiguous_slice::<T>(), dims));

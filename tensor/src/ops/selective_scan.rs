@@ -7,6 +7,7 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
+use crate::gpu::cpu_only;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
 use rayon::prelude::*;
@@ -449,6 +450,7 @@ impl Tensor {
         delta_softplus: bool,
     ) -> Result<(Tensor, Tensor)> {
         let op = "selective_scan";
+        cpu_only(op, &[self, delta, a, b, c], &[d_skip, z, delta_bias])?;
         let args = ScanArgs {
             u: self,
             delta,
@@ -483,6 +485,7 @@ impl Tensor {
         grad: &Tensor,
     ) -> Result<SelectiveScanGrads> {
         let op = "selective_scan_backward";
+        cpu_only(op, &[self, delta, a, b, c, grad], &[d_skip, z, delta_bias])?;
         let args = ScanArgs {
             u: self,
             delta,
@@ -519,6 +522,7 @@ impl Tensor {
         dt_softplus: bool,
     ) -> Result<(Tensor, Tensor)> {
         let op = "selective_state_update";
+        cpu_only(op, &[self, x, dt, a, b, c], &[d_skip, z, dt_bias])?;
         let (ss, as_) = (self.shape(), a.shape());
         if ss.len() != 3 || as_.len() != 2 {
             return shape_err(

@@ -4,6 +4,7 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{Element, FloatElement, Result, Tensor};
 use num_traits::Float;
@@ -41,6 +42,11 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
         }
         x.check_same_dtype(op, g)?;
     }
+    let mut operands = vec![x];
+    operands.extend(g);
+    if let Some(gpu) = Gpu::of(op, &operands)? {
+        return along_axis_cuda(&gpu, x, g, axis, row);
+    }
     let last = x.rank() - 1;
     let to_last = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(axis, last)?.contiguous()) };
     let xs = to_last(x)?;
@@ -60,6 +66,32 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
     Tensor::from_cpu(out, xs.shape())
         .transpose(axis, last)
         .map(|t| t.contiguous())
+}
+
+/// `along_axis` on a CUDA device: the row kernels on the axis moved last and packed.
+fn along_axis_cuda(gpu: &Gpu, x: &Tensor, g: Option<&Tensor>, axis: usize, row: Row) -> Result<Tensor> {
+    let last = x.rank() - 1;
+    let to_last = |t: &Tensor| -> Result<Tensor> { gpu.packed(&t.transpose(axis, last)?) };
+    let xs = to_last(x)?;
+    let gs = g.map(to_last).transpose()?;
+    let d = x.dim(axis);
+    let rows = xs.numel().checked_div(d).unwrap_or(0);
+    let out = cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let xb = xs.cuda_buffer::<T>();
+        let mut out = gpu.alloc::<T>(xs.numel())?;
+        // The backward rows come with a gradient, the forward rows without.
+        let launched = match &gs {
+            None if matches!(row, Row::LogSoftmax) => gpu.dev.log_softmax(xb, &mut out, rows, d),
+            None => gpu.dev.softmax(xb, &mut out, rows, d),
+            Some(g) => {
+                let log = matches!(row, Row::LogSoftmaxBackward);
+                gpu.dev.softmax_backward(xb, g.cuda_buffer::<T>(), &mut out, (rows, d), log)
+            }
+        };
+        gpu.check(launched)?;
+        gpu.tensor(out, xs.shape())
+    });
+    out.transpose(axis, last)?.try_contiguous()
 }
 
 /// The largest element of a row, widened (NaN is ignored here and propagates through exp).

@@ -9,6 +9,7 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
+use crate::gpu::cpu_only;
 use crate::ops::selective_scan::{check_operands, narrow, widen};
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
 use rayon::prelude::*;
@@ -580,6 +581,7 @@ impl Tensor {
         initial_state: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let op = "ssd_scan";
+        cpu_only(op, &[self, dt, a, b, c], &[d_skip, dt_bias, initial_state])?;
         let args = SsdArgs {
             x: self,
             dt,
@@ -614,6 +616,7 @@ impl Tensor {
         initial_state: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let op = "ssd_scan_sequential";
+        cpu_only(op, &[self, dt, a, b, c], &[d_skip, dt_bias, initial_state])?;
         let args = SsdArgs {
             x: self,
             dt,
@@ -650,6 +653,7 @@ impl Tensor {
         grad: &Tensor,
     ) -> Result<SsdGrads> {
         let op = "ssd_scan_backward";
+        cpu_only(op, &[self, dt, a, b, c, grad], &[d_skip, dt_bias, initial_state])?;
         let args = SsdArgs {
             x: self,
             dt,
@@ -685,6 +689,7 @@ impl Tensor {
         dt_softplus: bool,
     ) -> Result<(Tensor, Tensor)> {
         let op = "ssd_state_update";
+        cpu_only(op, &[self, x, dt, a, b, c], &[d_skip, dt_bias])?;
         let (ss, bs) = (self.shape(), b.shape());
         if ss.len() != 4 || bs.len() != 3 {
             return shape_err(

@@ -1,9 +1,11 @@
 //! Elementwise unary ops and their derivatives.
 
 use crate::dispatch::float_dispatch;
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::ops::elementwise::map;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
+use cuda::kernels::UnaryOp as CudaUnaryOp;
 
 /// An elementwise function of one float.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -134,9 +136,61 @@ fn sigmoid<A: Real>(x: A) -> A {
     }
 }
 
+impl UnaryOp {
+    /// The same function as the `cuda` crate names it.
+    fn to_cuda(self) -> CudaUnaryOp {
+        match self {
+            UnaryOp::Neg => CudaUnaryOp::Neg,
+            UnaryOp::Exp => CudaUnaryOp::Exp,
+            UnaryOp::Log => CudaUnaryOp::Log,
+            UnaryOp::Sqrt => CudaUnaryOp::Sqrt,
+            UnaryOp::Rsqrt => CudaUnaryOp::Rsqrt,
+            UnaryOp::Tanh => CudaUnaryOp::Tanh,
+            UnaryOp::Sigmoid => CudaUnaryOp::Sigmoid,
+            UnaryOp::Silu => CudaUnaryOp::Silu,
+            UnaryOp::GeluTanh => CudaUnaryOp::GeluTanh,
+            UnaryOp::GeluErf => CudaUnaryOp::GeluErf,
+            UnaryOp::Softplus => CudaUnaryOp::Softplus,
+            UnaryOp::Abs => CudaUnaryOp::Abs,
+            UnaryOp::Sqr => CudaUnaryOp::Sqr,
+            UnaryOp::Recip => CudaUnaryOp::Recip,
+            UnaryOp::Powf(p) => CudaUnaryOp::Powf(p),
+            UnaryOp::Clamp(lo, hi) => CudaUnaryOp::Clamp(lo, hi),
+            UnaryOp::Affine(a, b) => CudaUnaryOp::Affine(a, b),
+        }
+    }
+}
+
+/// `unary` on a CUDA device: strided views are read in place.
+fn unary_cuda(gpu: &Gpu, x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut y = gpu.alloc::<T>(x.numel())?;
+        let xb = x.cuda_buffer::<T>();
+        if x.is_packed() {
+            gpu.check(gpu.dev.unary(op.to_cuda(), xb, &mut y))?;
+        } else {
+            gpu.check(gpu.dev.unary_strided(op.to_cuda(), (xb, &x.view()), &mut y))?;
+        }
+        Ok(gpu.tensor(y, x.shape()))
+    })
+}
+
+/// `unary_backward` on a CUDA device.
+fn unary_backward_cuda(gpu: &Gpu, x: &Tensor, op: UnaryOp, grad: &Tensor) -> Result<Tensor> {
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let (x, g) = (gpu.packed(x)?, gpu.packed(grad)?);
+        let mut dx = gpu.alloc::<T>(x.numel())?;
+        gpu.check(gpu.dev.unary_backward(op.to_cuda(), x.cuda_buffer::<T>(), g.cuda_buffer::<T>(), &mut dx))?;
+        Ok(gpu.tensor(dx, x.shape()))
+    })
+}
+
 impl Tensor {
     /// Applies `op` to every element.
     pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
+        if let Some(gpu) = Gpu::of("unary", &[self])? {
+            return unary_cuda(&gpu, self, op);
+        }
         fn run<T: FloatElement>(x: &Tensor, f: impl Fn(T::Acc) -> T::Acc + Sync) -> Result<Tensor> {
             let out = map::<T, T>(x, |v| T::from_acc(f(v.to_acc())));
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), x.shape()))
@@ -163,6 +217,9 @@ impl Tensor {
             );
         }
         self.check_same_dtype("unary_backward", grad)?;
+        if let Some(gpu) = Gpu::of("unary_backward", &[self, grad])? {
+            return unary_backward_cuda(&gpu, self, op, grad);
+        }
         float_dispatch!("unary_backward", self.dtype(), T => {
             let (out, shape) = crate::ops::elementwise::zip_map::<T, T, T>("unary_backward", self, grad, |x, g| {
                 T::from_acc(g.to_acc() * op.derivative(x.to_acc()))

@@ -1,0 +1,185 @@
+//! GPU benchmarks of the `cuda` crate: `cargo bench -p cuda`.
+//!
+//! First the ceiling: device-to-device copy bandwidth (`cuMemcpyDtoDAsync`, bytes read plus
+//! bytes written). Then bf16 GEMM TFLOP/s on 4096³ and on the LM's shapes through cuBLAS
+//! `GemmEx` (the path `tensor::matmul` takes), next to cuBLASLt (heuristic algorithm, with a bias
+//! epilogue) as cuBLAS's other route; the ratio is GemmEx over the better of the two. Then the
+//! memory-bound kernels in GB/s of the bytes they must read and write once, as a fraction of the
+//! copy bandwidth. Times are the best of several event-timed rounds after a warm-up (which also
+//! compiles the kernels). Without a GPU it prints one line and exits successfully.
+
+use cuda::kernels::{BinaryOp, NormSpec, UnaryOp};
+use cuda::{bf16, DeviceBuffer, FloatElem, GemmSpec, GpuDevice, Result};
+
+/// Timed rounds per measurement; the best counts.
+const ROUNDS: usize = 10;
+
+/// Milliseconds per call of `f`: the best of `ROUNDS` rounds of `calls` calls, after a warm-up.
+fn time_ms(dev: &GpuDevice, calls: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..ROUNDS {
+        let (start, end) = (dev.event()?, dev.event()?);
+        start.record()?;
+        for _ in 0..calls {
+            f()?;
+        }
+        end.record()?;
+        end.synchronize()?;
+        best = best.min(f64::from(start.elapsed_ms(&end)?) / calls as f64);
+    }
+    Ok(best)
+}
+
+/// GB/s of moving `bytes` in `ms` milliseconds.
+fn gb_per_s(bytes: usize, ms: f64) -> f64 {
+    bytes as f64 / (ms * 1e-3) / 1e9
+}
+
+/// A buffer of `n` elements, each `v`.
+fn filled<T: FloatElem>(dev: &GpuDevice, n: usize, v: T) -> Result<DeviceBuffer<T>> {
+    dev.full(n, v)
+}
+
+/// One GEMM shape: `[m, k] · op([k, n])`, B stored transposed (`[n, k]`, a linear layer's weight)
+/// when `trans_b`.
+struct Shape {
+    name: &'static str,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_b: bool,
+}
+
+const GEMMS: [Shape; 4] = [
+    Shape {
+        name: "bf16 4096^3",
+        m: 4096,
+        n: 4096,
+        k: 4096,
+        trans_b: false,
+    },
+    // 2048 tokens through Mamba-2.8B's in_proj (2560 -> 2 x 5120), out_proj and the tied LM head.
+    Shape {
+        name: "bf16 in_proj [2048x2560]x[2560x10240]",
+        m: 2048,
+        n: 10240,
+        k: 2560,
+        trans_b: true,
+    },
+    Shape {
+        name: "bf16 out_proj [2048x5120]x[5120x2560]",
+        m: 2048,
+        n: 2560,
+        k: 5120,
+        trans_b: true,
+    },
+    Shape {
+        name: "bf16 lm_head [2048x2560]x[2560x50280]",
+        m: 2048,
+        n: 50280,
+        k: 2560,
+        trans_b: true,
+    },
+];
+
+fn run(dev: &GpuDevice) -> Result<()> {
+    let info = dev.info();
+    println!(
+        "cuda GPU benchmarks: {} ({}, {} SMs, {:.0} GiB)",
+        info.name,
+        info.arch(),
+        info.multiprocessors,
+        info.total_memory as f64 / (1u64 << 30) as f64
+    );
+
+    // The ceiling: a 1 GiB device-to-device copy.
+    let n = 1 << 28;
+    let src = filled(dev, n, 1.0f32)?;
+    let mut dst = dev.alloc::<f32>(n)?;
+    let copy_ms = time_ms(dev, 5, || dev.copy(&src, &mut dst))?;
+    let ceiling = gb_per_s(2 * n * 4, copy_ms);
+    println!("| op | result | reference | ratio |");
+    println!("|---|---|---|---|");
+    println!("| copy d2d 1 GiB (ceiling) | {ceiling:.0} GB/s | | |");
+    drop((src, dst));
+
+    for s in GEMMS {
+        let a = filled(dev, s.m * s.k, bf16::from_f32(0.01))?;
+        let b = filled(dev, s.k * s.n, bf16::from_f32(0.02))?;
+        let bias = dev.zeros::<bf16>(s.n)?;
+        let mut c = dev.alloc::<bf16>(s.m * s.n)?;
+        let spec = GemmSpec::new(s.m, s.n, s.k).transposed(false, s.trans_b);
+        let flop = 2.0 * (s.m * s.n * s.k) as f64;
+        let tflops = |ms: f64| flop / (ms * 1e-3) / 1e12;
+        let ex = tflops(time_ms(dev, 10, || dev.gemm(&a, &b, &mut c, spec))?);
+        let lt = tflops(time_ms(dev, 10, || dev.gemm_bias((&a, &b), &bias, &mut c, spec))?);
+        println!(
+            "| {} | {ex:.0} TFLOP/s | cuBLASLt {lt:.0} TFLOP/s | {:.2} |",
+            s.name,
+            ex / ex.max(lt)
+        );
+    }
+
+    // Memory-bound kernels on 64 Mi elements (rows of the LM's widths for the row kernels).
+    let n = 1 << 26;
+    let row_op = |name: &str, bytes: usize, ms: f64| {
+        let gbs = gb_per_s(bytes, ms);
+        println!(
+            "| {name} | {gbs:.0} GB/s | copy | {:.0}% |",
+            100.0 * gbs / ceiling
+        );
+    };
+    for (label, size) in [("f32", 4), ("bf16", 2)] {
+        let (ms_add, ms_silu) = if size == 4 {
+            let (x, y) = (filled(dev, n, 0.5f32)?, filled(dev, n, 0.25f32)?);
+            let mut out = dev.alloc::<f32>(n)?;
+            (
+                time_ms(dev, 10, || dev.binary(BinaryOp::Add, &x, &y, &mut out))?,
+                time_ms(dev, 10, || dev.unary(UnaryOp::Silu, &x, &mut out))?,
+            )
+        } else {
+            let (x, y) = (
+                filled(dev, n, bf16::from_f32(0.5))?,
+                filled(dev, n, bf16::from_f32(0.25))?,
+            );
+            let mut out = dev.alloc::<bf16>(n)?;
+            (
+                time_ms(dev, 10, || dev.binary(BinaryOp::Add, &x, &y, &mut out))?,
+                time_ms(dev, 10, || dev.unary(UnaryOp::Silu, &x, &mut out))?,
+            )
+        };
+        row_op(&format!("add {label} 64M"), 3 * n * size, ms_add);
+        row_op(&format!("silu {label} 64M"), 2 * n * size, ms_silu);
+    }
+    for (rows, len) in [(16384, 4096), (2048, 50280)] {
+        let x = filled(dev, rows * len, bf16::from_f32(0.5))?;
+        let mut y = dev.alloc::<bf16>(rows * len)?;
+        let ms = time_ms(dev, 10, || dev.softmax(&x, &mut y, rows, len))?;
+        row_op(&format!("softmax bf16 [{rows}, {len}]"), 2 * rows * len * 2, ms);
+    }
+    for (rows, dim) in [(16384, 2560), (16384, 5120)] {
+        let x = filled(dev, rows * dim, bf16::from_f32(0.5))?;
+        let w = filled(dev, dim, bf16::from_f32(1.0))?;
+        let mut y = dev.alloc::<bf16>(rows * dim)?;
+        let spec = NormSpec::new(rows, dim, 1e-5);
+        let ms = time_ms(dev, 10, || dev.rms_norm(&x, None, &w, &mut y, spec))?;
+        row_op(&format!("rms_norm bf16 [{rows}, {dim}]"), 2 * rows * dim * 2, ms);
+    }
+    Ok(())
+}
+
+fn main() {
+    let dev = match GpuDevice::open(0) {
+        Ok(dev) => dev,
+        Err(e) => {
+            println!("skipped: no GPU ({e})");
+            return;
+        }
+    };
+    if let Err(e) = run(&dev) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
