@@ -2,7 +2,7 @@
 //! the LM in parallel (prefill), then the answer is decoded one token at a time from the
 //! recurrent cache (constant memory per token) until end-of-text or the token limit.
 
-use crate::error::{EmmaError, Result};
+use crate::error::Result;
 use crate::image::pixels_for_both;
 use crate::model::Emma;
 use crate::prompt::Conversation;
@@ -35,21 +35,6 @@ pub struct Generation {
     pub finished: bool,
 }
 
-/// Checks that every id `tok` can produce is a row of the model's embedding table.
-pub fn check_tokenizer_fits(model: &Emma, tok: &Tokenizer) -> Result<()> {
-    let vocab = model.config().lm.vocab;
-    if tok.vocab_size() > vocab {
-        return Err(EmmaError::Tokenizer {
-            source_name: tok.source_name().to_owned(),
-            detail: format!(
-                "it has {} tokens but the model's vocabulary has {vocab}",
-                tok.vocab_size()
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// Answers the last (unanswered) turn of `conversation` with `model`, about `image` (its tokens
 /// go before the prompt) or, without one, from the text alone.
 pub fn generate(
@@ -59,7 +44,7 @@ pub fn generate(
     conversation: &Conversation,
     opts: &GenerateOptions,
 ) -> Result<Generation> {
-    check_tokenizer_fits(model, tok)?;
+    tok.check_fits(model.config().lm.vocab)?;
     let prompt = conversation.encode_prompt(tok)?;
     let lm = model.lm();
     let text = lm

@@ -162,6 +162,21 @@ impl Tokenizer {
         self.vocab_size
     }
 
+    /// Checks that every id this tokenizer can produce is a row of an embedding table of `vocab`
+    /// rows.
+    pub fn check_fits(&self, vocab: usize) -> Result<()> {
+        if self.vocab_size > vocab {
+            return Err(EmmaError::Tokenizer {
+                source_name: self.source_name.clone(),
+                detail: format!(
+                    "it has {} tokens but the model's vocabulary has {vocab}",
+                    self.vocab_size
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The id of the end-of-text token [`EOS_TOKEN`].
     pub fn eos_id(&self) -> u32 {
         self.eos

@@ -118,14 +118,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         Some(p) => Tokenizer::from_file(p)?,
         None => Tokenizer::train_builtin(cfg.lm.vocab)?,
     };
-    if tok.vocab_size() > cfg.lm.vocab {
-        return Err(TrainError::Options(format!(
-            "tokenizer {} has {} tokens, more than the {} rows of the preset's embedding",
-            tok.source_name(),
-            tok.vocab_size(),
-            cfg.lm.vocab
-        )));
-    }
+    tok.check_fits(cfg.lm.vocab)?;
     let (train_data, eval_data, skipped) = datasets(opts)?;
     let n = train_data.len() as u64;
     let global = recipe.global_batch as u64;
