@@ -208,7 +208,8 @@ impl Alignment {
             }
         };
         let width = raw.value().dim(2);
-        let ones = Var::constant(Tensor::ones(&[width], raw.value().dtype()));
+        let (dtype, device) = (raw.value().dtype(), raw.value().device());
+        let ones = Var::constant(Tensor::ones_on(&[width], dtype, device)?);
         Ok(raw.layer_norm(&ones, None, 1e-6)?)
     }
 
@@ -217,8 +218,9 @@ impl Alignment {
         let n = self.grid * self.grid;
         let maps = self.feature_maps(per_layer, n)?;
         let (b, d) = (siglip_pixels.dim(0), self.query.value().dim(2));
-        let dtype = self.query.value().dtype();
-        let pos = Var::constant(position_embeddings_2d(self.grid, d, dtype)?.reshape(&[1, n, d])?);
+        let (dtype, device) = (self.query.value().dtype(), self.query.value().device());
+        let pos = position_embeddings_2d(self.grid, d, dtype)?.to_device(device)?;
+        let pos = Var::constant(pos.reshape(&[1, n, d])?);
         let mut q = self.query.add(&pos)?.broadcast_to(&[b, n, d])?;
         for (block, kv) in self.blocks.iter().zip(&maps) {
             let attended = block.cross_attn.forward(

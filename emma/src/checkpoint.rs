@@ -9,7 +9,7 @@ use anyhow::Context;
 use nn::ParamStore;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tensor::{DType, Tensor};
+use tensor::{DType, Device, Tensor};
 
 /// The file name of the tokenizer saved beside a model (by the trainer), which `emma generate`
 /// picks up.
@@ -41,13 +41,14 @@ pub fn load_config(dir: &Path) -> anyhow::Result<EmmaConfig> {
     serde_json::from_str(&text).with_context(|| format!("{}: not an EMMA config", path.display()))
 }
 
-/// Loads a model saved by [`save`]; every parameter must be present with its shape and none
-/// may be left over.
-pub fn load(dir: &Path, trainable: bool) -> anyhow::Result<Emma> {
+/// Loads a model saved by [`save`] onto `device`; every parameter must be present with its
+/// shape and none may be left over.
+pub fn load(dir: &Path, trainable: bool, device: Device) -> anyhow::Result<Emma> {
     let cfg = load_config(dir)?;
     let file = dir.join("model.safetensors");
     let tensors = tensor::safetensors::load(&file)?;
     let store = ParamStore::new(tensors, trainable, file.display().to_string());
+    store.set_device(device);
     Emma::new(&cfg, store).with_context(|| format!("building EMMA from {}", dir.display()))
 }
 

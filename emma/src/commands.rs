@@ -4,60 +4,69 @@ use anyhow::{bail, Context};
 use nn::{load_pretrained, Dinov2, MambaLm, ParamStore, Pretrained, SiglipHead, SiglipVision};
 use std::collections::BTreeMap;
 use std::path::Path;
-use tensor::{DType, Tensor};
+use tensor::{DType, Device, Tensor};
 
 use crate::config::{EmmaConfig, PRESETS};
 use crate::model::Emma;
 use crate::tokenizer::Tokenizer;
 
-fn load(dir: &Path, trainable: bool) -> anyhow::Result<(Pretrained, ParamStore)> {
+/// A Hugging Face model directory's config and its parameters (f32) in a store on `device`.
+fn load(dir: &Path, trainable: bool, device: Device) -> anyhow::Result<(Pretrained, ParamStore)> {
     let mut pre = load_pretrained(dir).with_context(|| format!("loading model {}", dir.display()))?;
     let tensors = std::mem::take(&mut pre.tensors)
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
         .collect::<tensor::Result<BTreeMap<_, _>>>()?;
     let store = ParamStore::new(tensors, trainable, dir.display().to_string());
+    store.set_device(device);
     Ok((pre, store))
 }
 
-fn ids_tensor(ids: &[u32]) -> anyhow::Result<Tensor> {
+/// The ids as a `[1, T]` tensor on `device`.
+fn ids_tensor(ids: &[u32], device: Device) -> anyhow::Result<Tensor> {
     if ids.is_empty() {
         bail!("--ids is empty");
     }
-    Ok(Tensor::from_slice(ids, &[1, ids.len()])?)
+    Ok(Tensor::from_slice(ids, &[1, ids.len()])?.to_device(device)?)
 }
 
-/// Logits `[T, vocab]` (f32) of a Mamba/Mamba-2 LM over one sequence of token ids.
-pub fn logits(model_dir: &Path, ids: &[u32]) -> anyhow::Result<Tensor> {
-    let (pre, store) = load(model_dir, false)?;
+/// Logits `[T, vocab]` (f32, on `device`) of a Mamba/Mamba-2 LM run on `device` over one
+/// sequence of token ids.
+pub fn logits(model_dir: &Path, ids: &[u32], device: Device) -> anyhow::Result<Tensor> {
+    let (pre, store) = load(model_dir, false, device)?;
     let lm = MambaLm::new(&pre.config, &store)?;
-    let logits = lm.forward(&ids_tensor(ids)?)?;
+    let logits = lm.forward(&ids_tensor(ids, device)?)?;
     let v = logits.value();
     Ok(v.reshape(&v.shape()[1..])?)
 }
 
 /// Mean next-token cross-entropy over the sequence (position t predicts ids[t+1]) and the
-/// gradient of every parameter by its Hugging Face name (f32).
-pub fn grads(model_dir: &Path, ids: &[u32]) -> anyhow::Result<(f64, BTreeMap<String, Tensor>)> {
+/// gradient of every parameter by its Hugging Face name (f32, on `device`, where it ran).
+pub fn grads(
+    model_dir: &Path,
+    ids: &[u32],
+    device: Device,
+) -> anyhow::Result<(f64, BTreeMap<String, Tensor>)> {
     if ids.len() < 2 {
         bail!("--ids needs at least two tokens to predict one from the other");
     }
-    let (pre, store) = load(model_dir, true)?;
+    let (pre, store) = load(model_dir, true, device)?;
     let lm = MambaLm::new(&pre.config, &store)?;
-    let logits = lm.forward(&ids_tensor(ids)?)?;
+    let logits = lm.forward(&ids_tensor(ids, device)?)?;
     let t = ids.len();
     let vocab = logits.value().dim(2);
     let inputs = logits.reshape(&[t, vocab])?.narrow(0, 0, t - 1)?;
-    let targets = Tensor::from_slice(&ids[1..], &[t - 1])?;
+    let targets = Tensor::from_slice(&ids[1..], &[t - 1])?.to_device(device)?;
     let loss = inputs.cross_entropy(&targets, u32::MAX)?;
     loss.backward()?;
     Ok((loss.value().to_scalar_f64()?, store.grads()))
 }
 
-/// `last_hidden_state` and `penultimate_hidden_state` of a SigLIP or DINOv2 encoder.
-pub fn vision(model_dir: &Path, pixels: &Tensor) -> anyhow::Result<(Tensor, Tensor)> {
-    let (pre, store) = load(model_dir, false)?;
-    let pixels = pixels.to_dtype(DType::F32)?;
+/// `last_hidden_state` and `penultimate_hidden_state` of a SigLIP or DINOv2 encoder run on
+/// `device` (the outputs stay there).
+pub fn vision(model_dir: &Path, pixels: &Tensor, device: Device) -> anyhow::Result<(Tensor, Tensor)> {
+    let (pre, store) = load(model_dir, false, device)?;
+    let pixels = pixels.to_dtype(DType::F32)?.to_device(device)?;
     let out = match pre.config.model_type()? {
         "siglip" | "siglip_vision_model" => SiglipVision::new(&pre.config, &store, SiglipHead::Skip)?.forward(&pixels)?,
         "dinov2" | "dinov2_with_registers" => Dinov2::new(&pre.config, &store)?.forward(&pixels)?,
@@ -96,14 +105,14 @@ pub enum ModelSource<'a> {
     },
 }
 
-/// The model of `source`, frozen (inference builds no graph).
-pub fn load_model(source: &ModelSource) -> anyhow::Result<Emma> {
+/// The model of `source` on `device`, frozen (inference builds no graph).
+pub fn load_model(source: &ModelSource, device: Device) -> anyhow::Result<Emma> {
     match *source {
-        ModelSource::Dir(dir) => crate::checkpoint::load(dir, false),
+        ModelSource::Dir(dir) => crate::checkpoint::load(dir, false, device),
         ModelSource::Preset { name, seed } => {
             let cfg = EmmaConfig::preset(name)
                 .with_context(|| format!("unknown preset '{name}' (known: {})", PRESETS.join(", ")))?;
-            Ok(Emma::random(&cfg, seed, DType::F32, false)?)
+            Ok(Emma::random_on(&cfg, seed, DType::F32, false, device)?)
         }
     }
 }

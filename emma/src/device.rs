@@ -68,23 +68,6 @@ pub fn resolve(choice: DeviceChoice) -> anyhow::Result<tensor::Device> {
     }
 }
 
-/// Resolves `choice` for the EMMA model and its layers, which run only on the CPU so far (their
-/// layers still build host constants, and the Mamba scans have no CUDA kernels until issue 7):
-/// an explicit `cuda` is an error saying so, and `auto` with a usable GPU says it runs on the CPU
-/// (an error when `EMMA_REQUIRE_GPU=1`). Nothing falls back silently.
-pub fn resolve_for_model(choice: DeviceChoice) -> anyhow::Result<tensor::Device> {
-    let why = "the EMMA model does not run on CUDA yet (its layers build host tensors and the Mamba \
-               scans have no CUDA kernels: issue 7)";
-    match resolve(choice)? {
-        tensor::Device::Cpu => Ok(tensor::Device::Cpu),
-        d if choice == DeviceChoice::Auto && !gpu_required() => {
-            eprintln!("note: {d} is usable, but {why}; running on the CPU");
-            Ok(tensor::Device::Cpu)
-        }
-        d => anyhow::bail!("--device {choice} resolved to {d}, but {why}; use --device cpu"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::{resolve, DeviceChoice};

@@ -46,9 +46,9 @@ pub fn generate(
 ) -> Result<Generation> {
     tok.check_fits(model.config().lm.vocab)?;
     let prompt = conversation.encode_prompt(tok)?;
-    let lm = model.lm();
+    let (lm, device) = (model.lm(), model.device());
     let text = lm
-        .embed(&Tensor::from_slice(&prompt, &[1, prompt.len()])?)?
+        .embed(&Tensor::from_slice(&prompt, &[1, prompt.len()])?.to_device(device)?)?
         .value()
         .clone();
     let embeds = match image {
@@ -78,7 +78,8 @@ pub fn generate(
         if ids.len() == opts.max_new_tokens {
             break;
         }
-        let embed = lm.embed(&Tensor::from_slice(&[next], &[1, 1])?)?.value().clone();
+        let next_id = Tensor::from_slice(&[next], &[1, 1])?.to_device(device)?;
+        let embed = lm.embed(&next_id)?.value().clone();
         let hidden_size = embed.dim(2);
         logits = lm.step(&embed.reshape(&[1, hidden_size])?, &mut cache)?;
     }

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use emma::commands::{self, ModelSource};
-use emma::device::{resolve_for_model, DeviceChoice};
+use emma::device::{resolve, DeviceChoice};
 use emma::generate::{generate, GenerateOptions};
 use emma::prompt::Conversation;
 use emma::sampling::Sampling;
@@ -147,8 +147,8 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
-            resolve_for_model(device)?;
-            let logits = commands::logits(&model, &ids)?;
+            let device = resolve(device)?;
+            let logits = commands::logits(&model, &ids, device)?;
             commands::write_tensors(&out, &[("logits", &logits)])?;
             println!("wrote logits {:?} to {}", logits.shape(), out.display());
         }
@@ -158,8 +158,8 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
-            resolve_for_model(device)?;
-            let (loss, grads) = commands::grads(&model, &ids)?;
+            let device = resolve(device)?;
+            let (loss, grads) = commands::grads(&model, &ids, device)?;
             let loss_t = tensor::Tensor::scalar(loss as f32);
             let mut named: Vec<(&str, &tensor::Tensor)> =
                 grads.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -183,7 +183,7 @@ fn main() -> anyhow::Result<()> {
             tokenizer,
             device,
         } => {
-            resolve_for_model(device)?;
+            let device = resolve(device)?;
             let sampling = if temperature == 0.0 {
                 Sampling::Greedy
             } else if temperature > 0.0 && top_p > 0.0 && top_p <= 1.0 {
@@ -199,7 +199,7 @@ fn main() -> anyhow::Result<()> {
                 _ => anyhow::bail!("give exactly one of --model DIR or --preset NAME"),
             };
             let img = emma::image::load_image(&image)?;
-            let emma = commands::load_model(&source)?;
+            let emma = commands::load_model(&source, device)?;
             let (tok, which) =
                 commands::tokenizer_for(&source, tokenizer.as_deref(), emma.config().lm.vocab)?;
             eprintln!("using the {which}");
@@ -234,10 +234,10 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
-            resolve_for_model(device)?;
+            let device = resolve(device)?;
             let px = commands::read_tensor(&pixels, "pixel_values")
                 .with_context(|| format!("reading pixel_values from {}", pixels.display()))?;
-            let (last, penultimate) = commands::vision(&model, &px)?;
+            let (last, penultimate) = commands::vision(&model, &px, device)?;
             commands::write_tensors(
                 &out,
                 &[

@@ -5,7 +5,7 @@ use crate::alignment::Alignment;
 use crate::config::EmmaConfig;
 use autograd::Var;
 use nn::{Dinov2, Gelu, Linear, MambaLm, ParamStore, SiglipHead, SiglipVision};
-use tensor::{DType, Tensor};
+use tensor::{DType, Device, Tensor};
 
 pub use crate::prompt::IGNORE_INDEX;
 
@@ -102,14 +102,26 @@ impl Emma {
         })
     }
 
-    /// A model with freshly initialised parameters in `dtype`, seeded.
+    /// A model with freshly initialised parameters in `dtype`, seeded, on the CPU.
     pub fn random(cfg: &EmmaConfig, seed: u64, dtype: DType, trainable: bool) -> nn::Result<Self> {
+        Self::random_on(cfg, seed, dtype, trainable, Device::Cpu)
+    }
+
+    /// [`Emma::random`] on `device` (the same values: they are drawn on the host).
+    pub fn random_on(
+        cfg: &EmmaConfig,
+        seed: u64,
+        dtype: DType,
+        trainable: bool,
+        device: Device,
+    ) -> nn::Result<Self> {
         let store = ParamStore::random(
             tensor::seeded_rng(seed),
             dtype,
             trainable,
             format!("random {}", cfg.name),
         );
+        store.set_device(device);
         Self::new(cfg, store)
     }
 
@@ -123,6 +135,17 @@ impl Emma {
         &self.store
     }
 
+    /// The device the model's parameters live on (set on the store before building); inputs
+    /// on another device are copied there.
+    pub fn device(&self) -> Device {
+        self.store.device()
+    }
+
+    /// `t` on the model's device (a cheap clone when it is there already).
+    fn here(&self, t: &Tensor) -> nn::Result<Tensor> {
+        Ok(t.to_device(self.device())?)
+    }
+
     /// The language model.
     pub fn lm(&self) -> &MambaLm {
         &self.lm
@@ -132,8 +155,8 @@ impl Emma {
     /// CLS and register tokens dropped.
     pub fn vision_features(&self, siglip_pixels: &Tensor, dinov2_pixels: &Tensor) -> nn::Result<Var> {
         let n = self.cfg.vision.tokens();
-        let s = self.siglip.forward(siglip_pixels)?;
-        let d = self.dinov2.forward(dinov2_pixels)?;
+        let s = self.siglip.forward(&self.here(siglip_pixels)?)?;
+        let d = self.dinov2.forward(&self.here(dinov2_pixels)?)?;
         let skip = 1 + self.cfg.vision.dinov2.registers;
         let dino = d.penultimate().narrow(1, skip, n)?;
         Ok(Var::concat(&[&dino, s.penultimate()], 2)?)
@@ -159,7 +182,8 @@ impl Emma {
                 ),
             });
         }
-        let (hidden, _) = self.lm.forward_embeds(&self.lm.embed(ids)?)?;
+        let (ids, labels) = (self.here(ids)?, self.here(labels)?);
+        let (hidden, _) = self.lm.forward_embeds(&self.lm.embed(&ids)?)?;
         let logits = self.lm.logits(&hidden.narrow(1, 0, t - 1)?)?;
         let vocab = logits.value().dim(2);
         let targets = labels.narrow(1, 1, t - 1)?.reshape(&[b * (t - 1)])?;
@@ -189,18 +213,18 @@ impl Emma {
         }
         let n = self.cfg.vision.tokens();
         let image = self.image_tokens(&batch.siglip_pixels, &batch.dinov2_pixels)?;
-        let text = self.lm.embed(&batch.ids)?;
+        let text = self.lm.embed(&self.here(&batch.ids)?)?;
         let (hidden, per_layer) = self.lm.forward_embeds(&Var::concat(&[&image, &text], 1)?)?;
         let logits = self.lm.logits(&hidden.narrow(1, n - 1, t)?)?;
         let vocab = logits.value().dim(2);
-        let targets = batch.labels.reshape(&[b * t])?;
+        let targets = self.here(&batch.labels)?.reshape(&[b * t])?;
         let text_loss = logits
             .reshape(&[b * t, vocab])?
             .cross_entropy(&targets, IGNORE_INDEX)?;
         let pixel = self
             .alignment
             .as_ref()
-            .map(|a| a.loss(&per_layer, &batch.siglip_pixels))
+            .map(|a| a.loss(&per_layer, &self.here(&batch.siglip_pixels)?))
             .transpose()?;
         let total = match &pixel {
             Some(p) => text_loss.add(p)?,

@@ -6,7 +6,7 @@ use emma::config::EmmaConfig;
 use emma::model::{Batch, Emma, IGNORE_INDEX};
 use nn::ParamStore;
 use std::collections::BTreeMap;
-use tensor::{seeded_rng, DType, Tensor};
+use tensor::{seeded_rng, DType, Device, Tensor};
 
 fn batch(cfg: &EmmaConfig, dtype: DType, seed: u64) -> Batch {
     let mut rng = seeded_rng(seed);
@@ -130,7 +130,7 @@ fn a_saved_model_loads_back_with_the_same_losses() {
     let model = Emma::random(&cfg, 3, DType::F32, false).unwrap();
     let dir = tempfile::tempdir().unwrap();
     emma::checkpoint::save(&model, dir.path()).unwrap();
-    let loaded = emma::checkpoint::load(dir.path(), false).unwrap();
+    let loaded = emma::checkpoint::load(dir.path(), false, Device::Cpu).unwrap();
     let b = batch(&cfg, DType::F32, 4);
     let (x, y) = (model.losses(&b).unwrap(), loaded.losses(&b).unwrap());
     assert_eq!(x.total.value().to_vec_f64(), y.total.value().to_vec_f64());
@@ -140,7 +140,12 @@ fn a_saved_model_loads_back_with_the_same_losses() {
     tensors.remove("alignment.decoder.head.weight");
     let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     tensor::safetensors::save(dir.path().join("model.safetensors"), &named, None).unwrap();
-    let err = format!("{:#}", emma::checkpoint::load(dir.path(), false).err().unwrap());
+    let err = format!(
+        "{:#}",
+        emma::checkpoint::load(dir.path(), false, Device::Cpu)
+            .err()
+            .unwrap()
+    );
     assert!(err.contains("alignment.decoder.head.weight"), "{err}");
 }
 

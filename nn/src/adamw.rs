@@ -2,7 +2,7 @@
 
 use crate::Result;
 use std::collections::BTreeMap;
-use tensor::Tensor;
+use tensor::{AdamWHyper, Tensor};
 
 /// AdamW hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -77,29 +77,26 @@ impl AdamW {
     ) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        let (bc1, bc2) = (
-            1.0 - c.beta1.powi(self.step as i32),
-            1.0 - c.beta2.powi(self.step as i32),
-        );
         for (name, g) in grads {
             let Some(p) = params.get_mut(name) else { continue };
             let (m, v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (
-                    Tensor::zeros(p.shape(), p.dtype()),
-                    Tensor::zeros(p.shape(), p.dtype()),
+                    Tensor::zeros_on(p.shape(), p.dtype(), p.device())?,
+                    Tensor::zeros_on(p.shape(), p.dtype(), p.device())?,
                 ),
             };
-            let m = m.affine(c.beta1, 0.0)?.add(&g.affine(1.0 - c.beta1, 0.0)?)?;
-            let v = v
-                .affine(c.beta2, 0.0)?
-                .add(&g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-            let denom = v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
-            let update = m.affine(1.0 / bc1, 0.0)?.div(&denom)?;
-            let decay = if p.rank() >= 2 { c.weight_decay } else { 0.0 };
-            *p = p
-                .affine(1.0 - c.lr * decay, 0.0)?
-                .sub(&update.affine(c.lr, 0.0)?)?;
+            let hyper = AdamWHyper {
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                // Matrices decay; vectors (norm weights, biases) do not.
+                weight_decay: if p.rank() >= 2 { c.weight_decay } else { 0.0 },
+                step: self.step,
+            };
+            let [p2, m, v] = p.adamw_update(g, &m, &v, &hyper)?;
+            *p = p2;
             self.moments.insert(name.clone(), (m, v));
         }
         Ok(())

@@ -66,7 +66,8 @@ impl Attention {
     }
 
     /// Queries from `x [B, Tq, dim]`, keys and values from `kv [B, Tk, dim]` (pass `x` for
-    /// self-attention). `mask` (u32, broadcastable to `[B, heads, Tq, Tk]`) marks allowed pairs.
+    /// self-attention). `mask` (u32, broadcastable to `[B, heads, Tq, Tk]`) marks allowed
+    /// pairs; a mask on another device is copied to the queries' one.
     pub fn forward(&self, x: &Var, kv: &Var, mask: Option<&Tensor>) -> Result<Var> {
         let (b, tq) = (x.value().dim(0), x.value().dim(1));
         let q = self.split_heads(&self.q.forward(x)?)?;
@@ -75,8 +76,9 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.0)?;
         if let Some(mask) = mask {
-            let blocked = Var::constant(Tensor::full(&[], f64::NEG_INFINITY, scores.value().dtype()));
-            scores = Var::where_(mask, &scores, &blocked)?;
+            let (dtype, device) = (scores.value().dtype(), scores.value().device());
+            let blocked = Var::constant(Tensor::full_on(&[], f64::NEG_INFINITY, dtype, device)?);
+            scores = Var::where_(&mask.to_device(device)?, &scores, &blocked)?;
         }
         let ctx = scores.softmax(3)?.matmul(&v)?.permute(&[0, 2, 1, 3])?;
         self.out

@@ -45,9 +45,10 @@ impl CausalConv1d {
         ))
     }
 
-    /// The decoding state before any input: zeros `[batch, C, K-1]`.
-    pub fn empty_state(&self, batch: usize, dtype: DType) -> Tensor {
-        Tensor::zeros(&[batch, self.channels, self.kernel - 1], dtype)
+    /// The decoding state before any input: zeros `[batch, C, K-1]`, on the weight's device.
+    pub fn empty_state(&self, batch: usize, dtype: DType) -> Result<Tensor> {
+        let shape = [batch, self.channels, self.kernel - 1];
+        Ok(Tensor::zeros_on(&shape, dtype, self.weight.value().device())?)
     }
 
     /// The decoding state after the inputs `x [B, C, L]`: their last K-1 steps `[B, C, K-1]`,
@@ -62,7 +63,7 @@ impl CausalConv1d {
         let keep = self.kernel - 1;
         let (batch, len) = (x.dim(0), x.dim(2));
         let take = len.min(keep);
-        let pad = self.empty_state(batch, x.dtype()).narrow(2, 0, keep - take)?;
+        let pad = self.empty_state(batch, x.dtype())?.narrow(2, 0, keep - take)?;
         Ok(Tensor::concat(&[&pad, &x.narrow(2, len - take, take)?], 2)?)
     }
 

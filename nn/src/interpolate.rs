@@ -63,9 +63,12 @@ pub fn bicubic_matrix(n_in: usize, n_out: usize, antialias: bool) -> Vec<f64> {
 pub fn resize_grid(grid: &Var, out_h: usize, out_w: usize, antialias: bool) -> Result<Var> {
     let s = grid.value().shape().to_vec();
     let (h, w, d) = (s[0], s[1], s[2]);
-    let dtype = grid.value().dtype();
-    let wy = Tensor::from_vec(bicubic_matrix(h, out_h, antialias), &[out_h, h])?.to_dtype(dtype)?;
-    let wx = Tensor::from_vec(bicubic_matrix(w, out_w, antialias), &[out_w, w])?.to_dtype(dtype)?;
+    let (dtype, device) = (grid.value().dtype(), grid.value().device());
+    let weights = |n_in, n_out| -> Result<Tensor> {
+        let m = Tensor::from_vec(bicubic_matrix(n_in, n_out, antialias), &[n_out, n_in])?;
+        Ok(m.to_dtype(dtype)?.to_device(device)?)
+    };
+    let (wy, wx) = (weights(h, out_h)?, weights(w, out_w)?);
     // Rows: [out_h, h] x [h, w*d]; then columns: per output row, [out_w, w] x [w, d].
     let rows = Var::constant(wy)
         .matmul(&grid.reshape(&[h, w * d])?)?

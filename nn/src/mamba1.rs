@@ -118,12 +118,12 @@ impl Mamba1Mixer {
         Ok((self.out_proj.forward(&y.transpose(1, 2)?)?, cache))
     }
 
-    /// The decoding state before any token: zeros.
-    pub fn empty_state(&self, batch: usize, dtype: DType) -> LayerCache {
-        LayerCache {
-            conv: self.conv.empty_state(batch, dtype),
-            ssm: Tensor::zeros(&[batch, self.dims.inner, self.dims.state], dtype),
-        }
+    /// The decoding state before any token: zeros, on the layer's device.
+    pub fn empty_state(&self, batch: usize, dtype: DType) -> Result<LayerCache> {
+        let conv = self.conv.empty_state(batch, dtype)?;
+        let ssm_shape = [batch, self.dims.inner, self.dims.state];
+        let ssm = Tensor::zeros_on(&ssm_shape, dtype, conv.device())?;
+        Ok(LayerCache { conv, ssm })
     }
 
     /// One token in recurrent mode: `x [B, hidden] -> [B, hidden]` following the tokens that

@@ -179,18 +179,17 @@ impl Mamba2Mixer {
         Ok((self.out_proj.forward(&y)?, cache))
     }
 
-    /// The decoding state before any token: zeros.
-    pub fn empty_state(&self, batch: usize, dtype: DType) -> LayerCache {
+    /// The decoding state before any token: zeros, on the layer's device.
+    pub fn empty_state(&self, batch: usize, dtype: DType) -> Result<LayerCache> {
         let Mamba2Dims {
             heads,
             head_dim,
             state,
             ..
         } = self.dims;
-        LayerCache {
-            conv: self.conv.empty_state(batch, dtype),
-            ssm: Tensor::zeros(&[batch, heads, head_dim, state], dtype),
-        }
+        let conv = self.conv.empty_state(batch, dtype)?;
+        let ssm = Tensor::zeros_on(&[batch, heads, head_dim, state], dtype, conv.device())?;
+        Ok(LayerCache { conv, ssm })
     }
 
     /// One token in recurrent mode: `x [B, hidden] -> [B, hidden]` following the tokens that

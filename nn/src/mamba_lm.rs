@@ -32,7 +32,7 @@ impl Mixer {
         }
     }
 
-    fn empty_state(&self, batch: usize, dtype: DType) -> LayerCache {
+    fn empty_state(&self, batch: usize, dtype: DType) -> Result<LayerCache> {
         match self {
             Mixer::Mamba1(m) => m.empty_state(batch, dtype),
             Mixer::Mamba2(m) => m.empty_state(batch, dtype),
@@ -180,22 +180,21 @@ impl MambaLm {
             });
         }
         if shape[1] == 0 {
-            return Ok((embeds.clone(), self.empty_cache(shape[0])));
+            return Ok((embeds.clone(), self.empty_cache(shape[0])?));
         }
         let (normed, _, layers) = self.run(&Var::constant(embeds.clone()))?;
         Ok((normed.value().clone(), Cache { layers }))
     }
 
-    /// The cache of `batch` sequences before any token (all states zero).
-    pub fn empty_cache(&self, batch: usize) -> Cache {
+    /// The cache of `batch` sequences before any token (all states zero), on the model's device.
+    pub fn empty_cache(&self, batch: usize) -> Result<Cache> {
         let dtype = self.embeddings.weight().value().dtype();
-        Cache {
-            layers: self
-                .blocks
-                .iter()
-                .map(|b| b.mixer.empty_state(batch, dtype))
-                .collect(),
-        }
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| b.mixer.empty_state(batch, dtype))
+            .collect::<Result<_>>()?;
+        Ok(Cache { layers })
     }
 
     /// One token of cached generation: the embeddings `embed [B, hidden]` of each sequence's

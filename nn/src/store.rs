@@ -5,7 +5,7 @@ use crate::{NnError, Result};
 use autograd::Var;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use tensor::{DType, Rng, Tensor};
+use tensor::{DType, Device, Rng, Tensor};
 
 /// How a store creates the parameters it does not hold.
 enum Init {
@@ -27,6 +27,8 @@ struct Shared {
     dtype: DType,
     /// How a missing parameter is created (`None`: it is an error).
     init: Option<Init>,
+    /// Where handed-out parameters live: each is moved there when first taken.
+    device: Mutex<Device>,
 }
 
 /// Named parameters. Trainable stores hand out leaf vars that gather gradients; frozen stores
@@ -85,9 +87,22 @@ impl ParamStore {
                 frozen: Mutex::new(Vec::new()),
                 dtype: DType::F32,
                 init,
+                device: Mutex::new(Device::Cpu),
             }),
             prefix: String::new(),
         }
+    }
+
+    /// Puts the model on `device`: every parameter a layer takes from now on is moved there
+    /// first (loaded and freshly drawn ones alike), so a model built after this call runs on
+    /// `device` with inputs placed there. Call it before building the layers.
+    pub fn set_device(&self, device: Device) {
+        *self.shared.device.lock().expect("device lock") = device;
+    }
+
+    /// The device parameters are handed out on.
+    pub fn device(&self) -> Device {
+        *self.shared.device.lock().expect("device lock")
     }
 
     /// A view of the parameters under `prefix` (e.g. `"lm."`): names taken through it are
@@ -171,11 +186,14 @@ impl ParamStore {
                 vars.insert(full.clone(), var);
             }
         }
-        let var = vars.get(&full).ok_or_else(|| NnError::MissingKey {
-            key: full.clone(),
-            shape: shape.to_vec(),
-            source_name: self.shared.source_name.clone(),
-        })?;
+        let mut var = vars
+            .get(&full)
+            .ok_or_else(|| NnError::MissingKey {
+                key: full.clone(),
+                shape: shape.to_vec(),
+                source_name: self.shared.source_name.clone(),
+            })?
+            .clone();
         if var.value().shape() != shape {
             return Err(NnError::ShapeMismatch {
                 key: full,
@@ -184,8 +202,18 @@ impl ParamStore {
                 source_name: self.shared.source_name.clone(),
             });
         }
+        let device = self.device();
+        if var.value().device() != device {
+            let moved = var.value().to_device(device)?;
+            var = if var.requires_grad() {
+                Var::parameter(moved)
+            } else {
+                Var::constant(moved)
+            };
+            vars.insert(full.clone(), var.clone());
+        }
         self.shared.used.lock().expect("used-set lock").insert(full);
-        Ok(var.clone())
+        Ok(var)
     }
 
     /// Whether `key` is present (without marking it used).

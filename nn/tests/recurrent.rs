@@ -86,7 +86,7 @@ fn prefill_and_stepping_leave_the_same_state() {
         let (lm, ids) = model(name);
         let embeds = lm.embed(&batch_ids(&ids, 64)).unwrap().value().clone();
         let (_, prefilled) = lm.prefill(&embeds.narrow(1, 0, 6).unwrap()).unwrap();
-        let mut stepped = lm.empty_cache(2);
+        let mut stepped = lm.empty_cache(2).unwrap();
         for t in 0..6 {
             let embed = embeds.narrow(1, t, 1).unwrap().squeeze(1).unwrap();
             lm.step(&embed, &mut stepped).unwrap();
@@ -140,7 +140,7 @@ fn wrong_shapes_are_named_and_leave_the_cache_unchanged() {
         let err = lm.step(&bad, &mut cache).unwrap_err();
         assert!(err.to_string().contains(&format!("{:?}", bad.shape())), "{err}");
     }
-    let mut other = model("mamba2").0.empty_cache(2);
+    let mut other = model("mamba2").0.empty_cache(2).unwrap();
     let embed = embeds.narrow(1, 4, 1).unwrap().squeeze(1).unwrap();
     assert!(
         lm.step(&embed, &mut other).is_err(),

@@ -74,3 +74,18 @@ pub fn check(f: impl Fn(&[Var]) -> autograd::Result<Var>, inputs: &[Tensor]) -> 
     );
     Ok(())
 }
+
+/// Whether GPU tests can run on `cuda:0`: prints one line `skipped: <reason>` when not, and
+/// panics instead when `EMMA_REQUIRE_GPU=1` (a GPU run must not pass by skipping).
+pub fn gpu_ready() -> bool {
+    match tensor::cuda_device(0) {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("EMMA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("EMMA_REQUIRE_GPU=1 but no usable GPU: {e}");
+            }
+            println!("skipped: {e}");
+            false
+        }
+    }
+}

@@ -19,27 +19,13 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use std::fmt::Debug;
 use tensor::DType::{BF16, F16, F32, F64, U32};
-use tensor::{BinaryOp, CmpOp, DType, Device, Tensor, TensorError, UnaryOp};
-use tests::{config, random_ids, shape, uniform};
+use tensor::{AdamWHyper, BinaryOp, CmpOp, DType, Device, Tensor, TensorError, UnaryOp};
+use tests::{config, gpu_ready, random_ids, shape, uniform};
 
 type TestResult = Result<(), TestCaseError>;
 
 /// The device under test.
 const GPU: Device = Device::Cuda(0);
-
-/// Whether a GPU test can run; prints why not (or fails when `EMMA_REQUIRE_GPU=1`).
-fn gpu_ready() -> bool {
-    match tensor::cuda_device(0) {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("EMMA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("EMMA_REQUIRE_GPU=1 but no usable GPU: {e}");
-            }
-            println!("skipped: {e}");
-            false
-        }
-    }
-}
 
 /// Runs `test` on `cases` values of `strategy` when a GPU is usable.
 fn run<S>(cases: u32, strategy: S, test: impl Fn(S::Value) -> TestResult)
@@ -704,6 +690,43 @@ fn conv1d_causal_depthwise_with_backward() {
                     },
                     &[&x, &w, &g],
                 )?;
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn fused_adamw_update_on_f32_master_weights() {
+    let strategy = (
+        shape(3, 9),
+        float(),
+        (view(), view()),
+        (1..=20u64, any::<bool>()),
+        any::<u64>(),
+    );
+    run(
+        32,
+        strategy,
+        |(shape, grad_dtype, (vp, vg), (step, decay), seed)| {
+            let p = input(&shape, range(-1.0, 1.0), F32, vp, seed)?;
+            let g = input(&shape, range(-1.0, 1.0), grad_dtype, vg, seed ^ 1)?;
+            let m = input(&shape, range(-0.5, 0.5), F32, View::Contiguous, seed ^ 2)?;
+            let v = input(&shape, range(0.0, 0.5), F32, View::Contiguous, seed ^ 3)?;
+            let hyper = AdamWHyper {
+                lr: 1e-2,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: if decay { 0.1 } else { 0.0 },
+                step,
+            };
+            // The CPU update takes one dtype: the gradient widened to f32 (exactly).
+            let g_cpu = g.cpu.to_dtype(F32).or_fail()?;
+            let cpu = p.cpu.adamw_update(&g_cpu, &m.cpu, &v.cpu, &hyper).or_fail()?;
+            let gpu = p.gpu.adamw_update(&g.gpu, &m.gpu, &v.gpu, &hyper).or_fail()?;
+            for (c, g) in cpu.iter().zip(&gpu) {
+                check_tol(c, g, tol(F32))?;
             }
             Ok(())
         },

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use tensor::safetensors::SafetensorsFile;
-use tensor::Tensor;
+use tensor::{Device, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
@@ -30,14 +30,14 @@ fn ids(r: &SafetensorsFile, name: &str) -> Vec<u32> {
     r.get(name).unwrap().to_vec::<u32>().unwrap()
 }
 
-fn check_lm(name: &str) {
+fn check_lm(name: &str, device: Device) {
     let r = reference(name);
     let input = ids(&r, "input_ids");
-    let logits = emma::commands::logits(&fixture(name), &input).unwrap();
+    let logits = emma::commands::logits(&fixture(name), &input, device).unwrap();
     let err = rel_error(&logits, &r.get("logits").unwrap());
     assert!(err < 1e-4, "{name}: logits relative error {err:e}");
 
-    let (loss, grads) = emma::commands::grads(&fixture(name), &input).unwrap();
+    let (loss, grads) = emma::commands::grads(&fixture(name), &input, device).unwrap();
     let expected_loss = r.get("loss").unwrap().to_scalar_f64().unwrap();
     assert!(
         ((loss - expected_loss) / expected_loss).abs() < 1e-4,
@@ -65,25 +65,30 @@ fn check_lm(name: &str) {
 
 #[test]
 fn mamba_logits_and_gradients_match_transformers() {
-    check_lm("mamba");
+    check_lm("mamba", Device::Cpu);
 }
 
 #[test]
 fn mamba2_logits_and_gradients_match_transformers() {
     // Length 13 with chunk size 8 and two groups: a partial last chunk.
-    check_lm("mamba2");
+    check_mamba2(Device::Cpu);
+}
+
+/// The Mamba-2 fixture at length 13 (logits and gradients) and 16 (logits).
+fn check_mamba2(device: Device) {
+    check_lm("mamba2", device);
     let r = reference("mamba2");
-    let logits = emma::commands::logits(&fixture("mamba2"), &ids(&r, "input_ids_16")).unwrap();
+    let logits = emma::commands::logits(&fixture("mamba2"), &ids(&r, "input_ids_16"), device).unwrap();
     let err = rel_error(&logits, &r.get("logits_16").unwrap());
     assert!(err < 1e-4, "mamba2 (length 16): logits relative error {err:e}");
 }
 
-fn check_vision(name: &str) {
+fn check_vision(name: &str, device: Device) {
     let r = reference(name);
     // The trained 28x28 grid, an upscaled 42x42 one and a non-square 21x35 (3x5 patches).
     for suffix in ["", "_42", "_21x35"] {
         let pixels = r.get(&format!("pixel_values{suffix}")).unwrap();
-        let (last, penultimate) = emma::commands::vision(&fixture(name), &pixels).unwrap();
+        let (last, penultimate) = emma::commands::vision(&fixture(name), &pixels, device).unwrap();
         for (got, key) in [
             (&last, "last_hidden_state"),
             (&penultimate, "penultimate_hidden_state"),
@@ -98,17 +103,31 @@ fn check_vision(name: &str) {
 
 #[test]
 fn siglip_features_match_transformers() {
-    check_vision("siglip");
+    check_vision("siglip", Device::Cpu);
 }
 
 #[test]
 fn dinov2_features_match_transformers() {
-    check_vision("dinov2");
+    check_vision("dinov2", Device::Cpu);
 }
 
 #[test]
 fn dinov2_with_registers_features_match_transformers() {
-    check_vision("dinov2_registers");
+    check_vision("dinov2_registers", Device::Cpu);
+}
+
+/// The same fixtures with every layer, scan and gradient on `cuda:0` (skipped without a GPU).
+#[test]
+fn every_fixture_matches_transformers_on_the_gpu() {
+    if !tests::gpu_ready() {
+        return;
+    }
+    let gpu = Device::Cuda(0);
+    check_lm("mamba", gpu);
+    check_mamba2(gpu);
+    for name in ["siglip", "dinov2", "dinov2_registers"] {
+        check_vision(name, gpu);
+    }
 }
 
 /// Copies a fixture's model into a temporary directory with its tensors edited by `edit`.
@@ -129,7 +148,7 @@ fn edited_copy(name: &str, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> tem
 fn error_of(dir: &Path) -> String {
     format!(
         "{:#}",
-        emma::commands::logits(dir, &[1, 2, 3]).expect_err("loading must fail")
+        emma::commands::logits(dir, &[1, 2, 3], Device::Cpu).expect_err("loading must fail")
     )
 }
 
@@ -207,7 +226,7 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
     let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
     std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
     let ids = [3, 1, 4, 1, 5];
-    let sharded = emma::commands::logits(dir.path(), &ids).unwrap();
-    let single = emma::commands::logits(&fixture("mamba"), &ids).unwrap();
+    let sharded = emma::commands::logits(dir.path(), &ids, Device::Cpu).unwrap();
+    let single = emma::commands::logits(&fixture("mamba"), &ids, Device::Cpu).unwrap();
     assert_eq!(sharded.to_vec_f64(), single.to_vec_f64());
 }

@@ -55,6 +55,9 @@ pub enum TrainError {
         /// What is wrong.
         detail: String,
     },
+    /// The requested device cannot be used.
+    #[error("device: {0}")]
+    Device(String),
     /// The options cannot work together.
     #[error("invalid options: {0}")]
     Options(String),

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use emma::device::{resolve_for_model, DeviceChoice};
+use emma::device::{resolve, DeviceChoice};
 use std::path::{Path, PathBuf};
 use train::data::{Dataset, ShapesData};
 use train::options::{expand_config_file, TrainOptions};
@@ -52,6 +52,9 @@ enum Command {
         /// Most tokens generated per answer.
         #[arg(long, default_value_t = 16)]
         max_new_tokens: usize,
+        /// cpu, cuda[:N] or auto.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
     },
     /// Writes examples of the shapes set in LLaVA format (data.json + images/).
     Shapes {
@@ -88,8 +91,9 @@ fn main() -> anyhow::Result<()> {
             seed,
             skip_bad_samples,
             max_new_tokens,
+            device,
         }) => {
-            let model = emma::checkpoint::load(&checkpoint, false)?;
+            let model = emma::checkpoint::load(&checkpoint, false, resolve(device)?)?;
             let source = emma::commands::ModelSource::Dir(&checkpoint);
             let (tok, which) = emma::commands::tokenizer_for(&source, None, model.config().lm.vocab)?;
             eprintln!("using the {which}");
@@ -130,8 +134,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
-    let device: DeviceChoice = opts.device.parse().map_err(anyhow::Error::msg)?;
-    resolve_for_model(device)?;
     let summary = train::trainer::train(opts)?;
     if !summary.skipped.is_empty() {
         println!("skipped {} bad training sample(s)", summary.skipped.len());

@@ -79,7 +79,8 @@ pub struct TrainOptions {
     /// Data-parallel ranks (threads on CPU, one GPU each on CUDA).
     #[arg(long, default_value_t = 1)]
     pub ranks: usize,
-    /// f32, or bf16 (weights and activations in bf16 for the passes; f32 master weights).
+    /// f32, bf16 (weights and activations in bf16 for the passes; f32 master weights), or auto:
+    /// bf16 on a GPU, f32 on the CPU.
     #[arg(long, default_value = "auto")]
     pub precision: String,
     /// Text tokens kept per example.
@@ -109,7 +110,8 @@ pub struct TrainOptions {
     /// Most tokens generated per held-out answer.
     #[arg(long, default_value_t = 16)]
     pub eval_max_new_tokens: usize,
-    /// cpu, cuda[:N] or auto.
+    /// cpu, cuda[:N] (rank r on the r-th GPU from N) or auto (cuda:0 when usable, else the CPU
+    /// with a notice).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Stop after this many steps of this invocation, as if killed (for tests of --resume).

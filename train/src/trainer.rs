@@ -24,6 +24,7 @@ use crate::zero::{load_moments, ShardedAdamW};
 use autograd::Var;
 use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
 use emma::config::{EmmaConfig, PRESETS};
+use emma::device::{resolve, DeviceChoice};
 use emma::model::{Batch, Emma};
 use emma::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -35,7 +36,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
-use tensor::{DType, Tensor};
+use tensor::{DType, Device, Tensor};
 
 /// The first example index of the held-out shapes split: far from the training indices, so
 /// that its scenes come from other seeds.
@@ -77,6 +78,8 @@ struct Run<'a> {
     /// The trainable parameters' names (sorted): the order of the flat gradient.
     trainable: Vec<String>,
     compute: DType,
+    /// Rank 0's device; rank r runs on the r-th device after it.
+    device: Device,
     adamw: AdamWConfig,
     total: u64,
     steps_per_epoch: u64,
@@ -88,7 +91,8 @@ struct Run<'a> {
     metrics: Mutex<std::fs::File>,
 }
 
-/// Trains as `opts` says (on the CPU backend) and evaluates on the held-out data.
+/// Trains as `opts` says (on the CPU or on GPUs, per `--device`) and evaluates on the held-out
+/// data.
 pub fn train(opts: &TrainOptions) -> Result<Summary> {
     let mut cfg = EmmaConfig::preset(&opts.preset).ok_or_else(|| {
         TrainError::Options(format!(
@@ -103,7 +107,10 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         cfg.alignment.weight = w;
     }
     cfg.vision.frozen = !opts.train_vision;
+    let choice: DeviceChoice = opts.device.parse().map_err(TrainError::Options)?;
+    let device = resolve(choice).map_err(|e| TrainError::Device(format!("{e:#}")))?;
     let compute = match opts.precision.as_str() {
+        "auto" if device != Device::Cpu => DType::BF16,
         "auto" | "f32" => DType::F32,
         "bf16" => DType::BF16,
         other => {
@@ -172,6 +179,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         data: train_data.as_ref(),
         trainable,
         compute,
+        device,
         adamw: AdamWConfig {
             lr: recipe.lr,
             weight_decay: recipe.weight_decay,
@@ -221,7 +229,9 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     let (final_loss, params) = rank0.ok_or(TrainError::PeerFailed(usize::MAX))?;
 
     let final_model = out.join("final");
-    let model = Emma::new(&run.cfg, ParamStore::new(params, false, "trained model"))?;
+    let store = ParamStore::new(params, false, "trained model");
+    store.set_device(device);
+    let model = Emma::new(&run.cfg, store)?;
     save_model(&model, &run.tok, &final_model)?;
     let eval = match &eval_data {
         Some(data) => {
@@ -340,7 +350,7 @@ fn initial_state(
                 detail: format!("cannot resume with other options: {}", changed.join(", ")),
             });
         }
-        let model = emma::checkpoint::load(dir, true).map_err(|e| TrainError::Checkpoint {
+        let model = emma::checkpoint::load(dir, true, Device::Cpu).map_err(|e| TrainError::Checkpoint {
             path: dir.clone(),
             detail: format!("{e:#}"),
         })?;
@@ -458,7 +468,11 @@ fn rank_loop(
             batches.iter().map(|b| b.images as f64).sum(),
             batches.iter().map(|b| b.positions as f64).sum(),
         ]);
-        let local = agree(coll, accumulate(run, &params, &batches, counts[0], counts[1]));
+        let device = rank_device(run.device, coll.rank());
+        let local = agree(
+            coll,
+            accumulate(run, device, &params, &batches, counts[0], counts[1]),
+        );
         let (grads, text, pixel) = local?;
         let mut flat = flatten(run, &params, &grads)?;
         coll.all_reduce_sum(&mut flat);
@@ -548,10 +562,19 @@ fn load_micro_batches(run: &Run, indices: &[usize]) -> Result<Vec<MicroBatch>> {
         .collect()
 }
 
-/// Forward and backward over this rank's micro-batches: the summed gradients (f32, by name) and
-/// this rank's shares of the text and pixel losses.
+/// The device of `rank`: the CPU for every rank on the CPU, else the rank-th device from rank 0's.
+fn rank_device(first: Device, rank: usize) -> Device {
+    match first {
+        Device::Cuda(n) => Device::Cuda(n + rank),
+        other => other,
+    }
+}
+
+/// Forward and backward over this rank's micro-batches on `device`: the summed gradients (f32,
+/// by name, on `device`) and this rank's shares of the text and pixel losses.
 fn accumulate(
     run: &Run,
+    device: Device,
     params: &BTreeMap<String, Tensor>,
     batches: &[MicroBatch],
     global_tokens: f64,
@@ -559,15 +582,14 @@ fn accumulate(
 ) -> Result<(BTreeMap<String, Tensor>, f64, f64)> {
     let weights: BTreeMap<String, Tensor> = params
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_dtype(run.compute)?)))
+        .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(run.compute)?)))
         .collect::<Result<_>>()?;
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let (mut text, mut pixel) = (0.0, 0.0);
     for mb in batches {
-        let model = Emma::new(
-            &run.cfg,
-            ParamStore::new(weights.clone(), true, "training weights"),
-        )?;
+        let store = ParamStore::new(weights.clone(), true, "training weights");
+        store.set_device(device);
+        let model = Emma::new(&run.cfg, store)?;
         // (term, whether it is a pixel-loss term)
         let mut terms: Vec<(Var, bool)> = Vec::new();
         if let Some(batch) = &mb.with_images {

@@ -16,7 +16,7 @@ struct Wrap {
 }
 
 fn options(data: &Path, out: &Path) -> TrainOptions {
-    let mut o = Wrap::parse_from(["train"]).t;
+    let mut o = Wrap::parse_from(["train", "--device", "cpu"]).t;
     o.data = data.display().to_string();
     o.global_batch = Some(4);
     o.steps = Some(3);

@@ -1,5 +1,6 @@
 //! Tensor operations: each file defines one family's shapes, checks and CPU kernel.
 
+pub mod adamw;
 pub mod binary;
 pub mod conv;
 pub(crate) mod elementwise;
