@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tensor::{DType, Device, Tensor};
 
-use crate::config::{EmmaConfig, PRESETS};
+use crate::config::EmmaConfig;
 use crate::model::Emma;
 use crate::tokenizer::Tokenizer;
 
@@ -110,8 +110,7 @@ pub fn load_model(source: &ModelSource, device: Device) -> anyhow::Result<Emma> 
     match *source {
         ModelSource::Dir(dir) => crate::checkpoint::load(dir, false, device),
         ModelSource::Preset { name, seed } => {
-            let cfg = EmmaConfig::preset(name)
-                .with_context(|| format!("unknown preset '{name}' (known: {})", PRESETS.join(", ")))?;
+            let cfg = EmmaConfig::named(name)?;
             Ok(Emma::random_on(&cfg, seed, DType::F32, false, device)?)
         }
     }

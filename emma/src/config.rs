@@ -160,6 +160,11 @@ pub struct EmmaConfig {
 pub const PRESETS: [&str; 4] = ["tiny", "small", "emma-v1-2.8b", "emma-v2-2.7b"];
 
 impl EmmaConfig {
+    /// [`EmmaConfig::preset`], or an error naming the known presets.
+    pub fn named(name: &str) -> crate::error::Result<Self> {
+        Self::preset(name).ok_or_else(|| crate::error::EmmaError::UnknownPreset { name: name.into() })
+    }
+
     /// A named preset: `tiny` (every component, seconds per step on 2 CPU cores), `small`,
     /// `emma-v1-2.8b` (Mamba-1 LM) and `emma-v2-2.7b` (Mamba-2 LM) with the paper's shapes.
     pub fn preset(name: &str) -> Option<Self> {
@@ -319,5 +324,22 @@ impl EmmaConfig {
                 "num_register_tokens": d.registers,
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{EmmaConfig, PRESETS};
+
+    #[test]
+    fn an_unknown_preset_names_the_known_ones() {
+        for name in PRESETS {
+            assert_eq!(EmmaConfig::named(name).unwrap().name, name);
+        }
+        let err = EmmaConfig::named("huge").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "unknown preset 'huge' (known: tiny, small, emma-v1-2.8b, emma-v2-2.7b)"
+        );
     }
 }

@@ -30,6 +30,12 @@ pub enum EmmaError {
         /// What is wrong.
         detail: String,
     },
+    /// A preset name that is not one of [`crate::config::PRESETS`].
+    #[error("unknown preset '{name}' (known: {known})", known = crate::config::PRESETS.join(", "))]
+    UnknownPreset {
+        /// The name asked for.
+        name: String,
+    },
     /// A conversation cannot be turned into a prompt.
     #[error("conversation: {0}")]
     Prompt(String),

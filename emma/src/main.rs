@@ -125,12 +125,7 @@ fn main() -> anyhow::Result<()> {
             no_mff,
             no_pixel_loss,
         } => {
-            let mut cfg = emma::config::EmmaConfig::preset(&preset).with_context(|| {
-                format!(
-                    "unknown preset '{preset}' (known: {})",
-                    emma::config::PRESETS.join(", ")
-                )
-            })?;
+            let mut cfg = emma::config::EmmaConfig::named(&preset)?;
             cfg.alignment.mff &= !no_mff;
             cfg.alignment.pixel_loss &= !no_pixel_loss;
             println!(

@@ -23,7 +23,7 @@ use crate::shapes::ShapesConfig;
 use crate::zero::{load_moments, ShardedAdamW};
 use autograd::Var;
 use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
-use emma::config::{EmmaConfig, PRESETS};
+use emma::config::EmmaConfig;
 use emma::device::{resolve, DeviceChoice};
 use emma::model::{Batch, Emma};
 use emma::tokenizer::Tokenizer;
@@ -94,13 +94,7 @@ struct Run<'a> {
 /// Trains as `opts` says (on the CPU or on GPUs, per `--device`) and evaluates on the held-out
 /// data.
 pub fn train(opts: &TrainOptions) -> Result<Summary> {
-    let mut cfg = EmmaConfig::preset(&opts.preset).ok_or_else(|| {
-        TrainError::Options(format!(
-            "unknown preset '{}' (known: {})",
-            opts.preset,
-            PRESETS.join(", ")
-        ))
-    })?;
+    let mut cfg = EmmaConfig::named(&opts.preset)?;
     cfg.alignment.mff &= !opts.no_mff;
     cfg.alignment.pixel_loss &= !opts.no_pixel_loss;
     if let Some(w) = opts.pixel_weight {
