@@ -5,10 +5,14 @@
 //! `GemmEx` (the path `tensor::matmul` takes), next to cuBLASLt (heuristic algorithm, with a bias
 //! epilogue) as cuBLAS's other route; the ratio is GemmEx over the better of the two. Then the
 //! memory-bound kernels in GB/s of the bytes they must read and write once, as a fraction of the
-//! copy bandwidth. Times are the best of several event-timed rounds after a warm-up (which also
+//! copy bandwidth; last the Mamba scans (selective scan and SSD chunk scan, forward and backward)
+//! at the 2.8B/2.7B models' shapes, likewise in GB/s of the bytes they must move once. Times are
+//! the best of several event-timed rounds after a warm-up (which also
 //! compiles the kernels). Without a GPU it prints one line and exits successfully.
 
-use cuda::kernels::{BinaryOp, NormSpec, UnaryOp};
+use cuda::kernels::{
+    BinaryOp, NormSpec, ScanGrads, ScanInputs, ScanSpec, SsdGradBuffers, SsdInputs, SsdSpec, UnaryOp,
+};
 use cuda::{bf16, DeviceBuffer, FloatElem, GemmSpec, GpuDevice, Result};
 
 /// Timed rounds per measurement; the best counts.
@@ -166,6 +170,179 @@ fn run(dev: &GpuDevice) -> Result<()> {
         let spec = NormSpec::new(rows, dim, 1e-5);
         let ms = time_ms(dev, 10, || dev.rms_norm(&x, None, &w, &mut y, spec))?;
         row_op(&format!("rms_norm bf16 [{rows}, {dim}]"), 2 * rows * dim * 2, ms);
+    }
+    scan_benches(dev, ceiling)
+}
+
+/// Prints one scan measurement: GB/s of `bytes` moved in `ms`, and its share of the copy
+/// bandwidth `ceiling`.
+fn scan_row(name: &str, bytes: usize, ms: f64, ceiling: f64) {
+    let gbs = gb_per_s(bytes, ms);
+    println!(
+        "| {name} | {gbs:.0} GB/s ({ms:.3} ms) | copy | {:.0}% |",
+        100.0 * gbs / ceiling
+    );
+}
+
+/// The Mamba scans in bf16 at d_inner 5120 and length 2048, batch 1 to 16: the Mamba-1 selective
+/// scan (d_state 16, with D, z and the dt bias, softplus) and the Mamba-2 SSD chunk scan (80
+/// heads of 64, d_state 128, one group, chunk 256, with D and the dt bias, softplus). The bytes
+/// counted are those each pass must read and write once: forward, the inputs and y (and the
+/// last state); backward, the inputs, dL/dy and every gradient.
+fn scan_benches(dev: &GpuDevice, ceiling: f64) -> Result<()> {
+    const E: usize = 2; // bytes per bf16 element
+    let (dim, len) = (5120, 2048);
+    let v = |x: f32| bf16::from_f32(x);
+    for batch in [1, 2, 4, 8, 16] {
+        // Mamba-1.
+        let n = 16;
+        let spec = ScanSpec {
+            batch,
+            dim,
+            len,
+            state: n,
+            softplus: true,
+        };
+        let (seq, bc) = (batch * dim * len, batch * n * len);
+        let (u, delta, z) = (
+            filled(dev, seq, v(0.5))?,
+            filled(dev, seq, v(-1.0))?,
+            filled(dev, seq, v(0.3))?,
+        );
+        let (a, b, c) = (
+            filled(dev, dim * n, v(-1.0))?,
+            filled(dev, bc, v(0.2))?,
+            filled(dev, bc, v(0.1))?,
+        );
+        let (d, bias) = (filled(dev, dim, v(1.0))?, filled(dev, dim, v(0.1))?);
+        let inputs = ScanInputs {
+            u: &u,
+            delta: &delta,
+            a: &a,
+            b: &b,
+            c: &c,
+            d_skip: Some(&d),
+            z: Some(&z),
+            delta_bias: Some(&bias),
+        };
+        let (mut y, mut last) = (dev.alloc::<bf16>(seq)?, dev.alloc::<bf16>(batch * dim * n)?);
+        let ms = time_ms(dev, 3, || {
+            dev.selective_scan(&inputs, &mut y, &mut last, None, spec)
+        })?;
+        let small = (dim * n + 2 * dim) * E;
+        let fwd = (4 * seq + 2 * bc + batch * dim * n) * E + small;
+        scan_row(
+            &format!("selective_scan fwd bf16 B={batch} D={dim} L={len} N={n}"),
+            fwd,
+            ms,
+            ceiling,
+        );
+        let grad = filled(dev, seq, v(0.01))?;
+        let (mut du, mut ddelta, mut dz) = (
+            dev.alloc::<bf16>(seq)?,
+            dev.alloc::<bf16>(seq)?,
+            dev.alloc::<bf16>(seq)?,
+        );
+        let (mut da, mut db, mut dc) = (
+            dev.alloc::<bf16>(dim * n)?,
+            dev.alloc::<bf16>(bc)?,
+            dev.alloc::<bf16>(bc)?,
+        );
+        let (mut dd, mut dbias) = (dev.alloc::<bf16>(dim)?, dev.alloc::<bf16>(dim)?);
+        let ms = time_ms(dev, 2, || {
+            let grads = ScanGrads {
+                du: &mut du,
+                ddelta: &mut ddelta,
+                da: &mut da,
+                db: &mut db,
+                dc: &mut dc,
+                dd: Some(&mut dd),
+                dz: Some(&mut dz),
+                ddelta_bias: Some(&mut dbias),
+            };
+            dev.selective_scan_backward(&inputs, &grad, grads, spec)
+        })?;
+        let bwd = (7 * seq + 4 * bc) * E + 2 * small;
+        scan_row(
+            &format!("selective_scan bwd bf16 B={batch} D={dim} L={len} N={n}"),
+            bwd,
+            ms,
+            ceiling,
+        );
+        drop((u, delta, z, grad, y, du, ddelta, dz));
+
+        // Mamba-2.
+        let (heads, head_dim, groups, n) = (80, 64, 1, 128);
+        let spec = SsdSpec {
+            batch,
+            len,
+            heads,
+            head_dim,
+            groups,
+            state: n,
+            chunk: 256,
+            softplus: true,
+        };
+        let (xs, dts, bcs, states) = (
+            batch * len * dim,
+            batch * len * heads,
+            batch * len * groups * n,
+            batch * heads * head_dim * n,
+        );
+        let (x, dt) = (filled(dev, xs, v(0.5))?, filled(dev, dts, v(-1.0))?);
+        let (a, b, c) = (
+            filled(dev, heads, v(-1.0))?,
+            filled(dev, bcs, v(0.1))?,
+            filled(dev, bcs, v(0.05))?,
+        );
+        let (d, bias) = (filled(dev, heads, v(1.0))?, filled(dev, heads, v(0.1))?);
+        let inputs = SsdInputs {
+            x: &x,
+            dt: &dt,
+            a: &a,
+            b: &b,
+            c: &c,
+            d_skip: Some(&d),
+            dt_bias: Some(&bias),
+            initial: None,
+        };
+        let (mut y, mut last) = (dev.alloc::<bf16>(xs)?, dev.alloc::<bf16>(states)?);
+        let ms = time_ms(dev, 3, || dev.ssd_scan(&inputs, &mut y, &mut last, spec))?;
+        let fwd = (2 * xs + dts + 2 * bcs + states + 3 * heads) * E;
+        scan_row(
+            &format!("ssd_scan fwd bf16 B={batch} H={heads} P={head_dim} L={len} N={n}"),
+            fwd,
+            ms,
+            ceiling,
+        );
+        let grad = filled(dev, xs, v(0.01))?;
+        let (mut dx, mut ddt) = (dev.alloc::<bf16>(xs)?, dev.alloc::<bf16>(dts)?);
+        let (mut db, mut dc) = (dev.alloc::<bf16>(bcs)?, dev.alloc::<bf16>(bcs)?);
+        let (mut da, mut dd, mut dbias) = (
+            dev.alloc::<bf16>(heads)?,
+            dev.alloc::<bf16>(heads)?,
+            dev.alloc::<bf16>(heads)?,
+        );
+        let ms = time_ms(dev, 2, || {
+            let grads = SsdGradBuffers {
+                dx: &mut dx,
+                ddt: &mut ddt,
+                da: &mut da,
+                db: &mut db,
+                dc: &mut dc,
+                dd: Some(&mut dd),
+                ddt_bias: Some(&mut dbias),
+                dinitial: None,
+            };
+            dev.ssd_scan_backward(&inputs, &grad, grads, spec)
+        })?;
+        let bwd = (4 * xs + 2 * dts + 4 * bcs + 6 * heads) * E;
+        scan_row(
+            &format!("ssd_scan bwd bf16 B={batch} H={heads} P={head_dim} L={len} N={n}"),
+            bwd,
+            ms,
+            ceiling,
+        );
     }
     Ok(())
 }

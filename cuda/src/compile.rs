@@ -57,6 +57,8 @@ kernel_files! {
     INDEX => "index.cu": "Gathers (embedding, index-select), scatter-add and concatenation.",
     CONV1D => "conv1d.cu": "Causal depthwise conv1d, forward, backward and the decoding step.",
     ADAMW => "adamw.cu": "The fused AdamW step.",
+    SELECTIVE_SCAN => "selective_scan.cu": "Mamba-1 fused selective scan, forward, backward and the decoding step.",
+    SSD => "ssd.cu": "Mamba-2 SSD chunk scan, forward, backward and the decoding step.",
 }
 
 /// The architecture name NVRTC takes for compute capability `(major, minor)`, e.g. `sm_90`.

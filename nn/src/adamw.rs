@@ -2,7 +2,7 @@
 
 use crate::Result;
 use std::collections::BTreeMap;
-use tensor::{AdamWHyper, Tensor};
+use tensor::{AdamWStep, Tensor};
 
 /// AdamW hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,7 +86,7 @@ impl AdamW {
                     Tensor::zeros_on(p.shape(), p.dtype(), p.device())?,
                 ),
             };
-            let hyper = AdamWHyper {
+            let hyper = AdamWStep {
                 lr: c.lr,
                 beta1: c.beta1,
                 beta2: c.beta2,

@@ -18,12 +18,12 @@ mod tensor;
 #[cfg(test)]
 mod testing;
 
+pub use cuda::kernels::AdamWStep;
 pub use dtype::{DType, Element, FloatElement, Real};
 pub use error::{Result, TensorError};
 pub use gpu::{cuda_device, CudaBuffer, CudaStorage};
 pub use half::{bf16, f16};
 pub use layout::Layout;
-pub use ops::adamw::AdamWHyper;
 pub use ops::binary::{BinaryOp, CmpOp};
 pub use ops::random::{seeded_rng, Rng};
 pub use ops::unary::UnaryOp;

@@ -19,7 +19,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use std::fmt::Debug;
 use tensor::DType::{BF16, F16, F32, F64, U32};
-use tensor::{AdamWHyper, BinaryOp, CmpOp, DType, Device, Tensor, TensorError, UnaryOp};
+use tensor::{AdamWStep, BinaryOp, CmpOp, DType, Device, Tensor, TensorError, UnaryOp};
 use tests::{config, gpu_ready, random_ids, shape, uniform};
 
 type TestResult = Result<(), TestCaseError>;
@@ -713,7 +713,7 @@ fn fused_adamw_update_on_f32_master_weights() {
             let g = input(&shape, range(-1.0, 1.0), grad_dtype, vg, seed ^ 1)?;
             let m = input(&shape, range(-0.5, 0.5), F32, View::Contiguous, seed ^ 2)?;
             let v = input(&shape, range(0.0, 0.5), F32, View::Contiguous, seed ^ 3)?;
-            let hyper = AdamWHyper {
+            let hyper = AdamWStep {
                 lr: 1e-2,
                 beta1: 0.9,
                 beta2: 0.999,

@@ -11,13 +11,17 @@ mod elementwise;
 mod index;
 mod norm;
 mod reduce;
+mod scan;
 mod softmax;
+mod ssd;
 
 pub use adamw::AdamWStep;
 pub use conv::{ConvGrads, ConvSpec};
 pub use elementwise::{BinaryOp, CmpOp, UnaryOp};
 pub use norm::{GatedNormGrads, LayerNormGrads, NormSpec, Residual, RmsNormGrads};
 pub use reduce::ReduceOp;
+pub use scan::{ScanGrads, ScanInputs, ScanSpec, ScanStep, SCAN_CHUNK, SCAN_MAX_STATE};
+pub use ssd::{SsdGradBuffers, SsdInputs, SsdSpec, SsdStep};
 
 use crate::device::{DeviceBuffer, DeviceElem, GpuDevice};
 use crate::error::{CudaError, Result};

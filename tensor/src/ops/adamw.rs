@@ -11,23 +11,6 @@ use rayon::prelude::*;
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
-/// One AdamW step's hyper-parameters for one parameter.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWHyper {
-    /// Learning rate.
-    pub lr: f64,
-    /// First-moment decay.
-    pub beta1: f64,
-    /// Second-moment decay.
-    pub beta2: f64,
-    /// Denominator epsilon.
-    pub eps: f64,
-    /// Decoupled weight decay of this parameter (0 for norms and biases).
-    pub weight_decay: f64,
-    /// The step being taken, counted from 1 (for the bias corrections).
-    pub step: u64,
-}
-
 /// The update's coefficients in the compute type, each computed in f64 and rounded once (as the
 /// CUDA kernel gets them).
 struct Coefficients<A> {
@@ -42,21 +25,20 @@ struct Coefficients<A> {
     decay_factor: A,
 }
 
-impl AdamWHyper {
-    fn coefficients<A: Real>(&self) -> Coefficients<A> {
-        let t = i32::try_from(self.step).unwrap_or(i32::MAX);
-        let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
-        Coefficients {
-            beta1: A::lit(self.beta1),
-            one_minus_beta1: A::lit(1.0 - self.beta1),
-            beta2: A::lit(self.beta2),
-            one_minus_beta2: A::lit(1.0 - self.beta2),
-            inv_bc1: A::lit(1.0 / bc1),
-            inv_bc2: A::lit(1.0 / bc2),
-            eps: A::lit(self.eps),
-            lr: A::lit(self.lr),
-            decay_factor: A::lit(1.0 - self.lr * self.weight_decay),
-        }
+/// The coefficients of `h` in the compute type `A`.
+fn coefficients<A: Real>(h: &AdamWStep) -> Coefficients<A> {
+    let t = i32::try_from(h.step).unwrap_or(i32::MAX);
+    let (bc1, bc2) = (1.0 - h.beta1.powi(t), 1.0 - h.beta2.powi(t));
+    Coefficients {
+        beta1: A::lit(h.beta1),
+        one_minus_beta1: A::lit(1.0 - h.beta1),
+        beta2: A::lit(h.beta2),
+        one_minus_beta2: A::lit(1.0 - h.beta2),
+        inv_bc1: A::lit(1.0 / bc1),
+        inv_bc2: A::lit(1.0 / bc2),
+        eps: A::lit(h.eps),
+        lr: A::lit(h.lr),
+        decay_factor: A::lit(1.0 - h.lr * h.weight_decay),
     }
 }
 
@@ -92,7 +74,7 @@ fn update_cuda(
     g: &Tensor,
     m: &Tensor,
     v: &Tensor,
-    h: &AdamWHyper,
+    h: &AdamWStep,
 ) -> Result<[Tensor; 3]> {
     for t in [p, m, v] {
         if t.dtype() != DType::F32 {
@@ -111,17 +93,9 @@ fn update_cuda(
         Ok(out)
     };
     let (mut p_out, mut m_out, mut v_out) = (fresh(p)?, fresh(m)?, fresh(v)?);
-    let step = AdamWStep {
-        lr: h.lr,
-        beta1: h.beta1,
-        beta2: h.beta2,
-        eps: h.eps,
-        weight_decay: h.weight_decay,
-        step: h.step,
-    };
     let g = gpu.packed(g)?;
     cuda_float_dispatch!(gpu.op, gpu.device, g.dtype(), G => {
-        gpu.check(gpu.dev.adamw(&mut p_out, g.cuda_buffer::<G>(), (&mut m_out, &mut v_out), None, &step))?;
+        gpu.check(gpu.dev.adamw(&mut p_out, g.cuda_buffer::<G>(), (&mut m_out, &mut v_out), None, h))?;
     });
     let shape = p.shape();
     Ok([
@@ -143,7 +117,7 @@ impl Tensor {
         grad: &Tensor,
         m: &Tensor,
         v: &Tensor,
-        hyper: &AdamWHyper,
+        hyper: &AdamWStep,
     ) -> Result<[Tensor; 3]> {
         let op = "adamw_update";
         for (name, t) in [("gradient", grad), ("first moment", m), ("second moment", v)] {
@@ -170,7 +144,7 @@ impl Tensor {
         let packed: Vec<Tensor> = [self, grad, m, v].iter().map(|t| t.contiguous()).collect();
         float_dispatch!(op, self.dtype(), T => {
             let s = |i: usize| packed[i].contiguous_slice::<T>();
-            let (p, m, v) = update_cpu::<T>((s(0), s(1), s(2), s(3)), &hyper.coefficients());
+            let (p, m, v) = update_cpu::<T>((s(0), s(1), s(2), s(3)), &coefficients(hyper));
             let wrap = |data: Vec<T>| Tensor::from_cpu(CpuStorage::from_vec(data), self.shape());
             Ok([wrap(p), wrap(m), wrap(v)])
         })
@@ -179,12 +153,11 @@ impl Tensor {
 
 #[cfg(test)]
 mod tests {
-    use super::AdamWHyper;
-    use crate::{DType, Tensor};
+    use crate::{AdamWStep, DType, Tensor};
 
     #[test]
     fn one_step_matches_the_formula_in_f64() {
-        let h = AdamWHyper {
+        let h = AdamWStep {
             lr: 0.1,
             beta1: 0.9,
             beta2: 0.99,
@@ -219,7 +192,7 @@ mod tests {
 
     #[test]
     fn mismatched_operands_are_errors() {
-        let h = AdamWHyper {
+        let h = AdamWStep {
             lr: 0.1,
             beta1: 0.9,
             beta2: 0.99,
@@ -236,6 +209,6 @@ mod tests {
             .adamw_update(&Tensor::ones(&[2, 3], DType::BF16), &p, &p, &h)
             .unwrap_err();
         assert!(err.to_string().contains("bf16"), "{err}");
-        assert!(p.adamw_update(&p, &p, &p, &AdamWHyper { step: 0, ..h }).is_err());
+        assert!(p.adamw_update(&p, &p, &p, &AdamWStep { step: 0, ..h }).is_err());
     }
 }

@@ -7,9 +7,10 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
-use crate::gpu::cpu_only;
+use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
+use cuda::kernels::{ScanGrads, ScanInputs, ScanSpec, ScanStep};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -430,6 +431,171 @@ fn backward<T: FloatElement>(s: &Scan<T::Acc>, grad: &[T::Acc]) -> Result<Select
     })
 }
 
+/// The operands of a scan as one list (the optional ones when given), for the device check.
+fn operand_list<'a>(required: &[&'a Tensor], optional: &[Option<&'a Tensor>]) -> Vec<&'a Tensor> {
+    required
+        .iter()
+        .copied()
+        .chain(optional.iter().flatten().copied())
+        .collect()
+}
+
+/// Packed copies (or the tensors themselves) of a scan's operands on the device.
+struct Packed {
+    u: Tensor,
+    delta: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d_skip: Option<Tensor>,
+    z: Option<Tensor>,
+    delta_bias: Option<Tensor>,
+}
+
+impl Packed {
+    fn new(gpu: &Gpu, s: &ScanArgs) -> Result<Self> {
+        let opt = |t: Option<&Tensor>| t.map(|t| gpu.packed(t)).transpose();
+        Ok(Packed {
+            u: gpu.packed(s.u)?,
+            delta: gpu.packed(s.delta)?,
+            a: gpu.packed(s.a)?,
+            b: gpu.packed(s.b)?,
+            c: gpu.packed(s.c)?,
+            d_skip: opt(s.d_skip)?,
+            z: opt(s.z)?,
+            delta_bias: opt(s.delta_bias)?,
+        })
+    }
+
+    /// The launcher's view of the operands.
+    fn inputs<T: crate::gpu::GpuElement + cuda::FloatElem>(&self) -> ScanInputs<'_, T> {
+        ScanInputs {
+            u: self.u.cuda_buffer::<T>(),
+            delta: self.delta.cuda_buffer::<T>(),
+            a: self.a.cuda_buffer::<T>(),
+            b: self.b.cuda_buffer::<T>(),
+            c: self.c.cuda_buffer::<T>(),
+            d_skip: self.d_skip.as_ref().map(|t| t.cuda_buffer::<T>()),
+            z: self.z.as_ref().map(|t| t.cuda_buffer::<T>()),
+            delta_bias: self.delta_bias.as_ref().map(|t| t.cuda_buffer::<T>()),
+        }
+    }
+}
+
+/// The launcher's shape of a scan.
+fn scan_spec(dims: Dims, softplus: bool) -> ScanSpec {
+    ScanSpec {
+        batch: dims.batch,
+        dim: dims.dim,
+        len: dims.len,
+        state: dims.state,
+        softplus,
+    }
+}
+
+/// `selective_scan` on a CUDA device: y `[B, D, L]` and the last state `[B, D, N]`.
+fn forward_cuda(gpu: &Gpu, s: &ScanArgs, dims: Dims, softplus: bool) -> Result<(Tensor, Tensor)> {
+    let p = Packed::new(gpu, s)?;
+    let Dims {
+        batch,
+        dim,
+        len,
+        state,
+    } = dims;
+    cuda_float_dispatch!(gpu.op, gpu.device, s.u.dtype(), T => {
+        let mut y = gpu.alloc::<T>(batch * dim * len)?;
+        let mut last = gpu.alloc::<T>(batch * dim * state)?;
+        let spec = scan_spec(dims, softplus);
+        gpu.check(gpu.dev.selective_scan(&p.inputs::<T>(), &mut y, &mut last, None, spec))?;
+        Ok((gpu.tensor(y, &[batch, dim, len]), gpu.tensor(last, &[batch, dim, state])))
+    })
+}
+
+/// `selective_scan_backward` on a CUDA device.
+fn backward_cuda(
+    gpu: &Gpu,
+    s: &ScanArgs,
+    dims: Dims,
+    softplus: bool,
+    grad: &Tensor,
+) -> Result<SelectiveScanGrads> {
+    let p = Packed::new(gpu, s)?;
+    let g = gpu.packed(grad)?;
+    let Dims {
+        batch,
+        dim,
+        len,
+        state,
+    } = dims;
+    let (seq, bc) = ([batch, dim, len], [batch, state, len]);
+    cuda_float_dispatch!(gpu.op, gpu.device, s.u.dtype(), T => {
+        let n = batch * dim * len;
+        let (mut du, mut ddelta) = (gpu.alloc::<T>(n)?, gpu.alloc::<T>(n)?);
+        let mut da = gpu.alloc::<T>(dim * state)?;
+        let (mut db, mut dc) = (gpu.alloc::<T>(batch * state * len)?, gpu.alloc::<T>(batch * state * len)?);
+        let opt = |given: bool, len: usize| given.then(|| gpu.alloc::<T>(len)).transpose();
+        let mut dd = opt(s.d_skip.is_some(), dim)?;
+        let mut dz = opt(s.z.is_some(), n)?;
+        let mut dbias = opt(s.delta_bias.is_some(), dim)?;
+        let grads = ScanGrads {
+            du: &mut du,
+            ddelta: &mut ddelta,
+            da: &mut da,
+            db: &mut db,
+            dc: &mut dc,
+            dd: dd.as_mut(),
+            dz: dz.as_mut(),
+            ddelta_bias: dbias.as_mut(),
+        };
+        let spec = scan_spec(dims, softplus);
+        gpu.check(gpu.dev.selective_scan_backward(&p.inputs::<T>(), g.cuda_buffer::<T>(), grads, spec))?;
+        Ok(SelectiveScanGrads {
+            du: gpu.tensor(du, &seq),
+            ddelta: gpu.tensor(ddelta, &seq),
+            da: gpu.tensor(da, &[dim, state]),
+            db: gpu.tensor(db, &bc),
+            dc: gpu.tensor(dc, &bc),
+            dd: dd.map(|b| gpu.tensor(b, &[dim])),
+            dz: dz.map(|b| gpu.tensor(b, &seq)),
+            ddelta_bias: dbias.map(|b| gpu.tensor(b, &[dim])),
+        })
+    })
+}
+
+/// `selective_state_update` on a CUDA device: `step` holds x, dt, A, B, C `[B, N]` (unsqueezed
+/// operands are not needed), D, z, dt_bias.
+fn state_update_cuda(
+    gpu: &Gpu,
+    state: &Tensor,
+    step: &ScanArgs,
+    dims: Dims,
+    softplus: bool,
+) -> Result<(Tensor, Tensor)> {
+    let p = Packed::new(gpu, step)?;
+    let st = gpu.packed(state)?;
+    let Dims {
+        batch, dim, state: n, ..
+    } = dims;
+    cuda_float_dispatch!(gpu.op, gpu.device, state.dtype(), T => {
+        let inputs = p.inputs::<T>();
+        let step = ScanStep {
+            x: inputs.u,
+            dt: inputs.delta,
+            a: inputs.a,
+            b: inputs.b,
+            c: inputs.c,
+            d_skip: inputs.d_skip,
+            z: inputs.z,
+            dt_bias: inputs.delta_bias,
+        };
+        let mut y = gpu.alloc::<T>(batch * dim)?;
+        let mut next = gpu.alloc::<T>(batch * dim * n)?;
+        let spec = scan_spec(dims, softplus);
+        gpu.check(gpu.dev.selective_state_update(st.cuda_buffer::<T>(), &step, &mut y, &mut next, spec))?;
+        Ok((gpu.tensor(y, &[batch, dim]), gpu.tensor(next, &[batch, dim, n])))
+    })
+}
+
 impl Tensor {
     /// The Mamba-1 selective scan of `self` = u `[B, D, L]` (mamba_ssm's `selective_scan_ref`):
     /// with dt = delta + delta_bias, passed through softplus when `delta_softplus`,
@@ -450,7 +616,6 @@ impl Tensor {
         delta_softplus: bool,
     ) -> Result<(Tensor, Tensor)> {
         let op = "selective_scan";
-        cpu_only(op, &[self, delta, a, b, c], &[d_skip, z, delta_bias])?;
         let args = ScanArgs {
             u: self,
             delta,
@@ -463,6 +628,10 @@ impl Tensor {
             initial: None,
         };
         let dims = args.check(op)?;
+        let operands = operand_list(&[self, delta, a, b, c], &[d_skip, z, delta_bias]);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            return forward_cuda(&gpu, &args, dims, delta_softplus);
+        }
         float_dispatch!(op, self.dtype(), T => {
             Ok(forward::<T>(&Scan::new::<T>(&args, dims, delta_softplus)?))
         })
@@ -485,7 +654,6 @@ impl Tensor {
         grad: &Tensor,
     ) -> Result<SelectiveScanGrads> {
         let op = "selective_scan_backward";
-        cpu_only(op, &[self, delta, a, b, c, grad], &[d_skip, z, delta_bias])?;
         let args = ScanArgs {
             u: self,
             delta,
@@ -499,6 +667,10 @@ impl Tensor {
         };
         let dims = args.check(op)?;
         check_operands(op, self, &[("grad", Some(grad), self.shape())])?;
+        let operands = operand_list(&[self, delta, a, b, c, grad], &[d_skip, z, delta_bias]);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            return backward_cuda(&gpu, &args, dims, delta_softplus, grad);
+        }
         float_dispatch!(op, self.dtype(), T => {
             backward::<T>(&Scan::new::<T>(&args, dims, delta_softplus)?, &widen::<T>(grad))
         })
@@ -522,7 +694,6 @@ impl Tensor {
         dt_softplus: bool,
     ) -> Result<(Tensor, Tensor)> {
         let op = "selective_state_update";
-        cpu_only(op, &[self, x, dt, a, b, c], &[d_skip, z, dt_bias])?;
         let (ss, as_) = (self.shape(), a.shape());
         if ss.len() != 3 || as_.len() != 2 {
             return shape_err(
@@ -551,6 +722,21 @@ impl Tensor {
                 ("dt_bias", dt_bias, &channel),
             ],
         )?;
+        let operands = operand_list(&[self, x, dt, a, b, c], &[d_skip, z, dt_bias]);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            let step = ScanArgs {
+                u: x,
+                delta: dt,
+                a,
+                b,
+                c,
+                d_skip,
+                z,
+                delta_bias: dt_bias,
+                initial: None,
+            };
+            return state_update_cuda(&gpu, self, &step, dims, dt_softplus);
+        }
         // A scan of length one from the given state.
         let (x, dt, b, c) = (
             x.unsqueeze(2)?,

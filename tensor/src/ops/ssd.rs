@@ -9,9 +9,10 @@
 
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
-use crate::gpu::cpu_only;
+use crate::gpu::{cpu_only, cuda_float_dispatch, Gpu, GpuElement};
 use crate::ops::selective_scan::{check_operands, narrow, widen};
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
+use cuda::kernels::{SsdGradBuffers, SsdInputs, SsdSpec, SsdStep};
 use rayon::prelude::*;
 
 /// The gradients of `ssd_scan`, each shaped and typed like its input; an optional one is present
@@ -555,6 +556,193 @@ fn backward<T: FloatElement>(s: &Ssd<T::Acc>, chunk: usize, grad: &[T::Acc]) -> 
     }
 }
 
+/// The operands of a scan as one list (the optional ones when given), for the device check.
+fn operand_list<'a>(required: &[&'a Tensor], optional: &[Option<&'a Tensor>]) -> Vec<&'a Tensor> {
+    required
+        .iter()
+        .copied()
+        .chain(optional.iter().flatten().copied())
+        .collect()
+}
+
+/// Packed copies (or the tensors themselves) of an SSD scan's operands on the device.
+struct Packed {
+    x: Tensor,
+    dt: Tensor,
+    a: Tensor,
+    b: Tensor,
+    c: Tensor,
+    d_skip: Option<Tensor>,
+    dt_bias: Option<Tensor>,
+    initial: Option<Tensor>,
+}
+
+impl Packed {
+    fn new(gpu: &Gpu, s: &SsdArgs) -> Result<Self> {
+        let opt = |t: Option<&Tensor>| t.map(|t| gpu.packed(t)).transpose();
+        Ok(Packed {
+            x: gpu.packed(s.x)?,
+            dt: gpu.packed(s.dt)?,
+            a: gpu.packed(s.a)?,
+            b: gpu.packed(s.b)?,
+            c: gpu.packed(s.c)?,
+            d_skip: opt(s.d_skip)?,
+            dt_bias: opt(s.dt_bias)?,
+            initial: opt(s.initial)?,
+        })
+    }
+
+    /// The launcher's view of the operands.
+    fn inputs<T: GpuElement + cuda::FloatElem>(&self) -> SsdInputs<'_, T> {
+        SsdInputs {
+            x: self.x.cuda_buffer::<T>(),
+            dt: self.dt.cuda_buffer::<T>(),
+            a: self.a.cuda_buffer::<T>(),
+            b: self.b.cuda_buffer::<T>(),
+            c: self.c.cuda_buffer::<T>(),
+            d_skip: self.d_skip.as_ref().map(|t| t.cuda_buffer::<T>()),
+            dt_bias: self.dt_bias.as_ref().map(|t| t.cuda_buffer::<T>()),
+            initial: self.initial.as_ref().map(|t| t.cuda_buffer::<T>()),
+        }
+    }
+}
+
+/// The launcher's shape of a scan.
+fn ssd_spec(dims: Dims, chunk: usize, softplus: bool) -> SsdSpec {
+    SsdSpec {
+        batch: dims.batch,
+        len: dims.len,
+        heads: dims.heads,
+        head_dim: dims.head_dim,
+        groups: dims.groups,
+        state: dims.state,
+        chunk,
+        softplus,
+    }
+}
+
+/// `ssd_scan` on a CUDA device: y `[B, L, H, P]` and the final state `[B, H, P, N]`.
+fn forward_cuda(
+    gpu: &Gpu,
+    s: &SsdArgs,
+    dims: Dims,
+    chunk: usize,
+    softplus: bool,
+) -> Result<(Tensor, Tensor)> {
+    let p = Packed::new(gpu, s)?;
+    let Dims {
+        batch,
+        len,
+        heads,
+        head_dim,
+        state,
+        ..
+    } = dims;
+    cuda_float_dispatch!(gpu.op, gpu.device, s.x.dtype(), T => {
+        let mut y = gpu.alloc::<T>(batch * len * heads * head_dim)?;
+        let mut last = gpu.alloc::<T>(batch * heads * head_dim * state)?;
+        let spec = ssd_spec(dims, chunk, softplus);
+        gpu.check(gpu.dev.ssd_scan(&p.inputs::<T>(), &mut y, &mut last, spec))?;
+        Ok((
+            gpu.tensor(y, &[batch, len, heads, head_dim]),
+            gpu.tensor(last, &[batch, heads, head_dim, state]),
+        ))
+    })
+}
+
+/// `ssd_scan_backward` on a CUDA device.
+fn backward_cuda(
+    gpu: &Gpu,
+    s: &SsdArgs,
+    dims: Dims,
+    chunk: usize,
+    softplus: bool,
+    grad: &Tensor,
+) -> Result<SsdGrads> {
+    let p = Packed::new(gpu, s)?;
+    let g = gpu.packed(grad)?;
+    let Dims {
+        batch,
+        len,
+        heads,
+        head_dim,
+        groups,
+        state,
+    } = dims;
+    let (xs, bc, states) = (
+        [batch, len, heads, head_dim],
+        [batch, len, groups, state],
+        [batch, heads, head_dim, state],
+    );
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    cuda_float_dispatch!(gpu.op, gpu.device, s.x.dtype(), T => {
+        let mut dx = gpu.alloc::<T>(numel(&xs))?;
+        let mut ddt = gpu.alloc::<T>(batch * len * heads)?;
+        let mut da = gpu.alloc::<T>(heads)?;
+        let (mut db, mut dc) = (gpu.alloc::<T>(numel(&bc))?, gpu.alloc::<T>(numel(&bc))?);
+        let opt = |given: bool, len: usize| given.then(|| gpu.alloc::<T>(len)).transpose();
+        let mut dd = opt(s.d_skip.is_some(), heads)?;
+        let mut dbias = opt(s.dt_bias.is_some(), heads)?;
+        let mut dinit = opt(s.initial.is_some(), numel(&states))?;
+        let grads = SsdGradBuffers {
+            dx: &mut dx,
+            ddt: &mut ddt,
+            da: &mut da,
+            db: &mut db,
+            dc: &mut dc,
+            dd: dd.as_mut(),
+            ddt_bias: dbias.as_mut(),
+            dinitial: dinit.as_mut(),
+        };
+        let spec = ssd_spec(dims, chunk, softplus);
+        gpu.check(gpu.dev.ssd_scan_backward(&p.inputs::<T>(), g.cuda_buffer::<T>(), grads, spec))?;
+        Ok(SsdGrads {
+            dx: gpu.tensor(dx, &xs),
+            ddt: gpu.tensor(ddt, &[batch, len, heads]),
+            da: gpu.tensor(da, &[heads]),
+            db: gpu.tensor(db, &bc),
+            dc: gpu.tensor(dc, &bc),
+            dd: dd.map(|b| gpu.tensor(b, &[heads])),
+            ddt_bias: dbias.map(|b| gpu.tensor(b, &[heads])),
+            dinitial_state: dinit.map(|b| gpu.tensor(b, &states)),
+        })
+    })
+}
+
+/// `ssd_state_update` on a CUDA device: `step` holds x `[B, H, P]`, dt `[B, H]`, A, B and C
+/// `[B, G, N]`, D, dt_bias and the state `[B, H, P, N]` as `initial`.
+fn state_update_cuda(gpu: &Gpu, step: &SsdArgs, dims: Dims, softplus: bool) -> Result<(Tensor, Tensor)> {
+    let p = Packed::new(gpu, step)?;
+    let Dims {
+        batch,
+        heads,
+        head_dim,
+        state,
+        ..
+    } = dims;
+    cuda_float_dispatch!(gpu.op, gpu.device, step.x.dtype(), T => {
+        let inputs = p.inputs::<T>();
+        let one = SsdStep {
+            x: inputs.x,
+            dt: inputs.dt,
+            a: inputs.a,
+            b: inputs.b,
+            c: inputs.c,
+            d_skip: inputs.d_skip,
+            dt_bias: inputs.dt_bias,
+        };
+        let current = inputs.initial.expect("the state is the update's initial state");
+        let mut y = gpu.alloc::<T>(batch * heads * head_dim)?;
+        let mut next = gpu.alloc::<T>(batch * heads * head_dim * state)?;
+        let spec = ssd_spec(dims, 1, softplus);
+        gpu.check(gpu.dev.ssd_state_update(current, &one, &mut y, &mut next, spec))?;
+        Ok((
+            gpu.tensor(y, &[batch, heads, head_dim]),
+            gpu.tensor(next, &[batch, heads, head_dim, state]),
+        ))
+    })
+}
+
 impl Tensor {
     /// The Mamba-2 SSD scan of `self` = x `[B, L, H, P]` by the chunked algorithm of mamba_ssm's
     /// `mamba_chunk_scan_combined`; the result equals `ssd_scan_sequential`'s recurrence
@@ -581,7 +769,6 @@ impl Tensor {
         initial_state: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let op = "ssd_scan";
-        cpu_only(op, &[self, dt, a, b, c], &[d_skip, dt_bias, initial_state])?;
         let args = SsdArgs {
             x: self,
             dt,
@@ -594,6 +781,10 @@ impl Tensor {
         };
         let dims = args.check(op)?;
         check_chunk(op, chunk_size)?;
+        let operands = operand_list(&[self, dt, a, b, c], &[d_skip, dt_bias, initial_state]);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            return forward_cuda(&gpu, &args, dims, chunk_size, dt_softplus);
+        }
         float_dispatch!(op, self.dtype(), T => {
             let s = Ssd::new::<T>(&args, dims, dt_softplus);
             let cb = s.chunk_products(chunk_size);
@@ -653,7 +844,6 @@ impl Tensor {
         grad: &Tensor,
     ) -> Result<SsdGrads> {
         let op = "ssd_scan_backward";
-        cpu_only(op, &[self, dt, a, b, c, grad], &[d_skip, dt_bias, initial_state])?;
         let args = SsdArgs {
             x: self,
             dt,
@@ -667,6 +857,10 @@ impl Tensor {
         let dims = args.check(op)?;
         check_chunk(op, chunk_size)?;
         check_operands(op, self, &[("grad", Some(grad), self.shape())])?;
+        let operands = operand_list(&[self, dt, a, b, c, grad], &[d_skip, dt_bias, initial_state]);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            return backward_cuda(&gpu, &args, dims, chunk_size, dt_softplus, grad);
+        }
         float_dispatch!(op, self.dtype(), T => {
             Ok(backward::<T>(&Ssd::new::<T>(&args, dims, dt_softplus), chunk_size, &widen::<T>(grad)))
         })
@@ -689,7 +883,6 @@ impl Tensor {
         dt_softplus: bool,
     ) -> Result<(Tensor, Tensor)> {
         let op = "ssd_state_update";
-        cpu_only(op, &[self, x, dt, a, b, c], &[d_skip, dt_bias])?;
         let (ss, bs) = (self.shape(), b.shape());
         if ss.len() != 4 || bs.len() != 3 {
             return shape_err(
@@ -725,6 +918,20 @@ impl Tensor {
             initial: Some(self),
         };
         let dims = args.check(op)?;
+        let operands = operand_list(&[self, x, dt, a, b, c], &[d_skip, dt_bias]);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            let step = SsdArgs {
+                x,
+                dt,
+                a,
+                b,
+                c,
+                d_skip,
+                dt_bias,
+                initial: Some(self),
+            };
+            return state_update_cuda(&gpu, &step, dims, dt_softplus);
+        }
         float_dispatch!(op, self.dtype(), T => {
             let s = Ssd::new::<T>(&args, dims, dt_softplus);
             let (y, state) = forward::<T>(&s, |bi, h, y| s.sequential_head(bi, h, y));

@@ -1,0 +1,603 @@
+// The Mamba-2 SSD chunk scan (mamba_ssm's `mamba_chunk_scan_combined`), as the CPU reference
+// (tensor/src/ops/ssd.rs) defines it: x [B, L, H, P], dt [B, L, H], A, D, dt_bias [H],
+// B, C [B, L, G, N] (head h reads group h / (H / G)), initial state [B, H, P, N];
+//   h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t (x) B_t,   y_t = h_t C_t + D_h x_t.
+//
+// Chunks of Q steps (the last may be shorter); per head, s_i = cumulative sum of dt A within the
+// chunk. Forward kernels, all f32 scratch:
+//   ssd_cumsum      dt (softplus) and s                                        [B, H, L]
+//   ssd_bmm         CB[i][j] = C_i . B_j, j <= i, per (b, chunk, group)        [B, nc, G, Q, Q]
+//   ssd_chunk_state S_c = sum_j exp(s_end - s_j) dt_j x_j (x) B_j              [B, nc, H, P, N]
+//   ssd_state_pass  E_{c+1} = exp(s_end) E_c + S_c, in place: E_c entering chunk c; final state
+//   ssd_chunk_out   y_i = exp(s_i) E_c C_i + sum_{j<=i} CB_ij exp(s_i - s_j) dt_j x_j + D x_i
+// Backward: with G_i = dL/dh_i = sum_{k>=i in chunk} exp(s_k - s_i) dy_k (x) C_k
+// + exp(s_end - s_i) dE_{c+1}, the sequential backward's per-step terms become chunk-local matrix
+// products; the step gradient follows from <G_i, exp(dt_i A) h_{i-1}> = R_i below (telescoping
+// <G_i, h_i> over the chunk). With dE_c = dL/dE_c,
+//   dE_c = exp(s_end) dE_{c+1} + sum_i exp(s_i) dy_i (x) C_i  (ssd_chunk_state on dy, C, then
+//          ssd_state_pass_bwd, which also forms <dE_{c+1}, E_{c+1}> per chunk)
+//   G_j = dL/dh_j: dx_j = D dy_j + dt_j G_j B_j                                  (ssd_dx)
+//   dB_j = dt_j G_j^T x_j  (summed over the group's heads with atomics)          (ssd_db)
+//   dC_i = h_i^T dy_i                                                            (ssd_dc)
+//   (ssd_db and ssd_dc read DX_ij = dy_i . x_j, formed per head by ssd_bmm      [B, nc, H, Q, Q])
+//   ddt_i = W_i + A R_i, dA = sum dt_i R_i, with W_i = x_i . G_i B_i and
+//   R_i = sum_{k >= i in chunk} (dy_k . (y_k - D x_k) - dt_k W_k) + <dE_{c+1}, E_{c+1}>  (ssd_ddt)
+// The matrix products run on CUDA cores in f32 with 64 x 64 shared-memory tiles (no tensor cores).
+#include "common.cuh"
+
+#define SSD_TILE 64
+#define SSD_KT 16
+#define SSD_THREADS 256
+#define SSD_PAD (SSD_TILE + 1)
+
+__device__ __forceinline__ float ssd_softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+
+// Shared tiles of one k-step of a tile product.
+struct TileSmem {
+    float a[SSD_KT][SSD_PAD];
+    float b[SSD_KT][SSD_PAD];
+};
+
+// acc[r][c] (the thread's outputs at tile row ty + 16 r, column tx + 16 c, with tx = tid % 16 and
+// ty = tid / 16) += sum over k in [k0, k1) of fa(row, k) * fb(k, col). fa and fb return 0 outside
+// the operands. K_FAST says which index varies fastest between neighbouring threads' loads
+// (the one contiguous in memory). Every thread of the block must call it.
+template <bool A_K_FAST, bool B_K_FAST, typename FA, typename FB>
+__device__ __forceinline__ void tile_gemm(float (&acc)[4][4], u64 k0, u64 k1, TileSmem &s, FA fa, FB fb) {
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    for (u64 kb = k0; kb < k1; kb += SSD_KT) {
+        for (int e = tid; e < SSD_KT * SSD_TILE; e += SSD_THREADS) {
+            const int kk = A_K_FAST ? e % SSD_KT : e / SSD_TILE;
+            const int r = A_K_FAST ? e / SSD_KT : e % SSD_TILE;
+            s.a[kk][r] = kb + kk < k1 ? fa(r, kb + kk) : 0.f;
+        }
+        for (int e = tid; e < SSD_KT * SSD_TILE; e += SSD_THREADS) {
+            const int kk = B_K_FAST ? e % SSD_KT : e / SSD_TILE;
+            const int c = B_K_FAST ? e / SSD_KT : e % SSD_TILE;
+            s.b[kk][c] = kb + kk < k1 ? fb(kb + kk, c) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < SSD_KT; ++kk) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                av[i] = s.a[kk][ty + 16 * i];
+                bv[i] = s.b[kk][tx + 16 * i];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+        }
+        __syncthreads();
+    }
+}
+
+__device__ __forceinline__ void zero_acc(float (&acc)[4][4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
+}
+
+// Sum over the 16 threads of a tile row (tx = lane % 16, one half-warp); every lane must call it.
+__device__ __forceinline__ float row_sum16(float v) {
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// The problem's shape, passed by value to every kernel.
+struct SsdDims {
+    u64 batch, len, heads, head_dim, groups, state;
+    u64 chunk;  // Q: steps per chunk (at most len)
+    u64 chunks; // nc
+};
+
+__device__ __forceinline__ u64 chunk_len(const SsdDims &m, u64 c) {
+    const u64 t0 = c * m.chunk;
+    return m.len - t0 < m.chunk ? m.len - t0 : m.chunk;
+}
+
+// Block index split into (outer, tiles_a, tiles_b): returns outer, sets ta, tb.
+__device__ __forceinline__ u64 split_block(u64 blk, u64 tiles_a, u64 tiles_b, u64 &ta, u64 &tb) {
+    tb = blk % tiles_b;
+    blk /= tiles_b;
+    ta = blk % tiles_a;
+    return blk / tiles_a;
+}
+
+__device__ __forceinline__ u64 tiles(u64 n) { return (n + SSD_TILE - 1) / SSD_TILE; }
+
+// ---- forward ---------------------------------------------------------------------------------
+
+// One thread per (b, chunk, h): the steps dt [B, H, L] and the within-chunk cumulative sums of
+// dt A [B, H, L].
+template <typename T>
+__device__ void ssd_cumsum(const T *dt_in, const T *A, const T *dbias, float *dts, float *cum, SsdDims m,
+                           int softplus) {
+    for (u64 e = global_thread(); e < m.batch * m.chunks * m.heads; e += grid_threads()) {
+        const u64 h = e % m.heads, c = e / m.heads % m.chunks, b = e / (m.heads * m.chunks);
+        const float a = to_float(A[h]), bias = dbias != nullptr ? to_float(dbias[h]) : 0.f;
+        const u64 t0 = c * m.chunk, q = chunk_len(m, c), base = (b * m.heads + h) * m.len;
+        float run = 0.f;
+        for (u64 t = t0; t < t0 + q; ++t) {
+            const float raw = to_float(dt_in[(b * m.len + t) * m.heads + h]) + bias;
+            const float v = softplus ? ssd_softplus(raw) : raw;
+            run += v * a;
+            dts[base + t] = v;
+            cum[base + t] = run;
+        }
+    }
+}
+
+// out[b, c, g, i, j] = U_i . V_j over K for j <= i within each chunk (tiles above the diagonal are
+// skipped; entries above it in diagonal tiles are written but never read). U, V [B, L, NG, K].
+template <typename T>
+__device__ void ssd_bmm(const T *U, const T *V, float *out, u64 NG, u64 K, SsdDims m) {
+    __shared__ TileSmem s;
+    const u64 nt = tiles(m.chunk);
+    u64 ti, tj;
+    const u64 outer = split_block(blockIdx.x, nt, nt, ti, tj); // (b, c, g)
+    if (tj > ti) return;
+    const u64 g = outer % NG, c = outer / NG % m.chunks, b = outer / (NG * m.chunks);
+    const u64 t0 = c * m.chunk, q = chunk_len(m, c), i0 = ti * SSD_TILE, j0 = tj * SSD_TILE;
+    float acc[4][4];
+    zero_acc(acc);
+    auto fa = [&](int r, u64 k) -> float {
+        return i0 + r < q ? to_float(U[((b * m.len + t0 + i0 + r) * NG + g) * K + k]) : 0.f;
+    };
+    auto fb = [&](u64 k, int col) -> float {
+        return j0 + col < q ? to_float(V[((b * m.len + t0 + j0 + col) * NG + g) * K + k]) : 0.f;
+    };
+    tile_gemm<true, true>(acc, 0, K, s, fa, fb);
+    float *o = out + outer * m.chunk * m.chunk;
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const u64 i = i0 + ty + 16 * r, j = j0 + tx + 16 * cc;
+            if (i < q && j < q) o[i * m.chunk + j] = acc[r][cc];
+        }
+}
+
+// Per (b, chunk, h): out[p, n] = sum_j w_j X_j[p] Y_j[n] with X [B, L, H, P], Y [B, L, G, N] and
+// w_j = exp(s_end - s_j) dt_j (chunk states; `mode` 0) or exp(s_j) (`mode` 1, the output-gradient
+// states from dy and C). out [B, nc, H, P, N].
+template <typename T>
+__device__ void ssd_chunk_state(const T *X, const T *Y, const float *dts, const float *cum, float *out, SsdDims m,
+                                int mode) {
+    __shared__ TileSmem s;
+    u64 tp, tn;
+    const u64 outer = split_block(blockIdx.x, tiles(m.head_dim), tiles(m.state), tp, tn); // (b, c, h)
+    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
+    const u64 g = h / (m.heads / m.groups), P = m.head_dim, N = m.state;
+    const u64 t0 = c * m.chunk, q = chunk_len(m, c), p0 = tp * SSD_TILE, n0 = tn * SSD_TILE;
+    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float end = cs[q - 1];
+    float acc[4][4];
+    zero_acc(acc);
+    auto fa = [&](int r, u64 j) -> float {
+        if (p0 + r >= P) return 0.f;
+        const float w = mode == 0 ? expf(end - cs[j]) * ds[j] : expf(cs[j]);
+        return w * to_float(X[((b * m.len + t0 + j) * m.heads + h) * P + p0 + r]);
+    };
+    auto fb = [&](u64 j, int col) -> float {
+        return n0 + col < N ? to_float(Y[((b * m.len + t0 + j) * m.groups + g) * N + n0 + col]) : 0.f;
+    };
+    tile_gemm<false, false>(acc, 0, q, s, fa, fb);
+    float *o = out + outer * P * N;
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const u64 p = p0 + ty + 16 * r, n = n0 + tx + 16 * cc;
+            if (p < P && n < N) o[p * N + n] = acc[r][cc];
+        }
+}
+
+// One thread per (b, h, p, n): replaces each chunk's own state S_c in `st` [B, nc, H, P, N] by
+// the state entering the chunk, and writes the final state [B, H, P, N] to `final_state`.
+template <typename T>
+__device__ void ssd_state_pass(float *st, const float *cum, const T *init, T *final_state, SsdDims m) {
+    const u64 PN = m.head_dim * m.state;
+    for (u64 e = global_thread(); e < m.batch * m.heads * PN; e += grid_threads()) {
+        const u64 pn = e % PN, h = e / PN % m.heads, b = e / (PN * m.heads);
+        float run = init != nullptr ? to_float(init[e]) : 0.f;
+        for (u64 c = 0; c < m.chunks; ++c) {
+            const float end = cum[(b * m.heads + h) * m.len + c * m.chunk + chunk_len(m, c) - 1];
+            float *slot = st + ((b * m.chunks + c) * m.heads + h) * PN + pn;
+            const float own = *slot;
+            *slot = run;
+            run = expf(end) * run + own;
+        }
+        final_state[e] = from_float<T>(run);
+    }
+}
+
+// Per (b, chunk, h, row tile, p tile): the state part of the output,
+//   y~_i[p] = exp(s_i) (E_c C_i)[p] + sum_{j<=i} CB_ij exp(s_i - s_j) dt_j x_j[p].
+// `mode` 0 writes y = y~ + D x (T); `mode` 1 adds sum_p dy_i[p] y~_i[p] to ydot [B, L, H] (f32,
+// atomically across p tiles).
+template <typename T>
+__device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *dts, const float *cum,
+                              const float *states, const float *cb, T *y, const T *dy, float *ydot, SsdDims m,
+                              int mode) {
+    __shared__ TileSmem s;
+    const u64 Q = m.chunk, P = m.head_dim, N = m.state;
+    u64 ti, tp;
+    const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(P), ti, tp); // (b, c, h)
+    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
+    const u64 g = h / (m.heads / m.groups);
+    const u64 t0 = c * Q, q = chunk_len(m, c), i0 = ti * SSD_TILE, p0 = tp * SSD_TILE;
+    if (i0 >= q) return; // a tile past the end of a short last chunk
+    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *E = states + outer * P * N;
+    const float *cbm = cb + ((b * m.chunks + c) * m.groups + g) * Q * Q;
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    float acc[4][4];
+    zero_acc(acc);
+    // The incoming state: C_i . E_c[p, :].
+    auto fa1 = [&](int r, u64 n) -> float {
+        return i0 + r < q ? to_float(C[((b * m.len + t0 + i0 + r) * m.groups + g) * N + n]) : 0.f;
+    };
+    auto fb1 = [&](u64 n, int col) -> float { return p0 + col < P ? E[(p0 + col) * N + n] : 0.f; };
+    tile_gemm<true, true>(acc, 0, N, s, fa1, fb1);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 i = i0 + ty + 16 * r;
+        const float scale = i < q ? expf(cs[i]) : 0.f;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) acc[r][cc] *= scale;
+    }
+    // The chunk's own inputs.
+    auto fa2 = [&](int r, u64 j) -> float {
+        const u64 i = i0 + r;
+        return i < q && j <= i ? cbm[i * Q + j] * expf(cs[i] - cs[j]) * ds[j] : 0.f;
+    };
+    auto fb2 = [&](u64 j, int col) -> float {
+        return p0 + col < P ? to_float(x[((b * m.len + t0 + j) * m.heads + h) * P + p0 + col]) : 0.f;
+    };
+    const u64 kend = i0 + SSD_TILE < q ? i0 + SSD_TILE : q;
+    tile_gemm<true, false>(acc, 0, kend, s, fa2, fb2);
+    const float skip = Dv != nullptr ? to_float(Dv[h]) : 0.f;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 i = i0 + ty + 16 * r;
+        float part = 0.f;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const u64 p = p0 + tx + 16 * cc;
+            if (i < q && p < P) {
+                const u64 at = ((b * m.len + t0 + i) * m.heads + h) * P + p;
+                if (mode == 0)
+                    y[at] = from_float<T>(acc[r][cc] + skip * to_float(x[at]));
+                else
+                    part += to_float(dy[at]) * acc[r][cc];
+            }
+        }
+        if (mode == 1) {
+            part = row_sum16(part);
+            if (tx == 0 && i < q) atomicAdd(ydot + (b * m.len + t0 + i) * m.heads + h, part);
+        }
+    }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+// Blocks over (b, h, p n / blockDim): `z` [B, nc, H, P, N] holds Z_c = sum_i exp(s_i) dy_i (x) C_i
+// and is replaced by dE_{c+1} (dL/d(state entering chunk c + 1); zero for the last chunk);
+// ee[b, c, h] += <dE_{c+1}, E_{c+1}> (`st` holds the entering states E); dinit = dE_0 when given.
+template <typename T>
+__device__ void ssd_state_pass_bwd(float *z, const float *st, const float *cum, float *ee, T *dinit, SsdDims m) {
+    const u64 PN = m.head_dim * m.state, per = (PN + blockDim.x - 1) / blockDim.x;
+    const u64 bh = blockIdx.x / per, h = bh % m.heads, b = bh / m.heads;
+    const u64 pn = (blockIdx.x % per) * blockDim.x + threadIdx.x;
+    const bool valid = pn < PN;
+    float run = 0.f;
+    for (u64 k = 0; k < m.chunks; ++k) {
+        const u64 c = m.chunks - 1 - k;
+        const u64 at = ((b * m.chunks + c) * m.heads + h) * PN + pn;
+        const float own = valid ? z[at] : 0.f;
+        if (valid) z[at] = run;
+        if (c + 1 < m.chunks) {
+            float part = valid ? run * st[at + m.heads * PN] : 0.f;
+            part = warp_reduce(part, SumOp());
+            if ((threadIdx.x & 31) == 0) atomicAdd(ee + (b * m.chunks + c) * m.heads + h, part);
+        }
+        const float end = cum[(b * m.heads + h) * m.len + c * m.chunk + chunk_len(m, c) - 1];
+        run = expf(end) * run + own;
+    }
+    if (dinit != nullptr && valid) dinit[(b * m.heads + h) * PN + pn] = from_float<T>(run);
+}
+
+// Per (b, chunk, h, row tile j, p tile): G_j B_j [p] = sum_{i>=j} CB_ij exp(s_i - s_j) dy_i[p]
+// + exp(s_end - s_j) (dE_{c+1} B_j)[p]; writes dx = D dy + dt G B (T) and adds x_j . G_j B_j to
+// W [B, L, H] and x_j . dy_j to xdy [B, L, H] (f32, atomically across p tiles).
+template <typename T>
+__device__ void ssd_dx(const T *x, const T *Bm, const T *Dv, const T *dy, const float *dts, const float *cum,
+                       const float *dnext, const float *cb, T *dx, float *W, float *xdy, SsdDims m) {
+    __shared__ TileSmem s;
+    const u64 Q = m.chunk, P = m.head_dim, N = m.state;
+    u64 tj, tp;
+    const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(P), tj, tp); // (b, c, h)
+    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
+    const u64 g = h / (m.heads / m.groups);
+    const u64 t0 = c * Q, q = chunk_len(m, c), j0 = tj * SSD_TILE, p0 = tp * SSD_TILE;
+    if (j0 >= q) return;
+    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *cbm = cb + ((b * m.chunks + c) * m.groups + g) * Q * Q;
+    const float end = cs[q - 1];
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    float acc[4][4];
+    zero_acc(acc);
+    auto fa1 = [&](int r, u64 i) -> float {
+        const u64 j = j0 + r;
+        return j < q && i >= j ? cbm[i * Q + j] * expf(cs[i] - cs[j]) : 0.f;
+    };
+    auto fb1 = [&](u64 i, int col) -> float {
+        return p0 + col < P ? to_float(dy[((b * m.len + t0 + i) * m.heads + h) * P + p0 + col]) : 0.f;
+    };
+    tile_gemm<false, false>(acc, j0, q, s, fa1, fb1);
+    if (c + 1 < m.chunks) {
+        const float *dE = dnext + outer * P * N;
+        auto fa2 = [&](int r, u64 n) -> float {
+            const u64 j = j0 + r;
+            return j < q ? to_float(Bm[((b * m.len + t0 + j) * m.groups + g) * N + n]) * expf(end - cs[j]) : 0.f;
+        };
+        auto fb2 = [&](u64 n, int col) -> float { return p0 + col < P ? dE[(p0 + col) * N + n] : 0.f; };
+        tile_gemm<true, true>(acc, 0, N, s, fa2, fb2);
+    }
+    const float skip = Dv != nullptr ? to_float(Dv[h]) : 0.f;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 j = j0 + ty + 16 * r;
+        float wpart = 0.f, dpart = 0.f;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const u64 p = p0 + tx + 16 * cc;
+            if (j < q && p < P) {
+                const u64 at = ((b * m.len + t0 + j) * m.heads + h) * P + p;
+                const float xv = to_float(x[at]), gv = to_float(dy[at]);
+                dx[at] = from_float<T>(skip * gv + ds[j] * acc[r][cc]);
+                wpart += xv * acc[r][cc];
+                dpart += xv * gv;
+            }
+        }
+        wpart = row_sum16(wpart);
+        dpart = row_sum16(dpart);
+        if (tx == 0 && j < q) {
+            const u64 at = (b * m.len + t0 + j) * m.heads + h;
+            atomicAdd(W + at, wpart);
+            atomicAdd(xdy + at, dpart);
+        }
+    }
+}
+
+// Per (b, chunk, h, row tile j, n tile): dB_j[n] += dt_j (sum_{i>=j} DX_ij exp(s_i - s_j) C_i[n]
+// + exp(s_end - s_j) (dE_{c+1}^T x_j)[n]), DX_ij = dy_i . x_j; dB [B, L, G, N] f32, atomically
+// over the group's heads.
+template <typename T>
+__device__ void ssd_db(const T *x, const T *Cm, const float *dts, const float *cum, const float *dnext,
+                       const float *dxm, float *dB, SsdDims m) {
+    __shared__ TileSmem s;
+    const u64 Q = m.chunk, P = m.head_dim, N = m.state;
+    u64 tj, tn;
+    const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(N), tj, tn); // (b, c, h)
+    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
+    const u64 g = h / (m.heads / m.groups);
+    const u64 t0 = c * Q, q = chunk_len(m, c), j0 = tj * SSD_TILE, n0 = tn * SSD_TILE;
+    if (j0 >= q) return;
+    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *dxh = dxm + outer * Q * Q;
+    const float end = cs[q - 1];
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    float acc[4][4];
+    zero_acc(acc);
+    auto fa1 = [&](int r, u64 i) -> float {
+        const u64 j = j0 + r;
+        return j < q && i >= j ? dxh[i * Q + j] * expf(cs[i] - cs[j]) : 0.f;
+    };
+    auto fb1 = [&](u64 i, int col) -> float {
+        return n0 + col < N ? to_float(Cm[((b * m.len + t0 + i) * m.groups + g) * N + n0 + col]) : 0.f;
+    };
+    tile_gemm<false, false>(acc, j0, q, s, fa1, fb1);
+    if (c + 1 < m.chunks) {
+        const float *dE = dnext + outer * P * N;
+        auto fa2 = [&](int r, u64 p) -> float {
+            const u64 j = j0 + r;
+            return j < q ? to_float(x[((b * m.len + t0 + j) * m.heads + h) * P + p]) * expf(end - cs[j]) : 0.f;
+        };
+        auto fb2 = [&](u64 p, int col) -> float { return n0 + col < N ? dE[p * N + n0 + col] : 0.f; };
+        tile_gemm<true, false>(acc, 0, P, s, fa2, fb2);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 j = j0 + ty + 16 * r;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const u64 n = n0 + tx + 16 * cc;
+            if (j < q && n < N) atomicAdd(dB + ((b * m.len + t0 + j) * m.groups + g) * N + n, ds[j] * acc[r][cc]);
+        }
+    }
+}
+
+// Per (b, chunk, h, row tile i, n tile): dC_i[n] += exp(s_i) (E_c^T dy_i)[n]
+// + sum_{j<=i} DX_ij exp(s_i - s_j) dt_j B_j[n]; dC [B, L, G, N] f32, atomically over the group's
+// heads.
+template <typename T>
+__device__ void ssd_dc(const T *Bm, const T *dy, const float *dts, const float *cum, const float *states,
+                       const float *dxm, float *dC, SsdDims m) {
+    __shared__ TileSmem s;
+    const u64 Q = m.chunk, P = m.head_dim, N = m.state;
+    u64 ti, tn;
+    const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(N), ti, tn); // (b, c, h)
+    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
+    const u64 g = h / (m.heads / m.groups);
+    const u64 t0 = c * Q, q = chunk_len(m, c), i0 = ti * SSD_TILE, n0 = tn * SSD_TILE;
+    if (i0 >= q) return;
+    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *dxh = dxm + outer * Q * Q, *E = states + outer * P * N;
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    float acc[4][4];
+    zero_acc(acc);
+    auto fa1 = [&](int r, u64 p) -> float {
+        return i0 + r < q ? to_float(dy[((b * m.len + t0 + i0 + r) * m.heads + h) * P + p]) : 0.f;
+    };
+    auto fb1 = [&](u64 p, int col) -> float { return n0 + col < N ? E[p * N + n0 + col] : 0.f; };
+    tile_gemm<true, false>(acc, 0, P, s, fa1, fb1);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 i = i0 + ty + 16 * r;
+        const float scale = i < q ? expf(cs[i]) : 0.f;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) acc[r][cc] *= scale;
+    }
+    auto fa2 = [&](int r, u64 j) -> float {
+        const u64 i = i0 + r;
+        return i < q && j <= i ? dxh[i * Q + j] * expf(cs[i] - cs[j]) * ds[j] : 0.f;
+    };
+    auto fb2 = [&](u64 j, int col) -> float {
+        return n0 + col < N ? to_float(Bm[((b * m.len + t0 + j) * m.groups + g) * N + n0 + col]) : 0.f;
+    };
+    const u64 kend = i0 + SSD_TILE < q ? i0 + SSD_TILE : q;
+    tile_gemm<true, false>(acc, 0, kend, s, fa2, fb2);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 i = i0 + ty + 16 * r;
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+            const u64 n = n0 + tx + 16 * cc;
+            if (i < q && n < N) atomicAdd(dC + ((b * m.len + t0 + i) * m.groups + g) * N + n, acc[r][cc]);
+        }
+    }
+}
+
+// One thread per (b, chunk, h), steps in reverse: R_i (see the top), ddt [B, L, H] (T, through
+// softplus when asked), and per-(b, chunk, h) partials [B, nc, H] of dA, d(dt_bias) and dD.
+template <typename T>
+__device__ void ssd_ddt(const T *dt_in, const T *A, const T *dbias, const float *dts, const float *ydot,
+                        const float *W, const float *xdy, const float *ee, T *ddt, float *da_part,
+                        float *dbias_part, float *dd_part, SsdDims m, int softplus) {
+    for (u64 e = global_thread(); e < m.batch * m.chunks * m.heads; e += grid_threads()) {
+        const u64 h = e % m.heads, c = e / m.heads % m.chunks, b = e / (m.heads * m.chunks);
+        const float a = to_float(A[h]), bias = dbias != nullptr ? to_float(dbias[h]) : 0.f;
+        const u64 t0 = c * m.chunk, q = chunk_len(m, c);
+        float r = c + 1 < m.chunks ? ee[e] : 0.f;
+        float da = 0.f, db = 0.f, dd = 0.f;
+        for (u64 k = 0; k < q; ++k) {
+            const u64 t = t0 + q - 1 - k, at = (b * m.len + t) * m.heads + h;
+            const float dtv = dts[(b * m.heads + h) * m.len + t], w = W[at];
+            r += ydot[at] - dtv * w;
+            float g = w + a * r;
+            da += dtv * r;
+            if (softplus) g *= sigmoid_f(to_float(dt_in[at]) + bias);
+            ddt[at] = from_float<T>(g);
+            db += g;
+            dd += xdy[at];
+        }
+        da_part[e] = da;
+        dbias_part[e] = db;
+        dd_part[e] = dd;
+    }
+}
+
+// out[m] = sum over p of part[p * M + m], in order of p, rounded to T.
+template <typename T> __device__ void ssd_sum(const float *part, T *out, u64 parts, u64 M) {
+    for (u64 i = global_thread(); i < M; i += grid_threads()) {
+        float s = 0.f;
+        for (u64 p = 0; p < parts; ++p) s += part[p * M + i];
+        out[i] = from_float<T>(s);
+    }
+}
+
+// One decoding step per row (b, h, p), one warp each: the new state [B, H, P, N] (may alias
+// `state`) and y [B, H, P].
+template <typename T>
+__device__ void ssd_update(const T *state, const T *x, const T *dt_in, const T *A, const T *Bm, const T *Cm,
+                           const T *Dv, const T *dbias, T *y, T *state_out, u64 batch, u64 H, u64 P, u64 G, u64 N,
+                           int softplus) {
+    const int lane = threadIdx.x & 31;
+    const u64 warps = (u64)gridDim.x * (blockDim.x >> 5);
+    for (u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < batch * H * P; row += warps) {
+        const u64 bh = row / P, h = bh % H, b = bh / H, g = h / (H / G);
+        const float raw = to_float(dt_in[bh]) + (dbias != nullptr ? to_float(dbias[h]) : 0.f);
+        const float dt = softplus ? ssd_softplus(raw) : raw;
+        const float decay = expf(dt * to_float(A[h])), xv = to_float(x[row]);
+        float acc = 0.f;
+        for (u64 n = lane; n < N; n += 32) {
+            const float hv = decay * to_float(state[row * N + n]) + dt * xv * to_float(Bm[(b * G + g) * N + n]);
+            state_out[row * N + n] = from_float<T>(hv);
+            acc += hv * to_float(Cm[(b * G + g) * N + n]);
+        }
+        acc = warp_reduce(acc, SumOp());
+        if (lane == 0) y[row] = from_float<T>(acc + (Dv != nullptr ? to_float(Dv[h]) : 0.f) * xv);
+    }
+}
+
+// The shape as kernel parameters, and the struct built from them.
+#define SSD_DIMS_PARAMS u64 batch, u64 len, u64 heads, u64 head_dim, u64 groups, u64 state, u64 chunk, u64 chunks
+#define SSD_DIMS SsdDims{batch, len, heads, head_dim, groups, state, chunk, chunks}
+
+#define SSD_ENTRIES(T, S)                                                                                     \
+    extern "C" __global__ void ssd_cumsum_##S(const T *dt, const T *A, const T *dbias, float *dts, float *cum, \
+                                              SSD_DIMS_PARAMS, int softplus) {                                      \
+        ssd_cumsum<T>(dt, A, dbias, dts, cum, SSD_DIMS, softplus);                                                   \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
+        ssd_bmm_##S(const T *U, const T *V, float *out, u64 NG, u64 K, SSD_DIMS_PARAMS) {                           \
+        ssd_bmm<T>(U, V, out, NG, K, SSD_DIMS);                                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_state_##S(                            \
+        const T *X, const T *Y, const float *dts, const float *cum, float *out, SSD_DIMS_PARAMS, int mode) {        \
+        ssd_chunk_state<T>(X, Y, dts, cum, out, SSD_DIMS, mode);                                                     \
+    }                                                                                                         \
+    extern "C" __global__ void ssd_state_pass_##S(float *st, const float *cum, const T *init, T *final_state, \
+                                                  SSD_DIMS_PARAMS) {                                                \
+        ssd_state_pass<T>(st, cum, init, final_state, SSD_DIMS);                                                     \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_##S(                              \
+        const T *x, const T *C, const T *Dv, const float *dts, const float *cum, const float *states,         \
+        const float *cb, T *y, const T *dy, float *ydot, SSD_DIMS_PARAMS, int mode) {                               \
+        ssd_chunk_out<T>(x, C, Dv, dts, cum, states, cb, y, dy, ydot, SSD_DIMS, mode);                               \
+    }                                                                                                         \
+    extern "C" __global__ void ssd_state_pass_bwd_##S(float *z, const float *st, const float *cum, float *ee,  \
+                                                      T *dinit, SSD_DIMS_PARAMS) {                                  \
+        ssd_state_pass_bwd<T>(z, st, cum, ee, dinit, SSD_DIMS);                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
+        ssd_dx_##S(const T *x, const T *Bm, const T *Dv, const T *dy, const float *dts, const float *cum,     \
+                   const float *dnext, const float *cb, T *dx, float *W, float *xdy, SSD_DIMS_PARAMS) {             \
+        ssd_dx<T>(x, Bm, Dv, dy, dts, cum, dnext, cb, dx, W, xdy, SSD_DIMS);                                         \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
+        ssd_db_##S(const T *x, const T *Cm, const float *dts, const float *cum, const float *dnext,           \
+                   const float *dxm, float *dB, SSD_DIMS_PARAMS) {                                                  \
+        ssd_db<T>(x, Cm, dts, cum, dnext, dxm, dB, SSD_DIMS);                                                        \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
+        ssd_dc_##S(const T *Bm, const T *dy, const float *dts, const float *cum, const float *states,         \
+                   const float *dxm, float *dC, SSD_DIMS_PARAMS) {                                                  \
+        ssd_dc<T>(Bm, dy, dts, cum, states, dxm, dC, SSD_DIMS);                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void ssd_ddt_##S(const T *dt, const T *A, const T *dbias, const float *dts,         \
+                                           const float *ydot, const float *W, const float *xdy,               \
+                                           const float *ee, T *ddt, float *da_part, float *dbias_part,        \
+                                           float *dd_part, SSD_DIMS_PARAMS, int softplus) {                         \
+        ssd_ddt<T>(dt, A, dbias, dts, ydot, W, xdy, ee, ddt, da_part, dbias_part, dd_part, SSD_DIMS, softplus);      \
+    }                                                                                                         \
+    extern "C" __global__ void ssd_sum_##S(const float *part, T *out, u64 parts, u64 M) {                     \
+        ssd_sum<T>(part, out, parts, M);                                                                      \
+    }                                                                                                         \
+    extern "C" __global__ void ssd_state_update_##S(                                                          \
+        const T *state, const T *x, const T *dt, const T *A, const T *Bm, const T *Cm, const T *Dv,           \
+        const T *dbias, T *y, T *state_out, u64 batch, u64 H, u64 P, u64 G, u64 N, int softplus) {            \
+        ssd_update<T>(state, x, dt, A, Bm, Cm, Dv, dbias, y, state_out, batch, H, P, G, N, softplus);         \
+    }
+
+SSD_ENTRIES(float, f32)
+SSD_ENTRIES(bf16, bf16)
+SSD_ENTRIES(f16, f16)
