@@ -57,13 +57,6 @@ impl MambaBlock {
         let (y, cache) = self.mixer.forward_with_state(&self.norm.forward(x)?)?;
         Ok((x.add(&y)?, cache))
     }
-
-    /// One token in recurrent mode: `x [B, hidden] -> [B, hidden]` after the tokens `cache`
-    /// summarises; returns the output and the state after `x`.
-    pub fn step(&self, x: &Tensor, cache: &LayerCache) -> Result<(Tensor, LayerCache)> {
-        let (y, cache) = self.mixer.step(&self.norm.forward_tensor(x)?, cache)?;
-        Ok((x.add(&y)?, cache))
-    }
 }
 
 /// The output head: the embedding table (tied) or its own weight.
@@ -214,14 +207,19 @@ impl MambaLm {
                 ),
             });
         }
-        let mut x = embed.clone();
+        // Each block adds its mixer's output to the residual stream; that add and the next
+        // norm (the next block's, or the final one) run as one fused op.
+        let mut residual = embed.clone();
+        let first_norm = self.blocks.first().map_or(&self.norm_f, |b| &b.norm);
+        let mut normed = first_norm.forward_tensor(&residual)?;
         let mut layers = Vec::with_capacity(self.blocks.len());
-        for (block, state) in self.blocks.iter().zip(&cache.layers) {
-            let (y, state) = block.step(&x, state)?;
-            x = y;
+        for (i, (block, state)) in self.blocks.iter().zip(&cache.layers).enumerate() {
+            let (y, state) = block.mixer.step(&normed, state)?;
+            let next_norm = self.blocks.get(i + 1).map_or(&self.norm_f, |b| &b.norm);
+            (normed, residual) = next_norm.add_forward_tensor(&y, &residual)?;
             layers.push(state);
         }
-        let logits = self.logits_of(&self.norm_f.forward_tensor(&x)?)?;
+        let logits = self.logits_of(&normed)?;
         cache.layers = layers;
         Ok(logits)
     }

@@ -28,6 +28,12 @@ impl RmsNorm {
     pub fn forward_tensor(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.rms_norm(self.weight.value(), self.eps)?)
     }
+
+    /// The residual stream `x + residual` and its normalisation, `(normed, sum)`, on plain
+    /// tensors (one fused kernel on a GPU), for inference.
+    pub fn add_forward_tensor(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(x.add_rms_norm(residual, self.weight.value(), self.eps)?)
+    }
 }
 
 /// `(x - mean) / std · w + b`.

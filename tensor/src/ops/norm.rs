@@ -7,7 +7,7 @@ use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
-use cuda::kernels::{LayerNormGrads, NormSpec, RmsNormGrads};
+use cuda::kernels::{LayerNormGrads, NormSpec, Residual, RmsNormGrads};
 use num_traits::Zero;
 use rayon::prelude::*;
 
@@ -128,26 +128,33 @@ fn spec(x: &Tensor, d: usize, eps: f64) -> NormSpec {
 /// `rms_norm` (no bias) or `layer_norm` (`layer`) forward on a CUDA device.
 fn norm_cuda(
     gpu: &Gpu,
-    x: &Tensor,
+    (x, residual): (&Tensor, Option<&Tensor>),
     weight: &Tensor,
     bias: Option<&Tensor>,
     eps: f64,
     layer: bool,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let d = weight.numel();
     let (xp, w) = (gpu.packed(x)?, gpu.packed(weight)?);
     let b = bias.map(|b| gpu.packed(b)).transpose()?;
+    let r = residual.map(|r| gpu.packed(r)).transpose()?;
     cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
-        let mut y = gpu.alloc::<T>(xp.numel())?;
+        let n = xp.numel();
+        let mut y = gpu.alloc::<T>(n)?;
+        let mut sum = r.as_ref().map(|_| gpu.alloc::<T>(n)).transpose()?;
+        let fused = r.as_ref().zip(sum.as_mut()).map(|(r, sum_out)| Residual {
+            input: r.cuda_buffer::<T>(),
+            sum_out,
+        });
         let (xb, wb) = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>());
         let launched = if layer {
             let bb = b.as_ref().map(|b| b.cuda_buffer::<T>());
-            gpu.dev.layer_norm(xb, None, wb, bb, &mut y, spec(&xp, d, eps))
+            gpu.dev.layer_norm(xb, fused, wb, bb, &mut y, spec(&xp, d, eps))
         } else {
-            gpu.dev.rms_norm(xb, None, wb, &mut y, spec(&xp, d, eps))
+            gpu.dev.rms_norm(xb, fused, wb, &mut y, spec(&xp, d, eps))
         };
         gpu.check(launched)?;
-        Ok(gpu.tensor(y, x.shape()))
+        Ok((gpu.tensor(y, x.shape()), sum.map(|s| gpu.tensor(s, x.shape()))))
     })
 }
 
@@ -211,7 +218,7 @@ impl Tensor {
     pub fn rms_norm(&self, weight: &Tensor, eps: f64) -> Result<Tensor> {
         let d = check("rms_norm", self, &[weight])?;
         if let Some(gpu) = Gpu::of("rms_norm", &[self, weight])? {
-            return norm_cuda(&gpu, self, weight, None, eps, false);
+            return Ok(norm_cuda(&gpu, (self, None), weight, None, eps, false)?.0);
         }
         float_dispatch!("rms_norm", self.dtype(), T => {
             let w = widen::<T>(weight);
@@ -261,7 +268,7 @@ impl Tensor {
         let mut operands = vec![self, weight];
         operands.extend(bias);
         if let Some(gpu) = Gpu::of("layer_norm", &operands)? {
-            return norm_cuda(&gpu, self, weight, bias, eps, true);
+            return Ok(norm_cuda(&gpu, (self, None), weight, bias, eps, true)?.0);
         }
         float_dispatch!("layer_norm", self.dtype(), T => {
             let w = widen::<T>(weight);
@@ -274,6 +281,60 @@ impl Tensor {
                 }
             }))
         })
+    }
+
+    /// `rms_norm(self + residual)` and the sum itself (the new residual stream), the sum
+    /// rounded to the dtype before it is normalised, as the two ops one after the other; a
+    /// single pass on a GPU. `residual` has `self`'s shape and dtype.
+    pub fn add_rms_norm(&self, residual: &Tensor, weight: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+        self.add_norm("add_rms_norm", residual, weight, None, eps, false)
+    }
+
+    /// `layer_norm(self + residual)` and the sum, as [`Tensor::add_rms_norm`].
+    pub fn add_layer_norm(
+        &self,
+        residual: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        self.add_norm("add_layer_norm", residual, weight, bias, eps, true)
+    }
+
+    /// The residual add followed by RMSNorm or (`layer`) LayerNorm.
+    fn add_norm(
+        &self,
+        op: &'static str,
+        residual: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        eps: f64,
+        layer: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        if residual.shape() != self.shape() {
+            return shape_err(
+                op,
+                format!("input {:?} vs residual {:?}", self.shape(), residual.shape()),
+            );
+        }
+        self.check_same_dtype(op, residual)?;
+        check(op, self, &[weight])?;
+        if let Some(b) = bias {
+            check(op, self, &[b])?;
+        }
+        let mut operands = vec![self, residual, weight];
+        operands.extend(bias);
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            let (y, sum) = norm_cuda(&gpu, (self, Some(residual)), weight, bias, eps, layer)?;
+            return Ok((y, sum.expect("a residual was given")));
+        }
+        let sum = self.add(residual)?;
+        let y = if layer {
+            sum.layer_norm(weight, bias, eps)?
+        } else {
+            sum.rms_norm(weight, eps)?
+        };
+        Ok((y, sum))
     }
 
     /// Backward of `layer_norm` with `self` = x and `grad` = dL/dy (shape and dtype of x):
@@ -473,5 +534,25 @@ mod tests {
         let s = 1.25f64.sqrt();
         let want_dw = [-1.5, -0.5, 0.5, 1.5].map(|v| 300.0 * v / s);
         assert!(close(&dw.to_vec_f64(), &want_dw, 2.0), "{dw:?}");
+    }
+
+    #[test]
+    fn the_residual_add_comes_first_and_is_returned() {
+        let x = Tensor::from_vec(vec![1.0f64, 2.0, -1.0, 0.5, 3.0, -2.0], &[2, 3]).unwrap();
+        let r = Tensor::from_vec(vec![0.5f64, -1.0, 2.0, 1.5, 0.0, 1.0], &[2, 3]).unwrap();
+        let w = Tensor::from_vec(vec![1.0f64, 0.5, 2.0], &[3]).unwrap();
+        let b = Tensor::from_vec(vec![0.1f64, 0.2, 0.3], &[3]).unwrap();
+        let sum = [1.5, 1.0, 1.0, 2.0, 3.0, -1.0];
+        let (y, s) = x.add_rms_norm(&r, &w, 1e-6).unwrap();
+        assert_eq!(s.to_vec_f64(), sum);
+        let h = Tensor::from_vec(sum.to_vec(), &[2, 3]).unwrap();
+        assert_eq!(y.to_vec_f64(), h.rms_norm(&w, 1e-6).unwrap().to_vec_f64());
+        let (y, _) = x.add_layer_norm(&r, &w, Some(&b), 1e-6).unwrap();
+        assert_eq!(
+            y.to_vec_f64(),
+            h.layer_norm(&w, Some(&b), 1e-6).unwrap().to_vec_f64()
+        );
+        let err = x.add_rms_norm(&w, &w, 1e-6).unwrap_err().to_string();
+        assert!(err.contains("residual [3]"), "{err}");
     }
 }
