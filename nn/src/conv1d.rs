@@ -85,12 +85,6 @@ impl CausalConv1d {
             });
         }
         let (weight, bias) = self.params()?;
-        let window = Tensor::concat(&[state, &x.unsqueeze(2)?], 2)?; // [B, C, K]
-        let y = window.mul(&weight)?.sum(&[2], false)?;
-        let y = match bias {
-            Some(b) => y.add(&b)?,
-            None => y,
-        };
-        Ok((y, window.narrow(2, 1, self.kernel - 1)?.contiguous()))
+        Ok(state.conv1d_step(x, &weight, bias.as_ref())?)
     }
 }

@@ -67,6 +67,35 @@ fn conv_backward_cuda(
     })
 }
 
+/// `conv1d_step` on a CUDA device: the state is copied, then rolled in place by the kernel.
+fn step_cuda(
+    gpu: &Gpu,
+    state: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (sp, xp, w) = (gpu.packed(state)?, gpu.packed(x)?, gpu.packed(weight)?);
+    let b = bias.map(|b| gpu.packed(b)).transpose()?;
+    let (batch, channels, kernel) = (state.dim(0), state.dim(1), weight.dim(1));
+    let spec = ConvSpec {
+        batch,
+        channels,
+        len: 1,
+        kernel,
+        silu: false,
+    };
+    cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
+        let mut rolled = gpu.alloc::<T>(sp.numel())?;
+        gpu.check(gpu.dev.copy(sp.cuda_buffer::<T>(), &mut rolled))?;
+        let mut y = gpu.alloc::<T>(batch * channels)?;
+        let bb = b.as_ref().map(|b| b.cuda_buffer::<T>());
+        let (xb, wb) = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>());
+        gpu.check(gpu.dev.conv1d_update(&mut rolled, xb, wb, bb, &mut y, spec))?;
+        Ok((gpu.tensor(y, &[batch, channels]), gpu.tensor(rolled, state.shape())))
+    })
+}
+
 impl Tensor {
     /// Causal depthwise convolution of `self` = x `[B, C, L]` with `weight` `[C, K]` and an
     /// optional `bias` `[C]`, all of one float dtype:
@@ -109,6 +138,66 @@ impl Tensor {
                 });
             }
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), self.shape()))
+        })
+    }
+
+    /// One decoding step of `conv1d_causal_depthwise`: `self` = state `[B, C, K-1]` holds the
+    /// previous K-1 inputs of each channel, `x` `[B, C]` is the next one. Returns
+    /// `y[b,c] = bias[c] + Σ_k weight[c,k] · [state, x][b,c,k]` `[B, C]`, computed in the compute
+    /// type and rounded once, and the state after `x` (shifted left by one, ending with `x`).
+    /// Stepping through a sequence gives the outputs of the full convolution.
+    pub fn conv1d_step(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let op = "conv1d_step";
+        let (b, c, keep) = match self.shape() {
+            &[b, c, keep] => (b, c, keep),
+            other => return shape_err(op, format!("needs state [B, C, K-1], got {other:?}")),
+        };
+        if x.shape() != [b, c] || weight.shape() != [c, keep + 1] || bias.is_some_and(|t| t.shape() != [c]) {
+            return shape_err(
+                op,
+                format!(
+                    "state {:?} needs x [{b}, {c}], weight [{c}, {}] and bias [{c}], got x {:?}, weight {:?}, bias {:?}",
+                    self.shape(),
+                    keep + 1,
+                    x.shape(),
+                    weight.shape(),
+                    bias.map(Tensor::shape)
+                ),
+            );
+        }
+        let mut operands = vec![self, x, weight];
+        operands.extend(bias);
+        for t in &operands[1..] {
+            self.check_same_dtype(op, t)?;
+        }
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            return step_cuda(&gpu, self, x, weight, bias);
+        }
+        let k = keep + 1;
+        let (state, x, w) = (self.contiguous(), x.contiguous(), weight.contiguous());
+        float_dispatch!(op, self.dtype(), T => {
+            type A = <T as FloatElement>::Acc;
+            let (ss, xs, ws) = (state.contiguous_slice::<T>(), x.contiguous_slice::<T>(), w.contiguous_slice::<T>());
+            let bs: Option<Vec<A>> = bias.map(|t| t.to_vec_f64().into_iter().map(A::lit).collect());
+            let mut y = Vec::with_capacity(b * c);
+            let mut rolled = Vec::with_capacity(ss.len());
+            for row in 0..b * c {
+                let ch = row % c;
+                let window = ss[row * keep..(row + 1) * keep].iter().chain(std::iter::once(&xs[row]));
+                let b0 = bs.as_ref().map_or(A::zero(), |bv| bv[ch]);
+                let taps = window.clone().zip(&ws[ch * k..(ch + 1) * k]);
+                y.push(T::from_acc(b0 + taps.map(|(v, wv)| wv.to_acc() * v.to_acc()).sum::<A>()));
+                rolled.extend(window.skip(1).copied());
+            }
+            Ok((
+                Tensor::from_cpu(CpuStorage::from_vec(y), &[b, c]),
+                Tensor::from_cpu(CpuStorage::from_vec(rolled), self.shape()),
+            ))
         })
     }
 
@@ -293,5 +382,29 @@ mod tests {
             (dx.shape(), dw.to_vec_f64(), db.to_vec_f64()),
             (&[2, 2, 0][..], vec![0.; 4], vec![0.; 2])
         );
+    }
+
+    #[test]
+    fn stepping_through_a_sequence_gives_the_full_convolution() {
+        let (b, c, l, k) = (2, 3, 7, 4);
+        let mut rng = crate::seeded_rng(3);
+        let x = Tensor::randn(&[b, c, l], DType::F32, 0.0, 1.0, &mut rng).unwrap();
+        let w = Tensor::randn(&[c, k], DType::F32, 0.0, 1.0, &mut rng).unwrap();
+        let bias = Tensor::randn(&[c], DType::F32, 0.0, 1.0, &mut rng).unwrap();
+        let full = x.conv1d_causal_depthwise(&w, Some(&bias)).unwrap();
+        let mut state = Tensor::zeros(&[b, c, k - 1], DType::F32);
+        for t in 0..l {
+            let xt = x.narrow(2, t, 1).unwrap().reshape(&[b, c]).unwrap();
+            let (y, next) = state.conv1d_step(&xt, &w, Some(&bias)).unwrap();
+            let want = full.narrow(2, t, 1).unwrap().reshape(&[b, c]).unwrap();
+            // The same taps in the same order (zeros for the steps before the start): exact.
+            assert_eq!(y.to_vec_f64(), want.to_vec_f64(), "step {t}");
+            state = next;
+        }
+        // The state holds the last K-1 inputs.
+        let last = x.narrow(2, l - (k - 1), k - 1).unwrap();
+        assert_eq!(state.to_vec_f64(), last.to_vec_f64());
+        let err = state.conv1d_step(&w, &w, None).unwrap_err().to_string();
+        assert!(err.contains("needs x [2, 3]"), "{err}");
     }
 }
