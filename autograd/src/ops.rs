@@ -230,6 +230,17 @@ impl Var {
         }))
     }
 
+    /// Mamba-2's gated RMSNorm of this `[..., D]` with gate `z` (same shape) and `weight` `[D]`,
+    /// normalised over runs of `group` features (see `Tensor::gated_rms_norm`).
+    pub fn gated_rms_norm(&self, z: &Var, weight: &Var, group: usize, eps: f64) -> Result<Var> {
+        let (x, zv, w) = (self.value().clone(), z.value().clone(), weight.value().clone());
+        let y = x.gated_rms_norm(&zv, &w, group, eps)?;
+        Ok(Var::record(y, &[self, z, weight], move |g, _| {
+            let (dx, dz, dw) = x.gated_rms_norm_backward(&zv, &w, g, group, eps)?;
+            Ok(vec![Some(dx), Some(dz), Some(dw)])
+        }))
+    }
+
     /// Rows of this `[V, D]` table picked by u32 `ids`.
     pub fn embedding(&self, ids: &Tensor) -> Result<Var> {
         let w = self.value().clone();

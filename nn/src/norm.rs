@@ -87,34 +87,11 @@ impl GatedRmsNorm {
 
     /// `x`, `z`: `[..., dim]`.
     pub fn forward(&self, x: &Var, z: &Var) -> Result<Var> {
-        let gated = x.mul(&z.silu()?)?;
-        let (shape, grouped, ones) = self.grouping(gated.value())?;
-        let normed = gated
-            .reshape(&grouped)?
-            .rms_norm(&Var::constant(ones), self.eps)?
-            .reshape(&shape)?;
-        Ok(normed.mul(&self.weight)?)
+        Ok(x.gated_rms_norm(z, &self.weight, self.group_size, self.eps)?)
     }
 
     /// [`GatedRmsNorm::forward`] on plain tensors (no graph), for inference.
     pub fn forward_tensor(&self, x: &Tensor, z: &Tensor) -> Result<Tensor> {
-        let gated = x.mul(&z.silu()?)?;
-        let (shape, grouped, ones) = self.grouping(&gated)?;
-        let normed = gated
-            .reshape(&grouped)?
-            .rms_norm(&ones, self.eps)?
-            .reshape(&shape)?;
-        Ok(normed.mul(self.weight.value())?)
-    }
-
-    /// The shape of `gated`, that shape with the last axis split into groups, and the unit
-    /// weight of the per-group RMS norm (on `gated`'s device).
-    fn grouping(&self, gated: &Tensor) -> Result<(Vec<usize>, Vec<usize>, Tensor)> {
-        let shape = gated.shape().to_vec();
-        let dim = shape[shape.len() - 1];
-        let mut grouped = shape[..shape.len() - 1].to_vec();
-        grouped.extend([dim / self.group_size, self.group_size]);
-        let ones = Tensor::ones_on(&[self.group_size], gated.dtype(), gated.device())?;
-        Ok((shape, grouped, ones))
+        Ok(x.gated_rms_norm(z, self.weight.value(), self.group_size, self.eps)?)
     }
 }

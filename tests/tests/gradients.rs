@@ -122,6 +122,14 @@ proptest! {
     }
 
     #[test]
+    fn gated_rms_norm(rows in 1usize..4, groups in 1usize..4, group in 2usize..5, seed in any::<u64>()) {
+        let d = groups * group;
+        let x = random_f64(&[rows, d], -2.0, 2.0, seed);
+        let z = random_f64(&[rows, d], -2.0, 2.0, seed ^ 1);
+        check(|v| v[0].gated_rms_norm(&v[1], &v[2], group, 1e-5), &[x, z, random_f64(&[d], 0.5, 1.5, seed ^ 2)])?;
+    }
+
+    #[test]
     fn layer_norm_with_and_without_bias(s in shape(3, 5), seed in any::<u64>()) {
         let d = *s.last().unwrap();
         // With two features the normalised row is always ±1 and dx vanishes up to eps: too

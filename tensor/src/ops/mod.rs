@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod binary;
 pub mod conv;
 pub(crate) mod elementwise;
+pub mod gated_norm;
 pub mod index;
 pub mod loss;
 pub mod matmul;

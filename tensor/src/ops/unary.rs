@@ -126,7 +126,8 @@ impl UnaryOp {
     }
 }
 
-fn sigmoid<A: Real>(x: A) -> A {
+/// The logistic function 1 / (1 + e^-x).
+pub(crate) fn sigmoid<A: Real>(x: A) -> A {
     // Two branches so that exp never overflows.
     if x >= A::zero() {
         A::one() / (A::one() + (-x).exp())
