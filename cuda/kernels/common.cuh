@@ -89,6 +89,14 @@ __device__ __forceinline__ void broadcast_offsets(const Broadcast &l, u64 i, int
 
 __device__ __forceinline__ u64 global_thread() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ u64 grid_threads() { return (u64)gridDim.x * blockDim.x; }
+// The same for whole warps (blockDim.x a multiple of 32): this warp's index and the grid's warps.
+__device__ __forceinline__ u64 global_warp() { return (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+__device__ __forceinline__ u64 grid_warps() { return (u64)gridDim.x * (blockDim.x >> 5); }
+
+// p[i] widened to f32, or 0 for an absent (null) operand.
+template <typename T> __device__ __forceinline__ float value_or_zero(const T *p, u64 i) {
+    return p != nullptr ? to_float(p[i]) : 0.f;
+}
 
 // ---- 16-byte vectors ---------------------------------------------------------------------
 template <typename T> struct __align__(16) Pack {
@@ -178,6 +186,16 @@ template <typename V, typename Op> __device__ V block_reduce(V v, V identity, Op
 
 __device__ __forceinline__ float block_sum(float v) { return block_reduce(v, 0.f, SumOp()); }
 
+// out[m] = sum over p of part[p * M + m], in order of p, rounded to T: the fixed-order sum of
+// per-part partial results (one thread per m).
+template <typename T> __device__ void sum_parts(const float *part, T *out, u64 parts, u64 M) {
+    for (u64 m = global_thread(); m < M; m += grid_threads()) {
+        float s = 0.f;
+        for (u64 p = 0; p < parts; ++p) s += part[p * M + m];
+        out[m] = from_float<T>(s);
+    }
+}
+
 // A running maximum and the sum of exp(x - maximum): the state of an online softmax.
 struct MaxSum {
     float m;
@@ -233,6 +251,29 @@ __device__ __forceinline__ float silu_f(float x) { return x * sigmoid_f(x); }
 __device__ __forceinline__ float silu_grad_f(float x) {
     const float s = sigmoid_f(x);
     return s * (1.f + x * (1.f - s));
+}
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)), as the CPU reference.
+__device__ __forceinline__ float softplus_f(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+
+// ---- Mamba scans ----------------------------------------------------------------------------
+// The step dt of a scan from its raw value (dt or delta, plus the bias): through softplus when
+// asked.
+__device__ __forceinline__ float scan_dt(float raw, int softplus) { return softplus ? softplus_f(raw) : raw; }
+
+// One decoding step of a row of N diagonal states, one warp (lanes over the states): writes
+//   h[n] = exp(dt A[n]) state[n] + dt B[n] x
+// to `state_out` (which may alias `state`) and returns sum_n C[n] h[n] to every lane. `a_stride`
+// steps A over n (0: one A for the whole row). Every lane of the warp must call it.
+template <typename T>
+__device__ __forceinline__ float warp_state_step(const T *state, const T *A, u64 a_stride, const T *Bv, const T *Cv,
+                                                 float dt, float x, u64 N, T *state_out) {
+    float acc = 0.f;
+    for (u64 n = threadIdx.x & 31; n < N; n += 32) {
+        const float h = expf(dt * to_float(A[n * a_stride])) * to_float(state[n]) + dt * to_float(Bv[n]) * x;
+        state_out[n] = from_float<T>(h);
+        acc += to_float(Cv[n]) * h;
+    }
+    return warp_reduce(acc, SumOp());
 }
 
 // Records the first bad index as (position << 32 | value) with atomicMin; the host reads it

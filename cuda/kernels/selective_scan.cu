@@ -16,7 +16,7 @@
 // from the saved chunk-entering state (forward block scan), then runs the reverse scan of
 // R_t = exp(dt_t A) (g_t C_t + R_{t+1}) (the gradient flowing into h_{t-1}), carried across chunks
 // from right to left. du, ddelta, dz are written per row; dA, dD, d(delta_bias) are reduced per
-// row in a fixed order into f32 partials [B, ...] that `scan_sum_parts` sums over the batch;
+// row in a fixed order into f32 partials [B, ...] that `sum_parts` sums over the batch;
 // dB and dC, which sum over channels, are accumulated with f32 atomics into [B, N, L] buffers.
 //
 // `selective_state_update`: one decoding step, one warp per row (b, d), lanes over the states.
@@ -34,9 +34,6 @@
 static_assert(SCAN_CHUNK == SCAN_BWD_THREADS * SCAN_BWD_ITEMS, "one chunk size");
 
 #define FULL_MASK 0xffffffffu
-
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)), as the CPU reference.
-__device__ __forceinline__ float scan_softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
 
 // The affine map h -> a h + b.
 struct Affine {
@@ -142,8 +139,30 @@ __device__ __forceinline__ void steps(const float *delta, float bias, int softpl
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
         raw[i] = delta[i] + bias;
-        dt[i] = t0 + i < len ? (softplus ? scan_softplus(raw[i]) : raw[i]) : 0.f;
+        dt[i] = t0 + i < len ? scan_dt(raw[i], softplus) : 0.f;
     }
+}
+
+// State n at a thread's ITEMS steps: B and C, and the map h -> decay h + input of every step.
+template <int ITEMS> struct StateSteps {
+    float b[ITEMS], c[ITEMS], decay[ITEMS], input[ITEMS];
+};
+
+// Loads B and C of state n (rows `Brow`, `Crow`) at the ITEMS steps from `t0` and forms each
+// step's map: decay = exp(dt A_n), input = dt B u. Returns the maps composed in step order.
+template <typename T, int ITEMS>
+__device__ __forceinline__ Affine state_steps(StateSteps<ITEMS> &s, const T *Brow, const T *Crow, u64 t0, u64 len,
+                                              const float *dt, const float *u, float an) {
+    load_items<T, ITEMS>(Brow, t0, len, s.b);
+    load_items<T, ITEMS>(Crow, t0, len, s.c);
+    Affine agg{1.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        s.decay[i] = expf(dt[i] * an);
+        s.input[i] = dt[i] * s.b[i] * u[i];
+        agg = compose(agg, Affine{s.decay[i], s.input[i]});
+    }
+    return agg;
 }
 
 template <typename T>
@@ -160,8 +179,7 @@ __device__ void scan_forward(const T *u, const T *delta, const T *A, const T *Bm
         const u64 b = row / D, d = row % D;
         for (u64 n = tid; n < N; n += blockDim.x) carry[0][n] = 0.f;
         __syncthreads();
-        const float skip = Dv != nullptr ? to_float(Dv[d]) : 0.f;
-        const float bias = dbias != nullptr ? to_float(dbias[d]) : 0.f;
+        const float skip = value_or_zero(Dv, d), bias = value_or_zero(dbias, d);
         for (u64 c = 0; c < chunks; ++c) {
             const u64 t0 = c * SCAN_CHUNK + (u64)tid * ITEMS;
             float uv[ITEMS], dt[ITEMS], acc[ITEMS], raw[ITEMS];
@@ -171,17 +189,9 @@ __device__ void scan_forward(const T *u, const T *delta, const T *A, const T *Bm
 #pragma unroll
             for (int i = 0; i < ITEMS; ++i) acc[i] = 0.f;
             for (u64 n = 0; n < N; ++n) {
-                const float an = to_float(A[d * N + n]);
-                float bv[ITEMS], cv[ITEMS], decay[ITEMS], inp[ITEMS];
-                load_items<T, ITEMS>(Bm + (b * N + n) * L, t0, L, bv);
-                load_items<T, ITEMS>(Cm + (b * N + n) * L, t0, L, cv);
-                Affine agg{1.f, 0.f};
-#pragma unroll
-                for (int i = 0; i < ITEMS; ++i) {
-                    decay[i] = expf(dt[i] * an);
-                    inp[i] = dt[i] * bv[i] * uv[i];
-                    agg = compose(agg, Affine{decay[i], inp[i]});
-                }
+                StateSteps<ITEMS> st;
+                const Affine agg = state_steps<T, ITEMS>(st, Bm + (b * N + n) * L, Cm + (b * N + n) * L, t0, L, dt,
+                                                         uv, to_float(A[d * N + n]));
                 const float h0 = carry[c & 1][n];
                 if (tid == 0 && chunk_states != nullptr) chunk_states[(row * chunks + c) * N + n] = h0;
                 float end;
@@ -189,8 +199,8 @@ __device__ void scan_forward(const T *u, const T *delta, const T *A, const T *Bm
                 ++it;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
-                    h = decay[i] * h + inp[i];
-                    acc[i] += cv[i] * h;
+                    h = st.decay[i] * h + st.input[i];
+                    acc[i] += st.c[i] * h;
                 }
                 if (tid == 0) carry[(c + 1) & 1][n] = end;
             }
@@ -232,8 +242,7 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
             for (int w = 0; w < WARPS; ++w) da_warp[w][n] = 0.f;
         }
         __syncthreads();
-        const float skip = Dv != nullptr ? to_float(Dv[d]) : 0.f;
-        const float bias = dbias != nullptr ? to_float(dbias[d]) : 0.f;
+        const float skip = value_or_zero(Dv, d), bias = value_or_zero(dbias, d);
         float dd_acc = 0.f, dbias_acc = 0.f;
         for (u64 k = 0; k < chunks; ++k) {
             const u64 c = chunks - 1 - k;
@@ -255,16 +264,10 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
             }
             for (u64 n = 0; n < N; ++n) {
                 const float an = to_float(A[d * N + n]);
-                float bv[ITEMS], cv[ITEMS], decay[ITEMS], hprev[ITEMS];
-                load_items<T, ITEMS>(Bm + (b * N + n) * L, t0, L, bv);
-                load_items<T, ITEMS>(Cm + (b * N + n) * L, t0, L, cv);
+                StateSteps<ITEMS> st;
+                float hprev[ITEMS];
                 // The states of the chunk, from the one saved at its start.
-                Affine agg{1.f, 0.f};
-#pragma unroll
-                for (int i = 0; i < ITEMS; ++i) {
-                    decay[i] = expf(dt[i] * an);
-                    agg = compose(agg, Affine{decay[i], dt[i] * bv[i] * uv[i]});
-                }
+                Affine agg = state_steps<T, ITEMS>(st, Bm + (b * N + n) * L, Cm + (b * N + n) * L, t0, L, dt, uv, an);
                 float end;
                 float h = block_scan<WARPS, false>(agg, chunk_states[(row * chunks + c) * N + n], tot[it & 1], end);
                 ++it;
@@ -273,14 +276,14 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
                     hprev[i] = h;
-                    h = decay[i] * h + dt[i] * bv[i] * uv[i];
-                    y0[i] += cv[i] * h;
+                    h = st.decay[i] * h + st.input[i];
+                    y0[i] += st.c[i] * h;
                     if (t0 + i < L) atomicAdd(dc_row + t0 + i, g0[i] * h);
                 }
                 // R_t = decay_t (g_t C_t + R_{t+1}), scanned from the right.
                 agg = Affine{1.f, 0.f};
 #pragma unroll
-                for (int i = ITEMS - 1; i >= 0; --i) agg = compose(agg, Affine{decay[i], decay[i] * g0[i] * cv[i]});
+                for (int i = ITEMS - 1; i >= 0; --i) agg = compose(agg, Affine{st.decay[i], st.decay[i] * g0[i] * st.c[i]});
                 const float r0 = rcarry[k & 1][n];
                 float r = block_scan<WARPS, true>(agg, r0, tot[it & 1], end);
                 ++it;
@@ -288,12 +291,12 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
                 float da = 0.f;
 #pragma unroll
                 for (int i = ITEMS - 1; i >= 0; --i) {
-                    const float g = g0[i] * cv[i] + r; // dL/dh_t
-                    ddt_acc[i] += g * (an * decay[i] * hprev[i] + bv[i] * uv[i]);
-                    da += g * dt[i] * decay[i] * hprev[i];
-                    du_acc[i] += g * dt[i] * bv[i];
+                    const float g = g0[i] * st.c[i] + r; // dL/dh_t
+                    ddt_acc[i] += g * (an * st.decay[i] * hprev[i] + st.b[i] * uv[i]);
+                    da += g * dt[i] * st.decay[i] * hprev[i];
+                    du_acc[i] += g * dt[i] * st.b[i];
                     if (t0 + i < L) atomicAdd(db_row + t0 + i, g * dt[i] * uv[i]);
-                    r = decay[i] * g;
+                    r = st.decay[i] * g;
                 }
                 da = warp_reduce(da, SumOp());
                 if (lane == 0) da_warp[warp][n] += da;
@@ -328,66 +331,48 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
     }
 }
 
-// out[m] = sum over p of part[p * M + m], in order of p, rounded to T.
-template <typename T> __device__ void sum_parts(const float *part, T *out, u64 parts, u64 M) {
-    for (u64 m = global_thread(); m < M; m += grid_threads()) {
-        float s = 0.f;
-        for (u64 p = 0; p < parts; ++p) s += part[p * M + m];
-        out[m] = from_float<T>(s);
-    }
-}
-
 // One decoding step per row (b, d), one warp each: the new state [B, D, N] (may alias `state`) and
 // y [B, D].
 template <typename T>
 __device__ void state_update(const T *state, const T *x, const T *dt_in, const T *A, const T *Bm, const T *Cm,
                              const T *Dv, const T *z, const T *dbias, T *y, T *state_out, u64 batch, u64 D, u64 N,
                              int softplus) {
-    const int lane = threadIdx.x & 31;
-    const u64 warps = (u64)gridDim.x * (blockDim.x >> 5);
-    for (u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < batch * D; row += warps) {
+    for (u64 row = global_warp(); row < batch * D; row += grid_warps()) {
         const u64 b = row / D, d = row % D;
-        const float raw = to_float(dt_in[row]) + (dbias != nullptr ? to_float(dbias[d]) : 0.f);
-        const float dt = softplus ? scan_softplus(raw) : raw;
+        const float dt = scan_dt(to_float(dt_in[row]) + value_or_zero(dbias, d), softplus);
         const float xv = to_float(x[row]);
-        float acc = 0.f;
-        for (u64 n = lane; n < N; n += 32) {
-            const float h = expf(dt * to_float(A[d * N + n])) * to_float(state[row * N + n]) +
-                            dt * to_float(Bm[b * N + n]) * xv;
-            state_out[row * N + n] = from_float<T>(h);
-            acc += to_float(Cm[b * N + n]) * h;
-        }
-        acc = warp_reduce(acc, SumOp());
-        if (lane == 0) {
-            float out = acc + (Dv != nullptr ? to_float(Dv[d]) : 0.f) * xv;
+        const float acc =
+            warp_state_step(state + row * N, A + d * N, 1, Bm + b * N, Cm + b * N, dt, xv, N, state_out + row * N);
+        if ((threadIdx.x & 31) == 0) {
+            float out = acc + value_or_zero(Dv, d) * xv;
             if (z != nullptr) out *= silu_f(to_float(z[row]));
             y[row] = from_float<T>(out);
         }
     }
 }
 
-#define SCAN_ENTRIES(T, S)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(SCAN_FWD_THREADS)                                          \
-        selective_scan_fwd_##S(const T *u, const T *delta, const T *A, const T *Bm, const T *Cm,            \
-                               const T *Dv, const T *z, const T *dbias, T *y, T *last, float *chunk_states, \
-                               u64 batch, u64 D, u64 L, u64 N, int softplus) {                              \
+#define SCAN_ENTRIES(T, S)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(SCAN_FWD_THREADS)                                           \
+        selective_scan_fwd_##S(const T *u, const T *delta, const T *A, const T *Bm, const T *Cm,             \
+                               const T *Dv, const T *z, const T *dbias, T *y, T *last, float *chunk_states,  \
+                               u64 batch, u64 D, u64 L, u64 N, int softplus) {                               \
         scan_forward<T>(u, delta, A, Bm, Cm, Dv, z, dbias, y, last, chunk_states, batch, D, L, N, softplus); \
-    }                                                                                                       \
-    extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) selective_scan_bwd_##S(                  \
-        const T *u, const T *delta, const T *A, const T *Bm, const T *Cm, const T *Dv, const T *z,          \
-        const T *dbias, const T *dout, const float *chunk_states, T *du, T *ddelta, T *dz, float *da_part,  \
-        float *dd_part, float *dbias_part, float *dB, float *dC, u64 batch, u64 D, u64 L, u64 N,            \
-        int softplus) {                                                                                     \
-        scan_backward<T>(u, delta, A, Bm, Cm, Dv, z, dbias, dout, chunk_states, du, ddelta, dz, da_part,    \
-                         dd_part, dbias_part, dB, dC, batch, D, L, N, softplus);                            \
-    }                                                                                                       \
-    extern "C" __global__ void scan_sum_parts_##S(const float *part, T *out, u64 parts, u64 M) {            \
-        sum_parts<T>(part, out, parts, M);                                                                  \
-    }                                                                                                       \
-    extern "C" __global__ void selective_state_update_##S(                                                  \
-        const T *state, const T *x, const T *dt, const T *A, const T *Bm, const T *Cm, const T *Dv,         \
-        const T *z, const T *dbias, T *y, T *state_out, u64 batch, u64 D, u64 N, int softplus) {            \
-        state_update<T>(state, x, dt, A, Bm, Cm, Dv, z, dbias, y, state_out, batch, D, N, softplus);        \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(SCAN_BWD_THREADS) selective_scan_bwd_##S(                   \
+        const T *u, const T *delta, const T *A, const T *Bm, const T *Cm, const T *Dv, const T *z,           \
+        const T *dbias, const T *dout, const float *chunk_states, T *du, T *ddelta, T *dz, float *da_part,   \
+        float *dd_part, float *dbias_part, float *dB, float *dC, u64 batch, u64 D, u64 L, u64 N,             \
+        int softplus) {                                                                                      \
+        scan_backward<T>(u, delta, A, Bm, Cm, Dv, z, dbias, dout, chunk_states, du, ddelta, dz, da_part,     \
+                         dd_part, dbias_part, dB, dC, batch, D, L, N, softplus);                             \
+    }                                                                                                        \
+    extern "C" __global__ void sum_parts_##S(const float *part, T *out, u64 parts, u64 M) {                  \
+        sum_parts<T>(part, out, parts, M);                                                                   \
+    }                                                                                                        \
+    extern "C" __global__ void selective_state_update_##S(                                                   \
+        const T *state, const T *x, const T *dt, const T *A, const T *Bm, const T *Cm, const T *Dv,          \
+        const T *z, const T *dbias, T *y, T *state_out, u64 batch, u64 D, u64 N, int softplus) {             \
+        state_update<T>(state, x, dt, A, Bm, Cm, Dv, z, dbias, y, state_out, batch, D, N, softplus);         \
     }
 
 SCAN_ENTRIES(float, f32)

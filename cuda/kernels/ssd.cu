@@ -30,8 +30,6 @@
 #define SSD_THREADS 256
 #define SSD_PAD (SSD_TILE + 1)
 
-__device__ __forceinline__ float ssd_softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
-
 // Shared tiles of one k-step of a tile product.
 struct TileSmem {
     float a[SSD_KT][SSD_PAD];
@@ -88,6 +86,16 @@ __device__ __forceinline__ float row_sum16(float v) {
     return v;
 }
 
+// Calls f(row, col, value) for each of the thread's outputs of a tile product: acc[r][c] is the
+// output at row r0 + ty + 16 r, column c0 + tx + 16 c (tx = tid % 16, ty = tid / 16).
+template <typename F> __device__ __forceinline__ void tile_outputs(const float (&acc)[4][4], u64 r0, u64 c0, F f) {
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) f(r0 + ty + 16 * r, c0 + tx + 16 * c, acc[r][c]);
+}
+
 // The problem's shape, passed by value to every kernel.
 struct SsdDims {
     u64 batch, len, heads, head_dim, groups, state;
@@ -100,6 +108,39 @@ __device__ __forceinline__ u64 chunk_len(const SsdDims &m, u64 c) {
     return m.len - t0 < m.chunk ? m.len - t0 : m.chunk;
 }
 
+// s_end of chunk c of head (b, h): the sum of dt A over the whole chunk.
+__device__ __forceinline__ float chunk_total(const SsdDims &m, const float *cum, u64 b, u64 h, u64 c) {
+    return cum[(b * m.heads + h) * m.len + c * m.chunk + chunk_len(m, c) - 1];
+}
+
+// One chunk of one head: (b, c, h) from the flat index (b * nc + c) * H + h, the head's group g,
+// the chunk's first step t0 and its length q, and where step i of the chunk lives in each layout.
+struct HeadChunk {
+    SsdDims m;
+    u64 b, c, h, g, t0, q;
+
+    // Offset of step i's row in an x-like tensor [B, L, H, P] (x, y, dy, dx).
+    __device__ __forceinline__ u64 x_row(u64 i) const { return ((b * m.len + t0 + i) * m.heads + h) * m.head_dim; }
+    // Offset of step i's row of the head's group in a B-like tensor [B, L, G, N] (B, C, dB, dC).
+    __device__ __forceinline__ u64 bc_row(u64 i) const { return ((b * m.len + t0 + i) * m.groups + g) * m.state; }
+    // Offset of step i in a per-step tensor [B, L, H] (dt, ddt, ydot, W, xdy).
+    __device__ __forceinline__ u64 step(u64 i) const { return (b * m.len + t0 + i) * m.heads + h; }
+    // Offset of step i in the f32 scratch [B, H, L] (dts, cum).
+    __device__ __forceinline__ u64 scratch(u64 i) const { return (b * m.heads + h) * m.len + t0 + i; }
+};
+
+__device__ __forceinline__ HeadChunk head_chunk(const SsdDims &m, u64 flat) {
+    HeadChunk k;
+    k.m = m;
+    k.h = flat % m.heads;
+    k.c = flat / m.heads % m.chunks;
+    k.b = flat / (m.heads * m.chunks);
+    k.g = k.h / (m.heads / m.groups);
+    k.t0 = k.c * m.chunk;
+    k.q = chunk_len(m, k.c);
+    return k;
+}
+
 // Block index split into (outer, tiles_a, tiles_b): returns outer, sets ta, tb.
 __device__ __forceinline__ u64 split_block(u64 blk, u64 tiles_a, u64 tiles_b, u64 &ta, u64 &tb) {
     tb = blk % tiles_b;
@@ -110,6 +151,46 @@ __device__ __forceinline__ u64 split_block(u64 blk, u64 tiles_a, u64 tiles_b, u6
 
 __device__ __forceinline__ u64 tiles(u64 n) { return (n + SSD_TILE - 1) / SSD_TILE; }
 
+// Multiplies the thread's output rows r0 + ty + 16 r of a tile product by exp(cs[row]) (zero past
+// the chunk's q steps): the decay of the incoming state up to each step.
+__device__ __forceinline__ void scale_rows_by_decay(float (&acc)[4][4], u64 r0, u64 q, const float *cs) {
+    const int ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 i = r0 + ty + 16 * r;
+        const float scale = i < q ? expf(cs[i]) : 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] *= scale;
+    }
+}
+
+// acc[i][col] += sum over j <= i of M_ij exp(s_i - s_j) dt_j V_j[col] for the tile's rows i from
+// i0 (of the chunk's q steps): what step i sees of the chunk's own inputs. M [Q, Q] is C.B (the
+// output) or dy.x (dC); fv(j, col) returns V_j at the tile's column, 0 outside the operand.
+template <typename FV>
+__device__ __forceinline__ void add_causal(float (&acc)[4][4], TileSmem &s, const float *M, u64 Q, const float *cs,
+                                           const float *ds, u64 i0, u64 q, FV fv) {
+    auto fa = [&](int r, u64 j) -> float {
+        const u64 i = i0 + r;
+        return i < q && j <= i ? M[i * Q + j] * expf(cs[i] - cs[j]) * ds[j] : 0.f;
+    };
+    const u64 kend = i0 + SSD_TILE < q ? i0 + SSD_TILE : q;
+    tile_gemm<true, false>(acc, 0, kend, s, fa, fv);
+}
+
+// acc[j][col] += sum over i >= j of M_ij exp(s_i - s_j) V_i[col] for the tile's rows j from j0
+// (of the chunk's q steps): what flows back to step j from the chunk's later steps. M [Q, Q] is
+// C.B (dx) or dy.x (dB); fv(i, col) returns V_i at the tile's column, 0 outside the operand.
+template <typename FV>
+__device__ __forceinline__ void add_anticausal(float (&acc)[4][4], TileSmem &s, const float *M, u64 Q,
+                                               const float *cs, u64 j0, u64 q, FV fv) {
+    auto fa = [&](int r, u64 i) -> float {
+        const u64 j = j0 + r;
+        return j < q && i >= j ? M[i * Q + j] * expf(cs[i] - cs[j]) : 0.f;
+    };
+    tile_gemm<false, false>(acc, j0, q, s, fa, fv);
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 // One thread per (b, chunk, h): the steps dt [B, H, L] and the within-chunk cumulative sums of
@@ -118,16 +199,14 @@ template <typename T>
 __device__ void ssd_cumsum(const T *dt_in, const T *A, const T *dbias, float *dts, float *cum, SsdDims m,
                            int softplus) {
     for (u64 e = global_thread(); e < m.batch * m.chunks * m.heads; e += grid_threads()) {
-        const u64 h = e % m.heads, c = e / m.heads % m.chunks, b = e / (m.heads * m.chunks);
-        const float a = to_float(A[h]), bias = dbias != nullptr ? to_float(dbias[h]) : 0.f;
-        const u64 t0 = c * m.chunk, q = chunk_len(m, c), base = (b * m.heads + h) * m.len;
+        const HeadChunk k = head_chunk(m, e);
+        const float a = to_float(A[k.h]), bias = value_or_zero(dbias, k.h);
         float run = 0.f;
-        for (u64 t = t0; t < t0 + q; ++t) {
-            const float raw = to_float(dt_in[(b * m.len + t) * m.heads + h]) + bias;
-            const float v = softplus ? ssd_softplus(raw) : raw;
+        for (u64 i = 0; i < k.q; ++i) {
+            const float v = scan_dt(to_float(dt_in[k.step(i)]) + bias, softplus);
             run += v * a;
-            dts[base + t] = v;
-            cum[base + t] = run;
+            dts[k.scratch(i)] = v;
+            cum[k.scratch(i)] = run;
         }
     }
 }
@@ -153,14 +232,9 @@ __device__ void ssd_bmm(const T *U, const T *V, float *out, u64 NG, u64 K, SsdDi
     };
     tile_gemm<true, true>(acc, 0, K, s, fa, fb);
     float *o = out + outer * m.chunk * m.chunk;
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-            const u64 i = i0 + ty + 16 * r, j = j0 + tx + 16 * cc;
-            if (i < q && j < q) o[i * m.chunk + j] = acc[r][cc];
-        }
+    tile_outputs(acc, i0, j0, [&](u64 i, u64 j, float v) {
+        if (i < q && j < q) o[i * m.chunk + j] = v;
+    });
 }
 
 // Per (b, chunk, h): out[p, n] = sum_j w_j X_j[p] Y_j[n] with X [B, L, H, P], Y [B, L, G, N] and
@@ -170,33 +244,26 @@ template <typename T>
 __device__ void ssd_chunk_state(const T *X, const T *Y, const float *dts, const float *cum, float *out, SsdDims m,
                                 int mode) {
     __shared__ TileSmem s;
+    const u64 P = m.head_dim, N = m.state;
     u64 tp, tn;
-    const u64 outer = split_block(blockIdx.x, tiles(m.head_dim), tiles(m.state), tp, tn); // (b, c, h)
-    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
-    const u64 g = h / (m.heads / m.groups), P = m.head_dim, N = m.state;
-    const u64 t0 = c * m.chunk, q = chunk_len(m, c), p0 = tp * SSD_TILE, n0 = tn * SSD_TILE;
-    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
-    const float end = cs[q - 1];
+    const u64 outer = split_block(blockIdx.x, tiles(P), tiles(N), tp, tn); // (b, c, h)
+    const HeadChunk k = head_chunk(m, outer);
+    const u64 p0 = tp * SSD_TILE, n0 = tn * SSD_TILE;
+    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
+    const float end = cs[k.q - 1];
     float acc[4][4];
     zero_acc(acc);
     auto fa = [&](int r, u64 j) -> float {
         if (p0 + r >= P) return 0.f;
         const float w = mode == 0 ? expf(end - cs[j]) * ds[j] : expf(cs[j]);
-        return w * to_float(X[((b * m.len + t0 + j) * m.heads + h) * P + p0 + r]);
+        return w * to_float(X[k.x_row(j) + p0 + r]);
     };
-    auto fb = [&](u64 j, int col) -> float {
-        return n0 + col < N ? to_float(Y[((b * m.len + t0 + j) * m.groups + g) * N + n0 + col]) : 0.f;
-    };
-    tile_gemm<false, false>(acc, 0, q, s, fa, fb);
+    auto fb = [&](u64 j, int col) -> float { return n0 + col < N ? to_float(Y[k.bc_row(j) + n0 + col]) : 0.f; };
+    tile_gemm<false, false>(acc, 0, k.q, s, fa, fb);
     float *o = out + outer * P * N;
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-            const u64 p = p0 + ty + 16 * r, n = n0 + tx + 16 * cc;
-            if (p < P && n < N) o[p * N + n] = acc[r][cc];
-        }
+    tile_outputs(acc, p0, n0, [&](u64 p, u64 n, float v) {
+        if (p < P && n < N) o[p * N + n] = v;
+    });
 }
 
 // One thread per (b, h, p, n): replaces each chunk's own state S_c in `st` [B, nc, H, P, N] by
@@ -206,13 +273,12 @@ __device__ void ssd_state_pass(float *st, const float *cum, const T *init, T *fi
     const u64 PN = m.head_dim * m.state;
     for (u64 e = global_thread(); e < m.batch * m.heads * PN; e += grid_threads()) {
         const u64 pn = e % PN, h = e / PN % m.heads, b = e / (PN * m.heads);
-        float run = init != nullptr ? to_float(init[e]) : 0.f;
+        float run = value_or_zero(init, e);
         for (u64 c = 0; c < m.chunks; ++c) {
-            const float end = cum[(b * m.heads + h) * m.len + c * m.chunk + chunk_len(m, c) - 1];
             float *slot = st + ((b * m.chunks + c) * m.heads + h) * PN + pn;
             const float own = *slot;
             *slot = run;
-            run = expf(end) * run + own;
+            run = expf(chunk_total(m, cum, b, h, c)) * run + own;
         }
         final_state[e] = from_float<T>(run);
     }
@@ -230,40 +296,24 @@ __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 ti, tp;
     const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(P), ti, tp); // (b, c, h)
-    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
-    const u64 g = h / (m.heads / m.groups);
-    const u64 t0 = c * Q, q = chunk_len(m, c), i0 = ti * SSD_TILE, p0 = tp * SSD_TILE;
+    const HeadChunk k = head_chunk(m, outer);
+    const u64 q = k.q, i0 = ti * SSD_TILE, p0 = tp * SSD_TILE;
     if (i0 >= q) return; // a tile past the end of a short last chunk
-    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
     const float *E = states + outer * P * N;
-    const float *cbm = cb + ((b * m.chunks + c) * m.groups + g) * Q * Q;
+    const float *cbm = cb + ((k.b * m.chunks + k.c) * m.groups + k.g) * Q * Q;
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
     float acc[4][4];
     zero_acc(acc);
-    // The incoming state: C_i . E_c[p, :].
-    auto fa1 = [&](int r, u64 n) -> float {
-        return i0 + r < q ? to_float(C[((b * m.len + t0 + i0 + r) * m.groups + g) * N + n]) : 0.f;
-    };
-    auto fb1 = [&](u64 n, int col) -> float { return p0 + col < P ? E[(p0 + col) * N + n] : 0.f; };
-    tile_gemm<true, true>(acc, 0, N, s, fa1, fb1);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const u64 i = i0 + ty + 16 * r;
-        const float scale = i < q ? expf(cs[i]) : 0.f;
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) acc[r][cc] *= scale;
-    }
+    // The incoming state: C_i . E_c[p, :], decayed to step i.
+    auto fa = [&](int r, u64 n) -> float { return i0 + r < q ? to_float(C[k.bc_row(i0 + r) + n]) : 0.f; };
+    auto fb = [&](u64 n, int col) -> float { return p0 + col < P ? E[(p0 + col) * N + n] : 0.f; };
+    tile_gemm<true, true>(acc, 0, N, s, fa, fb);
+    scale_rows_by_decay(acc, i0, q, cs);
     // The chunk's own inputs.
-    auto fa2 = [&](int r, u64 j) -> float {
-        const u64 i = i0 + r;
-        return i < q && j <= i ? cbm[i * Q + j] * expf(cs[i] - cs[j]) * ds[j] : 0.f;
-    };
-    auto fb2 = [&](u64 j, int col) -> float {
-        return p0 + col < P ? to_float(x[((b * m.len + t0 + j) * m.heads + h) * P + p0 + col]) : 0.f;
-    };
-    const u64 kend = i0 + SSD_TILE < q ? i0 + SSD_TILE : q;
-    tile_gemm<true, false>(acc, 0, kend, s, fa2, fb2);
-    const float skip = Dv != nullptr ? to_float(Dv[h]) : 0.f;
+    add_causal(acc, s, cbm, Q, cs, ds, i0, q,
+               [&](u64 j, int col) -> float { return p0 + col < P ? to_float(x[k.x_row(j) + p0 + col]) : 0.f; });
+    const float skip = value_or_zero(Dv, k.h);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const u64 i = i0 + ty + 16 * r;
@@ -272,7 +322,7 @@ __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *
         for (int cc = 0; cc < 4; ++cc) {
             const u64 p = p0 + tx + 16 * cc;
             if (i < q && p < P) {
-                const u64 at = ((b * m.len + t0 + i) * m.heads + h) * P + p;
+                const u64 at = k.x_row(i) + p;
                 if (mode == 0)
                     y[at] = from_float<T>(acc[r][cc] + skip * to_float(x[at]));
                 else
@@ -281,7 +331,7 @@ __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *
         }
         if (mode == 1) {
             part = row_sum16(part);
-            if (tx == 0 && i < q) atomicAdd(ydot + (b * m.len + t0 + i) * m.heads + h, part);
+            if (tx == 0 && i < q) atomicAdd(ydot + k.step(i), part);
         }
     }
 }
@@ -308,8 +358,7 @@ __device__ void ssd_state_pass_bwd(float *z, const float *st, const float *cum, 
             part = warp_reduce(part, SumOp());
             if ((threadIdx.x & 31) == 0) atomicAdd(ee + (b * m.chunks + c) * m.heads + h, part);
         }
-        const float end = cum[(b * m.heads + h) * m.len + c * m.chunk + chunk_len(m, c) - 1];
-        run = expf(end) * run + own;
+        run = expf(chunk_total(m, cum, b, h, c)) * run + own;
     }
     if (dinit != nullptr && valid) dinit[(b * m.heads + h) * PN + pn] = from_float<T>(run);
 }
@@ -324,34 +373,27 @@ __device__ void ssd_dx(const T *x, const T *Bm, const T *Dv, const T *dy, const 
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 tj, tp;
     const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(P), tj, tp); // (b, c, h)
-    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
-    const u64 g = h / (m.heads / m.groups);
-    const u64 t0 = c * Q, q = chunk_len(m, c), j0 = tj * SSD_TILE, p0 = tp * SSD_TILE;
+    const HeadChunk k = head_chunk(m, outer);
+    const u64 q = k.q, j0 = tj * SSD_TILE, p0 = tp * SSD_TILE;
     if (j0 >= q) return;
-    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
-    const float *cbm = cb + ((b * m.chunks + c) * m.groups + g) * Q * Q;
+    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
+    const float *cbm = cb + ((k.b * m.chunks + k.c) * m.groups + k.g) * Q * Q;
     const float end = cs[q - 1];
     const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
     float acc[4][4];
     zero_acc(acc);
-    auto fa1 = [&](int r, u64 i) -> float {
-        const u64 j = j0 + r;
-        return j < q && i >= j ? cbm[i * Q + j] * expf(cs[i] - cs[j]) : 0.f;
-    };
-    auto fb1 = [&](u64 i, int col) -> float {
-        return p0 + col < P ? to_float(dy[((b * m.len + t0 + i) * m.heads + h) * P + p0 + col]) : 0.f;
-    };
-    tile_gemm<false, false>(acc, j0, q, s, fa1, fb1);
-    if (c + 1 < m.chunks) {
+    add_anticausal(acc, s, cbm, Q, cs, j0, q,
+                   [&](u64 i, int col) -> float { return p0 + col < P ? to_float(dy[k.x_row(i) + p0 + col]) : 0.f; });
+    if (k.c + 1 < m.chunks) {
         const float *dE = dnext + outer * P * N;
-        auto fa2 = [&](int r, u64 n) -> float {
+        auto fa = [&](int r, u64 n) -> float {
             const u64 j = j0 + r;
-            return j < q ? to_float(Bm[((b * m.len + t0 + j) * m.groups + g) * N + n]) * expf(end - cs[j]) : 0.f;
+            return j < q ? to_float(Bm[k.bc_row(j) + n]) * expf(end - cs[j]) : 0.f;
         };
-        auto fb2 = [&](u64 n, int col) -> float { return p0 + col < P ? dE[(p0 + col) * N + n] : 0.f; };
-        tile_gemm<true, true>(acc, 0, N, s, fa2, fb2);
+        auto fb = [&](u64 n, int col) -> float { return p0 + col < P ? dE[(p0 + col) * N + n] : 0.f; };
+        tile_gemm<true, true>(acc, 0, N, s, fa, fb);
     }
-    const float skip = Dv != nullptr ? to_float(Dv[h]) : 0.f;
+    const float skip = value_or_zero(Dv, k.h);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const u64 j = j0 + ty + 16 * r;
@@ -360,7 +402,7 @@ __device__ void ssd_dx(const T *x, const T *Bm, const T *Dv, const T *dy, const 
         for (int cc = 0; cc < 4; ++cc) {
             const u64 p = p0 + tx + 16 * cc;
             if (j < q && p < P) {
-                const u64 at = ((b * m.len + t0 + j) * m.heads + h) * P + p;
+                const u64 at = k.x_row(j) + p;
                 const float xv = to_float(x[at]), gv = to_float(dy[at]);
                 dx[at] = from_float<T>(skip * gv + ds[j] * acc[r][cc]);
                 wpart += xv * acc[r][cc];
@@ -370,9 +412,8 @@ __device__ void ssd_dx(const T *x, const T *Bm, const T *Dv, const T *dy, const 
         wpart = row_sum16(wpart);
         dpart = row_sum16(dpart);
         if (tx == 0 && j < q) {
-            const u64 at = (b * m.len + t0 + j) * m.heads + h;
-            atomicAdd(W + at, wpart);
-            atomicAdd(xdy + at, dpart);
+            atomicAdd(W + k.step(j), wpart);
+            atomicAdd(xdy + k.step(j), dpart);
         }
     }
 }
@@ -387,42 +428,28 @@ __device__ void ssd_db(const T *x, const T *Cm, const float *dts, const float *c
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 tj, tn;
     const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(N), tj, tn); // (b, c, h)
-    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
-    const u64 g = h / (m.heads / m.groups);
-    const u64 t0 = c * Q, q = chunk_len(m, c), j0 = tj * SSD_TILE, n0 = tn * SSD_TILE;
+    const HeadChunk k = head_chunk(m, outer);
+    const u64 q = k.q, j0 = tj * SSD_TILE, n0 = tn * SSD_TILE;
     if (j0 >= q) return;
-    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
     const float *dxh = dxm + outer * Q * Q;
     const float end = cs[q - 1];
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
     float acc[4][4];
     zero_acc(acc);
-    auto fa1 = [&](int r, u64 i) -> float {
-        const u64 j = j0 + r;
-        return j < q && i >= j ? dxh[i * Q + j] * expf(cs[i] - cs[j]) : 0.f;
-    };
-    auto fb1 = [&](u64 i, int col) -> float {
-        return n0 + col < N ? to_float(Cm[((b * m.len + t0 + i) * m.groups + g) * N + n0 + col]) : 0.f;
-    };
-    tile_gemm<false, false>(acc, j0, q, s, fa1, fb1);
-    if (c + 1 < m.chunks) {
+    add_anticausal(acc, s, dxh, Q, cs, j0, q,
+                   [&](u64 i, int col) -> float { return n0 + col < N ? to_float(Cm[k.bc_row(i) + n0 + col]) : 0.f; });
+    if (k.c + 1 < m.chunks) {
         const float *dE = dnext + outer * P * N;
-        auto fa2 = [&](int r, u64 p) -> float {
+        auto fa = [&](int r, u64 p) -> float {
             const u64 j = j0 + r;
-            return j < q ? to_float(x[((b * m.len + t0 + j) * m.heads + h) * P + p]) * expf(end - cs[j]) : 0.f;
+            return j < q ? to_float(x[k.x_row(j) + p]) * expf(end - cs[j]) : 0.f;
         };
-        auto fb2 = [&](u64 p, int col) -> float { return n0 + col < N ? dE[p * N + n0 + col] : 0.f; };
-        tile_gemm<true, false>(acc, 0, P, s, fa2, fb2);
+        auto fb = [&](u64 p, int col) -> float { return n0 + col < N ? dE[p * N + n0 + col] : 0.f; };
+        tile_gemm<true, false>(acc, 0, P, s, fa, fb);
     }
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const u64 j = j0 + ty + 16 * r;
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-            const u64 n = n0 + tx + 16 * cc;
-            if (j < q && n < N) atomicAdd(dB + ((b * m.len + t0 + j) * m.groups + g) * N + n, ds[j] * acc[r][cc]);
-        }
-    }
+    tile_outputs(acc, j0, n0, [&](u64 j, u64 n, float v) {
+        if (j < q && n < N) atomicAdd(dB + k.bc_row(j) + n, ds[j] * v);
+    });
 }
 
 // Per (b, chunk, h, row tile i, n tile): dC_i[n] += exp(s_i) (E_c^T dy_i)[n]
@@ -435,45 +462,22 @@ __device__ void ssd_dc(const T *Bm, const T *dy, const float *dts, const float *
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 ti, tn;
     const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(N), ti, tn); // (b, c, h)
-    const u64 h = outer % m.heads, c = outer / m.heads % m.chunks, b = outer / (m.heads * m.chunks);
-    const u64 g = h / (m.heads / m.groups);
-    const u64 t0 = c * Q, q = chunk_len(m, c), i0 = ti * SSD_TILE, n0 = tn * SSD_TILE;
+    const HeadChunk k = head_chunk(m, outer);
+    const u64 q = k.q, i0 = ti * SSD_TILE, n0 = tn * SSD_TILE;
     if (i0 >= q) return;
-    const float *cs = cum + (b * m.heads + h) * m.len + t0, *ds = dts + (b * m.heads + h) * m.len + t0;
+    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
     const float *dxh = dxm + outer * Q * Q, *E = states + outer * P * N;
-    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
     float acc[4][4];
     zero_acc(acc);
-    auto fa1 = [&](int r, u64 p) -> float {
-        return i0 + r < q ? to_float(dy[((b * m.len + t0 + i0 + r) * m.heads + h) * P + p]) : 0.f;
-    };
-    auto fb1 = [&](u64 p, int col) -> float { return n0 + col < N ? E[p * N + n0 + col] : 0.f; };
-    tile_gemm<true, false>(acc, 0, P, s, fa1, fb1);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const u64 i = i0 + ty + 16 * r;
-        const float scale = i < q ? expf(cs[i]) : 0.f;
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) acc[r][cc] *= scale;
-    }
-    auto fa2 = [&](int r, u64 j) -> float {
-        const u64 i = i0 + r;
-        return i < q && j <= i ? dxh[i * Q + j] * expf(cs[i] - cs[j]) * ds[j] : 0.f;
-    };
-    auto fb2 = [&](u64 j, int col) -> float {
-        return n0 + col < N ? to_float(Bm[((b * m.len + t0 + j) * m.groups + g) * N + n0 + col]) : 0.f;
-    };
-    const u64 kend = i0 + SSD_TILE < q ? i0 + SSD_TILE : q;
-    tile_gemm<true, false>(acc, 0, kend, s, fa2, fb2);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-        const u64 i = i0 + ty + 16 * r;
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-            const u64 n = n0 + tx + 16 * cc;
-            if (i < q && n < N) atomicAdd(dC + ((b * m.len + t0 + i) * m.groups + g) * N + n, acc[r][cc]);
-        }
-    }
+    auto fa = [&](int r, u64 p) -> float { return i0 + r < q ? to_float(dy[k.x_row(i0 + r) + p]) : 0.f; };
+    auto fb = [&](u64 p, int col) -> float { return n0 + col < N ? E[p * N + n0 + col] : 0.f; };
+    tile_gemm<true, false>(acc, 0, P, s, fa, fb);
+    scale_rows_by_decay(acc, i0, q, cs);
+    add_causal(acc, s, dxh, Q, cs, ds, i0, q,
+               [&](u64 j, int col) -> float { return n0 + col < N ? to_float(Bm[k.bc_row(j) + n0 + col]) : 0.f; });
+    tile_outputs(acc, i0, n0, [&](u64 i, u64 n, float v) {
+        if (i < q && n < N) atomicAdd(dC + k.bc_row(i) + n, v);
+    });
 }
 
 // One thread per (b, chunk, h), steps in reverse: R_i (see the top), ddt [B, L, H] (T, through
@@ -483,14 +487,13 @@ __device__ void ssd_ddt(const T *dt_in, const T *A, const T *dbias, const float 
                         const float *W, const float *xdy, const float *ee, T *ddt, float *da_part,
                         float *dbias_part, float *dd_part, SsdDims m, int softplus) {
     for (u64 e = global_thread(); e < m.batch * m.chunks * m.heads; e += grid_threads()) {
-        const u64 h = e % m.heads, c = e / m.heads % m.chunks, b = e / (m.heads * m.chunks);
-        const float a = to_float(A[h]), bias = dbias != nullptr ? to_float(dbias[h]) : 0.f;
-        const u64 t0 = c * m.chunk, q = chunk_len(m, c);
-        float r = c + 1 < m.chunks ? ee[e] : 0.f;
+        const HeadChunk k = head_chunk(m, e);
+        const float a = to_float(A[k.h]), bias = value_or_zero(dbias, k.h);
+        float r = k.c + 1 < m.chunks ? ee[e] : 0.f;
         float da = 0.f, db = 0.f, dd = 0.f;
-        for (u64 k = 0; k < q; ++k) {
-            const u64 t = t0 + q - 1 - k, at = (b * m.len + t) * m.heads + h;
-            const float dtv = dts[(b * m.heads + h) * m.len + t], w = W[at];
+        for (u64 n = 0; n < k.q; ++n) {
+            const u64 i = k.q - 1 - n, at = k.step(i);
+            const float dtv = dts[k.scratch(i)], w = W[at];
             r += ydot[at] - dtv * w;
             float g = w + a * r;
             da += dtv * r;
@@ -505,36 +508,19 @@ __device__ void ssd_ddt(const T *dt_in, const T *A, const T *dbias, const float 
     }
 }
 
-// out[m] = sum over p of part[p * M + m], in order of p, rounded to T.
-template <typename T> __device__ void ssd_sum(const float *part, T *out, u64 parts, u64 M) {
-    for (u64 i = global_thread(); i < M; i += grid_threads()) {
-        float s = 0.f;
-        for (u64 p = 0; p < parts; ++p) s += part[p * M + i];
-        out[i] = from_float<T>(s);
-    }
-}
-
 // One decoding step per row (b, h, p), one warp each: the new state [B, H, P, N] (may alias
 // `state`) and y [B, H, P].
 template <typename T>
 __device__ void ssd_update(const T *state, const T *x, const T *dt_in, const T *A, const T *Bm, const T *Cm,
                            const T *Dv, const T *dbias, T *y, T *state_out, u64 batch, u64 H, u64 P, u64 G, u64 N,
                            int softplus) {
-    const int lane = threadIdx.x & 31;
-    const u64 warps = (u64)gridDim.x * (blockDim.x >> 5);
-    for (u64 row = (u64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); row < batch * H * P; row += warps) {
+    for (u64 row = global_warp(); row < batch * H * P; row += grid_warps()) {
         const u64 bh = row / P, h = bh % H, b = bh / H, g = h / (H / G);
-        const float raw = to_float(dt_in[bh]) + (dbias != nullptr ? to_float(dbias[h]) : 0.f);
-        const float dt = softplus ? ssd_softplus(raw) : raw;
-        const float decay = expf(dt * to_float(A[h])), xv = to_float(x[row]);
-        float acc = 0.f;
-        for (u64 n = lane; n < N; n += 32) {
-            const float hv = decay * to_float(state[row * N + n]) + dt * xv * to_float(Bm[(b * G + g) * N + n]);
-            state_out[row * N + n] = from_float<T>(hv);
-            acc += hv * to_float(Cm[(b * G + g) * N + n]);
-        }
-        acc = warp_reduce(acc, SumOp());
-        if (lane == 0) y[row] = from_float<T>(acc + (Dv != nullptr ? to_float(Dv[h]) : 0.f) * xv);
+        const float dt = scan_dt(to_float(dt_in[bh]) + value_or_zero(dbias, h), softplus);
+        const float xv = to_float(x[row]);
+        const float acc = warp_state_step(state + row * N, A + h, 0, Bm + (b * G + g) * N, Cm + (b * G + g) * N, dt,
+                                          xv, N, state_out + row * N);
+        if ((threadIdx.x & 31) == 0) y[row] = from_float<T>(acc + value_or_zero(Dv, h) * xv);
     }
 }
 
@@ -542,60 +528,60 @@ __device__ void ssd_update(const T *state, const T *x, const T *dt_in, const T *
 #define SSD_DIMS_PARAMS u64 batch, u64 len, u64 heads, u64 head_dim, u64 groups, u64 state, u64 chunk, u64 chunks
 #define SSD_DIMS SsdDims{batch, len, heads, head_dim, groups, state, chunk, chunks}
 
-#define SSD_ENTRIES(T, S)                                                                                     \
-    extern "C" __global__ void ssd_cumsum_##S(const T *dt, const T *A, const T *dbias, float *dts, float *cum, \
-                                              SSD_DIMS_PARAMS, int softplus) {                                      \
-        ssd_cumsum<T>(dt, A, dbias, dts, cum, SSD_DIMS, softplus);                                                   \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
-        ssd_bmm_##S(const T *U, const T *V, float *out, u64 NG, u64 K, SSD_DIMS_PARAMS) {                           \
-        ssd_bmm<T>(U, V, out, NG, K, SSD_DIMS);                                                                      \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_state_##S(                            \
-        const T *X, const T *Y, const float *dts, const float *cum, float *out, SSD_DIMS_PARAMS, int mode) {        \
-        ssd_chunk_state<T>(X, Y, dts, cum, out, SSD_DIMS, mode);                                                     \
-    }                                                                                                         \
-    extern "C" __global__ void ssd_state_pass_##S(float *st, const float *cum, const T *init, T *final_state, \
-                                                  SSD_DIMS_PARAMS) {                                                \
-        ssd_state_pass<T>(st, cum, init, final_state, SSD_DIMS);                                                     \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_##S(                              \
-        const T *x, const T *C, const T *Dv, const float *dts, const float *cum, const float *states,         \
-        const float *cb, T *y, const T *dy, float *ydot, SSD_DIMS_PARAMS, int mode) {                               \
-        ssd_chunk_out<T>(x, C, Dv, dts, cum, states, cb, y, dy, ydot, SSD_DIMS, mode);                               \
-    }                                                                                                         \
-    extern "C" __global__ void ssd_state_pass_bwd_##S(float *z, const float *st, const float *cum, float *ee,  \
-                                                      T *dinit, SSD_DIMS_PARAMS) {                                  \
-        ssd_state_pass_bwd<T>(z, st, cum, ee, dinit, SSD_DIMS);                                                      \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
-        ssd_dx_##S(const T *x, const T *Bm, const T *Dv, const T *dy, const float *dts, const float *cum,     \
-                   const float *dnext, const float *cb, T *dx, float *W, float *xdy, SSD_DIMS_PARAMS) {             \
-        ssd_dx<T>(x, Bm, Dv, dy, dts, cum, dnext, cb, dx, W, xdy, SSD_DIMS);                                         \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
-        ssd_db_##S(const T *x, const T *Cm, const float *dts, const float *cum, const float *dnext,           \
-                   const float *dxm, float *dB, SSD_DIMS_PARAMS) {                                                  \
-        ssd_db<T>(x, Cm, dts, cum, dnext, dxm, dB, SSD_DIMS);                                                        \
-    }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                 \
-        ssd_dc_##S(const T *Bm, const T *dy, const float *dts, const float *cum, const float *states,         \
-                   const float *dxm, float *dC, SSD_DIMS_PARAMS) {                                                  \
-        ssd_dc<T>(Bm, dy, dts, cum, states, dxm, dC, SSD_DIMS);                                                      \
-    }                                                                                                         \
-    extern "C" __global__ void ssd_ddt_##S(const T *dt, const T *A, const T *dbias, const float *dts,         \
-                                           const float *ydot, const float *W, const float *xdy,               \
-                                           const float *ee, T *ddt, float *da_part, float *dbias_part,        \
-                                           float *dd_part, SSD_DIMS_PARAMS, int softplus) {                         \
-        ssd_ddt<T>(dt, A, dbias, dts, ydot, W, xdy, ee, ddt, da_part, dbias_part, dd_part, SSD_DIMS, softplus);      \
-    }                                                                                                         \
-    extern "C" __global__ void ssd_sum_##S(const float *part, T *out, u64 parts, u64 M) {                     \
-        ssd_sum<T>(part, out, parts, M);                                                                      \
-    }                                                                                                         \
-    extern "C" __global__ void ssd_state_update_##S(                                                          \
-        const T *state, const T *x, const T *dt, const T *A, const T *Bm, const T *Cm, const T *Dv,           \
-        const T *dbias, T *y, T *state_out, u64 batch, u64 H, u64 P, u64 G, u64 N, int softplus) {            \
-        ssd_update<T>(state, x, dt, A, Bm, Cm, Dv, dbias, y, state_out, batch, H, P, G, N, softplus);         \
+#define SSD_ENTRIES(T, S)                                                                                       \
+    extern "C" __global__ void ssd_cumsum_##S(const T *dt, const T *A, const T *dbias, float *dts, float *cum,  \
+                                              SSD_DIMS_PARAMS, int softplus) {                                  \
+        ssd_cumsum<T>(dt, A, dbias, dts, cum, SSD_DIMS, softplus);                                              \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                   \
+        ssd_bmm_##S(const T *U, const T *V, float *out, u64 NG, u64 K, SSD_DIMS_PARAMS) {                       \
+        ssd_bmm<T>(U, V, out, NG, K, SSD_DIMS);                                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_state_##S(                              \
+        const T *X, const T *Y, const float *dts, const float *cum, float *out, SSD_DIMS_PARAMS, int mode) {    \
+        ssd_chunk_state<T>(X, Y, dts, cum, out, SSD_DIMS, mode);                                                \
+    }                                                                                                           \
+    extern "C" __global__ void ssd_state_pass_##S(float *st, const float *cum, const T *init, T *final_state,   \
+                                                  SSD_DIMS_PARAMS) {                                            \
+        ssd_state_pass<T>(st, cum, init, final_state, SSD_DIMS);                                                \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS) ssd_chunk_out_##S(                                \
+        const T *x, const T *C, const T *Dv, const float *dts, const float *cum, const float *states,           \
+        const float *cb, T *y, const T *dy, float *ydot, SSD_DIMS_PARAMS, int mode) {                           \
+        ssd_chunk_out<T>(x, C, Dv, dts, cum, states, cb, y, dy, ydot, SSD_DIMS, mode);                          \
+    }                                                                                                           \
+    extern "C" __global__ void ssd_state_pass_bwd_##S(float *z, const float *st, const float *cum, float *ee,   \
+                                                      T *dinit, SSD_DIMS_PARAMS) {                              \
+        ssd_state_pass_bwd<T>(z, st, cum, ee, dinit, SSD_DIMS);                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                   \
+        ssd_dx_##S(const T *x, const T *Bm, const T *Dv, const T *dy, const float *dts, const float *cum,       \
+                   const float *dnext, const float *cb, T *dx, float *W, float *xdy, SSD_DIMS_PARAMS) {         \
+        ssd_dx<T>(x, Bm, Dv, dy, dts, cum, dnext, cb, dx, W, xdy, SSD_DIMS);                                    \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                   \
+        ssd_db_##S(const T *x, const T *Cm, const float *dts, const float *cum, const float *dnext,             \
+                   const float *dxm, float *dB, SSD_DIMS_PARAMS) {                                              \
+        ssd_db<T>(x, Cm, dts, cum, dnext, dxm, dB, SSD_DIMS);                                                   \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(SSD_THREADS)                                                   \
+        ssd_dc_##S(const T *Bm, const T *dy, const float *dts, const float *cum, const float *states,           \
+                   const float *dxm, float *dC, SSD_DIMS_PARAMS) {                                              \
+        ssd_dc<T>(Bm, dy, dts, cum, states, dxm, dC, SSD_DIMS);                                                 \
+    }                                                                                                           \
+    extern "C" __global__ void ssd_ddt_##S(const T *dt, const T *A, const T *dbias, const float *dts,           \
+                                           const float *ydot, const float *W, const float *xdy,                 \
+                                           const float *ee, T *ddt, float *da_part, float *dbias_part,          \
+                                           float *dd_part, SSD_DIMS_PARAMS, int softplus) {                     \
+        ssd_ddt<T>(dt, A, dbias, dts, ydot, W, xdy, ee, ddt, da_part, dbias_part, dd_part, SSD_DIMS, softplus); \
+    }                                                                                                           \
+    extern "C" __global__ void sum_parts_##S(const float *part, T *out, u64 parts, u64 M) {                     \
+        sum_parts<T>(part, out, parts, M);                                                                      \
+    }                                                                                                           \
+    extern "C" __global__ void ssd_state_update_##S(                                                            \
+        const T *state, const T *x, const T *dt, const T *A, const T *Bm, const T *Cm, const T *Dv,             \
+        const T *dbias, T *y, T *state_out, u64 batch, u64 H, u64 P, u64 G, u64 N, int softplus) {              \
+        ssd_update<T>(state, x, dt, A, Bm, Cm, Dv, dbias, y, state_out, batch, H, P, G, N, softplus);           \
     }
 
 SSD_ENTRIES(float, f32)

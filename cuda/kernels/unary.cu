@@ -46,7 +46,7 @@ template <int OP> __device__ __forceinline__ float unary_f(float x, float p0, fl
     else if constexpr (OP == U_GELU_TANH)
         return 0.5f * x * (1.f + tanhf(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
     else if constexpr (OP == U_GELU_ERF) return 0.5f * x * (1.f + erff(x * FRAC_1_SQRT_2));
-    else if constexpr (OP == U_SOFTPLUS) return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
+    else if constexpr (OP == U_SOFTPLUS) return softplus_f(x);
     else if constexpr (OP == U_ABS) return fabsf(x);
     else if constexpr (OP == U_SQR) return x * x;
     else if constexpr (OP == U_RECIP) return 1.f / x;

@@ -1,6 +1,8 @@
 //! Shared helpers of the property-test suites: a plain f64 reference implementation of every op,
-//! random inputs, and conversions between `RefTensor` and `Tensor`.
+//! random inputs, conversions between `RefTensor` and `Tensor`, the relative error of a result
+//! against its reference, and the GPU suites' harness ([`gpu`]).
 
+pub mod gpu;
 pub mod reference;
 
 use autograd::{check_gradients, Var};
@@ -75,17 +77,24 @@ pub fn check(f: impl Fn(&[Var]) -> autograd::Result<Var>, inputs: &[Tensor]) -> 
     Ok(())
 }
 
-/// Whether GPU tests can run on `cuda:0`: prints one line `skipped: <reason>` when not, and
-/// panics instead when `EMMA_REQUIRE_GPU=1` (a GPU run must not pass by skipping).
-pub fn gpu_ready() -> bool {
-    match tensor::cuda_device(0) {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("EMMA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-                panic!("EMMA_REQUIRE_GPU=1 but no usable GPU: {e}");
-            }
-            println!("skipped: {e}");
-            false
-        }
+/// The relative L2 error ‖a − b‖ / ‖b‖ of `a` against the reference `b` over all elements (any
+/// dtype, layout or device): the absolute error ‖a‖ where `b` is all zeros; infinite on NaN or
+/// when the element counts differ.
+pub fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
+    let (x, y) = (a.to_vec_f64(), b.to_vec_f64());
+    if x.len() != y.len() || x.iter().chain(&y).any(|v| v.is_nan()) {
+        return f64::INFINITY;
+    }
+    let diff = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q) * (p - q))
+        .sum::<f64>()
+        .sqrt();
+    let norm = y.iter().map(|q| q * q).sum::<f64>().sqrt();
+    if norm > 0.0 {
+        diff / norm
+    } else {
+        diff
     }
 }

@@ -12,20 +12,8 @@
 use emma::config::EmmaConfig;
 use emma::model::{Batch, Emma, IGNORE_INDEX};
 use tensor::{seeded_rng, DType, Device, Tensor};
-use tests::{gpu_ready, ids_tensor, random_ids};
-
-const GPU: Device = Device::Cuda(0);
-
-/// ‖a − b‖ / ‖b‖ over the elements (infinite on NaN or a size mismatch).
-fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
-    let (x, y) = (a.to_vec_f64(), b.to_vec_f64());
-    if x.len() != y.len() || x.iter().chain(&y).any(|v| v.is_nan()) {
-        return f64::INFINITY;
-    }
-    let diff: f64 = x.iter().zip(&y).map(|(p, q)| (p - q) * (p - q)).sum();
-    let norm: f64 = y.iter().map(|q| q * q).sum();
-    diff.sqrt() / norm.sqrt().max(1e-30)
-}
+use tests::gpu::{gpu_ready, GPU};
+use tests::{ids_tensor, random_ids, rel_error};
 
 /// A random batch of `b` images and `t` text tokens with answer-only labels, on the host.
 fn batch(cfg: &EmmaConfig, b: usize, t: usize, seed: u64) -> Batch {

@@ -16,47 +16,10 @@
 
 use autograd::Var;
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
-use std::fmt::Debug;
 use tensor::DType::{BF16, F16, F32, F64, U32};
 use tensor::{AdamWStep, BinaryOp, CmpOp, DType, Device, Tensor, TensorError, UnaryOp};
-use tests::{config, gpu_ready, random_ids, shape, uniform};
-
-type TestResult = Result<(), TestCaseError>;
-
-/// The device under test.
-const GPU: Device = Device::Cuda(0);
-
-/// Runs `test` on `cases` values of `strategy` when a GPU is usable.
-fn run<S>(cases: u32, strategy: S, test: impl Fn(S::Value) -> TestResult)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    if !gpu_ready() {
-        return;
-    }
-    if let Err(e) = TestRunner::new(config(cases)).run(&strategy, test) {
-        panic!("{e}");
-    }
-}
-
-/// Turns a tensor error into a failed case.
-trait OrFail<T> {
-    fn or_fail(self) -> Result<T, TestCaseError>;
-}
-
-impl<T> OrFail<T> for tensor::Result<T> {
-    fn or_fail(self) -> Result<T, TestCaseError> {
-        self.map_err(|e| TestCaseError::fail(format!("unexpected error: {e}")))
-    }
-}
-
-impl<T> OrFail<T> for autograd::Result<T> {
-    fn or_fail(self) -> Result<T, TestCaseError> {
-        self.map_err(|e| TestCaseError::fail(format!("unexpected error: {e}")))
-    }
-}
+use tests::gpu::{check_close, gpu_ready, run, OrFail, Pair, TestResult, GPU};
+use tests::{random_ids, shape, uniform};
 
 /// The largest relative error a kernel may have in `dtype` (0: exact).
 fn tol(dtype: DType) -> f64 {
@@ -68,83 +31,19 @@ fn tol(dtype: DType) -> f64 {
     }
 }
 
-/// Fails unless `gpu` lives on the GPU and matches `cpu` in shape, dtype and values (relative L2
-/// error at most `tol`; NaN or infinity never passes).
-fn check_tol(cpu: &Tensor, gpu: &Tensor, tol: f64) -> TestResult {
-    prop_assert_eq!(gpu.device(), GPU);
-    prop_assert_eq!(gpu.shape(), cpu.shape());
-    prop_assert_eq!(gpu.dtype(), cpu.dtype());
-    let out = gpu.to_device(Device::Cpu).or_fail()?.to_vec_f64();
-    let reference = cpu.to_vec_f64();
-    prop_assert!(
-        reference.iter().all(|v| v.is_finite()),
-        "the CPU reference is not finite: {:?}",
-        &reference[..reference.len().min(8)]
-    );
-    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-        return Err(TestCaseError::fail(format!(
-            "GPU output {} at {i} of shape {:?}",
-            out[i],
-            gpu.shape()
-        )));
-    }
-    let diff = out
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm = reference.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let err = if norm > 0.0 { diff / norm } else { diff };
-    prop_assert!(
-        err <= tol,
-        "{} {:?}: relative error {err:e} > {tol:e}\n gpu {:?}\n cpu {:?}",
-        gpu.dtype(),
-        gpu.shape(),
-        &out[..out.len().min(8)],
-        &reference[..reference.len().min(8)]
-    );
-    Ok(())
-}
-
-/// `check_tol` with the tolerance of the output's dtype.
+/// [`check_close`] with the tolerance of the output's dtype.
 fn check(cpu: &Tensor, gpu: &Tensor) -> TestResult {
-    check_tol(cpu, gpu, tol(cpu.dtype()))
+    check_close("output", cpu, gpu, tol(cpu.dtype()))
 }
 
 /// Exact equality, for ops that only move, pick or compare elements.
 fn check_exact(cpu: &Tensor, gpu: &Tensor) -> TestResult {
-    check_tol(cpu, gpu, 0.0)
+    check_close("output", cpu, gpu, 0.0)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Inputs
 // ---------------------------------------------------------------------------------------------
-
-/// One input on both devices: the same logical values, laid out by the same view ops.
-#[derive(Clone)]
-struct Pair {
-    cpu: Tensor,
-    gpu: Tensor,
-}
-
-impl Pair {
-    /// A host tensor and its copy on the GPU.
-    fn of(t: Tensor) -> Result<Pair, TestCaseError> {
-        Ok(Pair {
-            gpu: t.to_device(GPU).or_fail()?,
-            cpu: t,
-        })
-    }
-
-    /// `f` applied on both devices.
-    fn map(&self, f: impl Fn(&Tensor) -> tensor::Result<Tensor>) -> Result<Pair, TestCaseError> {
-        Ok(Pair {
-            cpu: f(&self.cpu).or_fail()?,
-            gpu: f(&self.gpu).or_fail()?,
-        })
-    }
-}
 
 /// Runs `f` on both devices and compares (tolerance of the dtype).
 fn same(f: impl Fn(&[&Tensor]) -> tensor::Result<Tensor>, inputs: &[&Pair]) -> TestResult {
@@ -597,6 +496,98 @@ fn rms_norm_and_layer_norm_with_backward() {
     });
 }
 
+#[test]
+fn residual_add_fused_into_the_norms() {
+    let strategy = (shape(3, 5), 1..=40usize, (view(), view()), float(), any::<u64>());
+    run(32, strategy, |(lead, d, (vx, vr), dtype, seed)| {
+        let s = [&lead[..], &[d]].concat();
+        let x = input(&s, range(-2.0, 2.0), dtype, vx, seed)?;
+        let r = input(&s, range(-2.0, 2.0), dtype, vr, seed ^ 1)?;
+        let w = input(&[d], range(0.5, 1.5), dtype, View::Contiguous, seed ^ 2)?;
+        let b = input(&[d], range(-1.0, 1.0), dtype, View::Contiguous, seed ^ 3)?;
+        for part in 0..2 {
+            same(
+                |t| {
+                    let (y, sum) = t[0].add_rms_norm(t[1], t[2], 1e-5)?;
+                    Ok([y, sum][part].clone())
+                },
+                &[&x, &r, &w],
+            )?;
+            same(
+                |t| {
+                    let (y, sum) = t[0].add_layer_norm(t[1], t[2], Some(t[3]), 1e-5)?;
+                    Ok([y, sum][part].clone())
+                },
+                &[&x, &r, &w, &b],
+            )?;
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn gated_rms_norm_with_backward() {
+    let strategy = (
+        shape(2, 4),
+        (1..=4usize, 1..=24usize),
+        (view(), view(), view()),
+        float(),
+        any::<u64>(),
+    );
+    run(
+        32,
+        strategy,
+        |(lead, (groups, group), (vx, vz, vg), dtype, seed)| {
+            let d = groups * group;
+            let s = [&lead[..], &[d]].concat();
+            let x = input(&s, range(-2.0, 2.0), dtype, vx, seed)?;
+            let z = input(&s, range(-2.0, 2.0), dtype, vz, seed ^ 1)?;
+            let w = input(&[d], range(0.5, 1.5), dtype, View::Contiguous, seed ^ 2)?;
+            let g = input(&s, range(-1.0, 1.0), dtype, vg, seed ^ 3)?;
+            same(|t| t[0].gated_rms_norm(t[1], t[2], group, 1e-5), &[&x, &z, &w])?;
+            // As for rms_norm: with fewer than three features per group the gradient is noise.
+            if group >= 3 {
+                for part in 0..3 {
+                    same(
+                        |t| {
+                            let (dx, dz, dw) = t[0].gated_rms_norm_backward(t[1], t[2], t[3], group, 1e-5)?;
+                            Ok([dx, dz, dw][part].clone())
+                        },
+                        &[&x, &z, &w, &g],
+                    )?;
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn conv1d_decoding_step() {
+    let strategy = (
+        (1..=3usize, 1..=9usize, 2..=5usize),
+        any::<bool>(),
+        (view(), view()),
+        float(),
+        any::<u64>(),
+    );
+    run(32, strategy, |((b, c, k), with_bias, (vs, vx), dtype, seed)| {
+        let state = input(&[b, c, k - 1], range(-1.0, 1.0), dtype, vs, seed)?;
+        let x = input(&[b, c], range(-1.0, 1.0), dtype, vx, seed ^ 1)?;
+        let w = input(&[c, k], range(-1.0, 1.0), dtype, View::Contiguous, seed ^ 2)?;
+        let bias = input(&[c], range(-1.0, 1.0), dtype, View::Contiguous, seed ^ 3)?;
+        same(
+            |t| Ok(t[0].conv1d_step(t[1], t[2], with_bias.then_some(t[3]))?.0),
+            &[&state, &x, &w, &bias],
+        )?;
+        // The rolled state only moves elements: exact.
+        same_exact(
+            |t| Ok(t[0].conv1d_step(t[1], t[2], with_bias.then_some(t[3]))?.1),
+            &[&state, &x, &w, &bias],
+        )
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Indexing, concatenation, convolution, matmul
 // ---------------------------------------------------------------------------------------------
@@ -726,7 +717,7 @@ fn fused_adamw_update_on_f32_master_weights() {
             let cpu = p.cpu.adamw_update(&g_cpu, &m.cpu, &v.cpu, &hyper).or_fail()?;
             let gpu = p.gpu.adamw_update(&g.gpu, &m.gpu, &v.gpu, &hyper).or_fail()?;
             for (c, g) in cpu.iter().zip(&gpu) {
-                check_tol(c, g, tol(F32))?;
+                check_close("AdamW output", c, g, tol(F32))?;
             }
             Ok(())
         },

@@ -19,35 +19,10 @@
 //! `EMMA_REQUIRE_GPU=1` it fails instead.
 
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
-use std::fmt::Debug;
 use tensor::DType::{BF16, F32};
-use tensor::{DType, Device, Tensor, TensorError};
-use tests::{config, gpu_ready, random_ref, to_tensor};
-
-type TestResult = Result<(), TestCaseError>;
-
-/// The device under test.
-const GPU: Device = Device::Cuda(0);
-
-/// Runs `test` on `cases` values of `strategy` when a GPU is usable.
-fn run<S>(cases: u32, strategy: S, test: impl Fn(S::Value) -> TestResult)
-where
-    S: Strategy,
-    S::Value: Debug,
-{
-    if !gpu_ready() {
-        return;
-    }
-    if let Err(e) = TestRunner::new(config(cases)).run(&strategy, test) {
-        panic!("{e}");
-    }
-}
-
-/// Turns a tensor error into a failed case.
-fn ok<T>(r: tensor::Result<T>) -> Result<T, TestCaseError> {
-    r.map_err(|e| TestCaseError::fail(format!("unexpected error: {e}")))
-}
+use tensor::{DType, SelectiveScanGrads, SsdGrads, Tensor, TensorError};
+use tests::gpu::{check_close, gpu_ready, run, OrFail, Pair, Side, TestResult, GPU};
+use tests::{random_ref, to_tensor};
 
 /// What an output is, for its tolerance.
 #[derive(Clone, Copy, Debug)]
@@ -70,42 +45,9 @@ fn tol(dtype: DType, kind: Kind) -> f64 {
     }
 }
 
-/// Fails unless `gpu` lives on the GPU and matches `cpu` in shape, dtype and values.
+/// [`check_close`] with the tolerance of `kind` in the output's dtype.
 fn check(name: &str, cpu: &Tensor, gpu: &Tensor, kind: Kind) -> TestResult {
-    prop_assert_eq!(gpu.device(), GPU, "{}", name);
-    prop_assert_eq!(gpu.shape(), cpu.shape(), "{}", name);
-    prop_assert_eq!(gpu.dtype(), cpu.dtype(), "{}", name);
-    let out = ok(gpu.to_device(Device::Cpu))?.to_vec_f64();
-    let reference = cpu.to_vec_f64();
-    prop_assert!(
-        reference.iter().all(|v| v.is_finite()),
-        "{name}: the CPU reference is not finite"
-    );
-    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-        return Err(TestCaseError::fail(format!(
-            "{name}: GPU output {} at {i} of shape {:?}",
-            out[i],
-            gpu.shape()
-        )));
-    }
-    let diff = out
-        .iter()
-        .zip(&reference)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm = reference.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let err = if norm > 0.0 { diff / norm } else { diff };
-    let limit = tol(cpu.dtype(), kind);
-    prop_assert!(
-        err <= limit,
-        "{name} {} {:?}: relative error {err:e} > {limit:e}\n gpu {:?}\n cpu {:?}",
-        gpu.dtype(),
-        gpu.shape(),
-        &out[..out.len().min(6)],
-        &reference[..reference.len().min(6)]
-    );
-    Ok(())
+    check_close(name, cpu, gpu, tol(cpu.dtype(), kind))
 }
 
 /// Compares two optional outputs: both absent, or both present and close.
@@ -127,26 +69,16 @@ fn poison(shapes: &[&[usize]], dtype: DType) -> TestResult {
     let mut blocks = Vec::new();
     for shape in shapes {
         for _ in 0..3 {
-            blocks.push(ok(Tensor::full_on(shape, f64::NAN, dtype, GPU))?);
+            blocks.push(Tensor::full_on(shape, f64::NAN, dtype, GPU).or_fail()?);
         }
     }
     drop(blocks);
     Ok(())
 }
 
-/// One input on both devices.
-struct Pair {
-    cpu: Tensor,
-    gpu: Tensor,
-}
-
 /// Values uniform in `[lo, hi)` from `seed`, rounded to `dtype`, on both devices.
 fn pair(shape: &[usize], lo: f64, hi: f64, seed: u64, dtype: DType) -> Result<Pair, TestCaseError> {
-    let cpu = to_tensor(&random_ref(shape, lo, hi, seed), dtype);
-    Ok(Pair {
-        gpu: ok(cpu.to_device(GPU))?,
-        cpu,
-    })
+    Pair::of(to_tensor(&random_ref(shape, lo, hi, seed), dtype))
 }
 
 /// An optional input on both devices.
@@ -161,9 +93,9 @@ fn maybe(
     given.then(|| pair(shape, lo, hi, seed, dtype)).transpose()
 }
 
-/// The CPU and GPU sides of an optional input.
-fn sides(p: &Option<Pair>) -> (Option<&Tensor>, Option<&Tensor>) {
-    (p.as_ref().map(|p| &p.cpu), p.as_ref().map(|p| &p.gpu))
+/// The copy on `side` of an optional input.
+fn opt_on(p: &Option<Pair>, side: Side) -> Option<&Tensor> {
+    p.as_ref().map(|p| p.on(side))
 }
 
 /// f32 or bf16.
@@ -276,52 +208,54 @@ impl ScanOperands {
             bias: maybe(k.opts.bias, &[d], bias.0, bias.1, s ^ 7, t)?,
         })
     }
+
+    /// The selective scan of the copies on `side`.
+    fn scan(&self, side: Side, softplus: bool) -> tensor::Result<(Tensor, Tensor)> {
+        self.u.on(side).selective_scan(
+            self.delta.on(side),
+            self.a.on(side),
+            self.b.on(side),
+            self.c.on(side),
+            opt_on(&self.d_skip, side),
+            opt_on(&self.z, side),
+            opt_on(&self.bias, side),
+            softplus,
+        )
+    }
+
+    /// Its backward given dL/dy `grad`, on `side`.
+    fn backward(&self, side: Side, softplus: bool, grad: &Pair) -> tensor::Result<SelectiveScanGrads> {
+        self.u.on(side).selective_scan_backward(
+            self.delta.on(side),
+            self.a.on(side),
+            self.b.on(side),
+            self.c.on(side),
+            opt_on(&self.d_skip, side),
+            opt_on(&self.z, side),
+            opt_on(&self.bias, side),
+            softplus,
+            grad.on(side),
+        )
+    }
 }
 
 #[test]
 fn selective_scan_forward_and_gradients_match_the_cpu() {
     run(16, scan_case(), |k| {
         let o = ScanOperands::new(&k)?;
-        let ((dc, dg), (zc, zg), (bc, bg)) = (sides(&o.d_skip), sides(&o.z), sides(&o.bias));
         let sp = k.opts.softplus;
         let (seq, last) = ([k.batch, k.dim, k.len], [k.batch, k.dim, k.state]);
-        let cpu = ok(o
-            .u
-            .cpu
-            .selective_scan(&o.delta.cpu, &o.a.cpu, &o.b.cpu, &o.c.cpu, dc, zc, bc, sp))?;
+        let cpu = o.scan(Side::Cpu, sp).or_fail()?;
         poison(&[&seq, &last], k.dtype)?;
-        let gpu = ok(o
-            .u
-            .gpu
-            .selective_scan(&o.delta.gpu, &o.a.gpu, &o.b.gpu, &o.c.gpu, dg, zg, bg, sp))?;
+        let gpu = o.scan(Side::Gpu, sp).or_fail()?;
         check("y", &cpu.0, &gpu.0, Kind::Forward)?;
         check("last state", &cpu.1, &gpu.1, Kind::Forward)?;
 
         let grad = pair(&seq, -1.0, 1.0, k.seed ^ 8, k.dtype)?;
-        let gc = ok(o.u.cpu.selective_scan_backward(
-            &o.delta.cpu,
-            &o.a.cpu,
-            &o.b.cpu,
-            &o.c.cpu,
-            dc,
-            zc,
-            bc,
-            sp,
-            &grad.cpu,
-        ))?;
+        let gc = o.backward(Side::Cpu, sp, &grad).or_fail()?;
         let bcs = [k.batch, k.state, k.len];
         poison(&[&seq, &[k.dim, k.state], &bcs, &[k.dim]], k.dtype)?;
-        let gg = ok(o.u.gpu.selective_scan_backward(
-            &o.delta.gpu,
-            &o.a.gpu,
-            &o.b.gpu,
-            &o.c.gpu,
-            dg,
-            zg,
-            bg,
-            sp,
-            &grad.gpu,
-        ))?;
+        let gg = o.backward(Side::Gpu, sp, &grad).or_fail()?;
         check("du", &gc.du, &gg.du, Kind::Grad)?;
         check("ddelta", &gc.ddelta, &gg.ddelta, Kind::Grad)?;
         check("dA", &gc.da, &gg.da, Kind::Grad)?;
@@ -354,30 +288,22 @@ fn selective_state_update_matches_the_cpu() {
         let d_skip = maybe(opts.d_skip, &[d], -1.0, 1.0, s ^ 6, t)?;
         let z = maybe(opts.z, &[bs, d], -2.0, 2.0, s ^ 7, t)?;
         let dt_bias = maybe(opts.bias, &[d], bias.0, bias.1, s ^ 8, t)?;
-        let ((dc, dg), (zc, zg), (bc, bg)) = (sides(&d_skip), sides(&z), sides(&dt_bias));
-        let cpu = ok(state.cpu.selective_state_update(
-            &x.cpu,
-            &delta.cpu,
-            &a.cpu,
-            &b.cpu,
-            &c.cpu,
-            dc,
-            zc,
-            bc,
-            opts.softplus,
-        ))?;
+        let update = |side| {
+            state.on(side).selective_state_update(
+                x.on(side),
+                delta.on(side),
+                a.on(side),
+                b.on(side),
+                c.on(side),
+                opt_on(&d_skip, side),
+                opt_on(&z, side),
+                opt_on(&dt_bias, side),
+                opts.softplus,
+            )
+        };
+        let cpu = update(Side::Cpu).or_fail()?;
         poison(&[&[bs, d], &[bs, d, n]], t)?;
-        let gpu = ok(state.gpu.selective_state_update(
-            &x.gpu,
-            &delta.gpu,
-            &a.gpu,
-            &b.gpu,
-            &c.gpu,
-            dg,
-            zg,
-            bg,
-            opts.softplus,
-        ))?;
+        let gpu = update(Side::Gpu).or_fail()?;
         check("y", &cpu.0, &gpu.0, Kind::Forward)?;
         check("state", &cpu.1, &gpu.1, Kind::Forward)
     });
@@ -462,40 +388,60 @@ impl SsdOperands {
             initial: maybe(k.opts.initial, &[bs, h, p, n], -1.0, 1.0, s ^ 7, t)?,
         })
     }
+
+    /// The SSD scan of the copies on `side` with `chunk` steps per chunk.
+    fn scan(&self, side: Side, softplus: bool, chunk: usize) -> tensor::Result<(Tensor, Tensor)> {
+        self.x.on(side).ssd_scan(
+            self.dt.on(side),
+            self.a.on(side),
+            self.b.on(side),
+            self.c.on(side),
+            opt_on(&self.d_skip, side),
+            opt_on(&self.bias, side),
+            softplus,
+            chunk,
+            opt_on(&self.initial, side),
+        )
+    }
+
+    /// Its backward given dL/dy `grad`, on `side`.
+    fn backward(&self, side: Side, softplus: bool, chunk: usize, grad: &Pair) -> tensor::Result<SsdGrads> {
+        self.x.on(side).ssd_scan_backward(
+            self.dt.on(side),
+            self.a.on(side),
+            self.b.on(side),
+            self.c.on(side),
+            opt_on(&self.d_skip, side),
+            opt_on(&self.bias, side),
+            softplus,
+            chunk,
+            opt_on(&self.initial, side),
+            grad.on(side),
+        )
+    }
 }
 
 #[test]
 fn ssd_scan_forward_and_gradients_match_the_cpu() {
     run(16, ssd_case(), |k| {
         let o = SsdOperands::new(&k)?;
-        let ((dc, dg), (bc, bg), (ic, ig)) = (sides(&o.d_skip), sides(&o.bias), sides(&o.initial));
         let (sp, q) = (k.opts.softplus, k.chunk);
         let xs = [k.batch, k.len, k.heads, k.head_dim];
         let states = [k.batch, k.heads, k.head_dim, k.state];
-        let cpu = ok(o
-            .x
-            .cpu
-            .ssd_scan(&o.dt.cpu, &o.a.cpu, &o.b.cpu, &o.c.cpu, dc, bc, sp, q, ic))?;
+        let cpu = o.scan(Side::Cpu, sp, q).or_fail()?;
         poison(&[&xs, &states], k.dtype)?;
-        let gpu = ok(o
-            .x
-            .gpu
-            .ssd_scan(&o.dt.gpu, &o.a.gpu, &o.b.gpu, &o.c.gpu, dg, bg, sp, q, ig))?;
+        let gpu = o.scan(Side::Gpu, sp, q).or_fail()?;
         check("y", &cpu.0, &gpu.0, Kind::Forward)?;
         check("final state", &cpu.1, &gpu.1, Kind::Forward)?;
 
         let grad = pair(&xs, -1.0, 1.0, k.seed ^ 8, k.dtype)?;
-        let gc = ok(o.x.cpu.ssd_scan_backward(
-            &o.dt.cpu, &o.a.cpu, &o.b.cpu, &o.c.cpu, dc, bc, sp, q, ic, &grad.cpu,
-        ))?;
+        let gc = o.backward(Side::Cpu, sp, q, &grad).or_fail()?;
         let bcs = [k.batch, k.len, k.groups, k.state];
         poison(
             &[&xs, &[k.batch, k.len, k.heads], &[k.heads], &bcs, &states],
             k.dtype,
         )?;
-        let gg = ok(o.x.gpu.ssd_scan_backward(
-            &o.dt.gpu, &o.a.gpu, &o.b.gpu, &o.c.gpu, dg, bg, sp, q, ig, &grad.gpu,
-        ))?;
+        let gg = o.backward(Side::Gpu, sp, q, &grad).or_fail()?;
         check("dx", &gc.dx, &gg.dx, Kind::Grad)?;
         check("ddt", &gc.ddt, &gg.ddt, Kind::Grad)?;
         check("dA", &gc.da, &gg.da, Kind::Reduced)?;
@@ -534,28 +480,21 @@ fn ssd_state_update_matches_the_cpu() {
         let c = pair(&[bs, g, n], -1.0, 1.0, s ^ 5, t)?;
         let d_skip = maybe(opts.d_skip, &[h], -1.0, 1.0, s ^ 6, t)?;
         let dt_bias = maybe(opts.bias, &[h], bias.0, bias.1, s ^ 7, t)?;
-        let ((dc, dg), (bc, bg)) = (sides(&d_skip), sides(&dt_bias));
-        let cpu = ok(state.cpu.ssd_state_update(
-            &x.cpu,
-            &delta.cpu,
-            &a.cpu,
-            &b.cpu,
-            &c.cpu,
-            dc,
-            bc,
-            opts.softplus,
-        ))?;
+        let update = |side| {
+            state.on(side).ssd_state_update(
+                x.on(side),
+                delta.on(side),
+                a.on(side),
+                b.on(side),
+                c.on(side),
+                opt_on(&d_skip, side),
+                opt_on(&dt_bias, side),
+                opts.softplus,
+            )
+        };
+        let cpu = update(Side::Cpu).or_fail()?;
         poison(&[&[bs, h, p], &[bs, h, p, n]], t)?;
-        let gpu = ok(state.gpu.ssd_state_update(
-            &x.gpu,
-            &delta.gpu,
-            &a.gpu,
-            &b.gpu,
-            &c.gpu,
-            dg,
-            bg,
-            opts.softplus,
-        ))?;
+        let gpu = update(Side::Gpu).or_fail()?;
         check("y", &cpu.0, &gpu.0, Kind::Forward)?;
         check("state", &cpu.1, &gpu.1, Kind::Forward)
     });

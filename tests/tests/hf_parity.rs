@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use tensor::safetensors::SafetensorsFile;
 use tensor::{Device, Tensor};
+use tests::gpu::gpu_ready;
+use tests::rel_error;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
@@ -13,17 +15,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn reference(name: &str) -> SafetensorsFile {
     SafetensorsFile::open(fixture(name).join("reference.safetensors")).expect("fixture reference file")
-}
-
-/// `‖a - b‖ / ‖b‖` over all elements; infinite on NaN or a shape mismatch.
-fn rel_error(a: &Tensor, b: &Tensor) -> f64 {
-    let (x, y) = (a.to_vec_f64(), b.to_vec_f64());
-    if a.numel() != b.numel() || x.iter().chain(&y).any(|v| v.is_nan()) {
-        return f64::INFINITY;
-    }
-    let diff: f64 = x.iter().zip(&y).map(|(p, q)| (p - q) * (p - q)).sum();
-    let norm: f64 = y.iter().map(|q| q * q).sum();
-    diff.sqrt() / norm.sqrt().max(1e-30)
 }
 
 fn ids(r: &SafetensorsFile, name: &str) -> Vec<u32> {
@@ -119,7 +110,7 @@ fn dinov2_with_registers_features_match_transformers() {
 /// The same fixtures with every layer, scan and gradient on `cuda:0` (skipped without a GPU).
 #[test]
 fn every_fixture_matches_transformers_on_the_gpu() {
-    if !tests::gpu_ready() {
+    if !gpu_ready() {
         return;
     }
     let gpu = Device::Cuda(0);

@@ -20,11 +20,13 @@ pub use conv::{ConvGrads, ConvSpec};
 pub use elementwise::{BinaryOp, CmpOp, UnaryOp};
 pub use norm::{GatedNormGrads, LayerNormGrads, NormSpec, Residual, RmsNormGrads};
 pub use reduce::ReduceOp;
-pub use scan::{ScanGrads, ScanInputs, ScanSpec, ScanStep, SCAN_CHUNK, SCAN_MAX_STATE};
-pub use ssd::{SsdGradBuffers, SsdInputs, SsdSpec, SsdStep};
+pub use scan::{ScanGrads, ScanInputs, ScanSpec, SCAN_CHUNK, SCAN_MAX_STATE};
+pub use ssd::{SsdGradBuffers, SsdInputs, SsdSpec};
 
-use crate::device::{DeviceBuffer, DeviceElem, GpuDevice};
+use crate::compile::KernelFile;
+use crate::device::{DeviceBuffer, DeviceElem, FloatElem, GpuDevice};
 use crate::error::{CudaError, Result};
+use crate::launch::{entry, launch, Arg, Grid};
 
 /// A contiguous tensor seen as `[outer, len, inner]` around one axis (or a run of adjacent
 /// axes): the kernels reduce, gather or scatter along `len`.
@@ -74,6 +76,51 @@ fn need<T: DeviceElem>(
         ));
     }
     Ok(())
+}
+
+/// Checks the optional gradients a backward pass was asked for, each given as (name, buffer,
+/// expected length, whether its input was given): a requested gradient needs its input and the
+/// expected length.
+fn need_optional_grads<T: DeviceElem>(
+    dev: &GpuDevice,
+    op: &'static str,
+    grads: &[(&str, Option<&DeviceBuffer<T>>, usize, bool)],
+) -> Result<()> {
+    for &(what, buf, len, has_input) in grads {
+        if let Some(buf) = buf {
+            if !has_input {
+                return Err(CudaError::shape(
+                    op,
+                    format!("{what} asked for without its input"),
+                ));
+            }
+            need(dev, op, what, buf, len)?;
+        }
+    }
+    Ok(())
+}
+
+/// Queues the `sum_parts` kernel of `file` (common.cuh's fixed-order sum of per-part partial
+/// results): `out[m] = Σ_p part[p·M + m]` (p in order) rounded to T, for M = `out.len()`.
+fn sum_parts<T: FloatElem>(
+    dev: &GpuDevice,
+    file: &KernelFile,
+    part: &DeviceBuffer<f32>,
+    out: &mut DeviceBuffer<T>,
+    parts: usize,
+) -> Result<()> {
+    let m = out.len();
+    if m == 0 {
+        return Ok(());
+    }
+    let args = [Arg::buf(part), Arg::buf(out), Arg::size(parts), Arg::size(m)];
+    launch(
+        dev,
+        file,
+        &entry::<T>("sum_parts"),
+        Grid::elementwise(dev, m),
+        &args,
+    )
 }
 
 /// `a · b`, or a shape error naming `what` when it overflows.

@@ -1,7 +1,7 @@
 //! The Mamba-1 fused selective scan (selective_scan.cu): forward, backward and the one-token
 //! decoding step.
 
-use super::{need, product};
+use super::{need, need_optional_grads, product, sum_parts};
 use crate::compile::SELECTIVE_SCAN;
 use crate::device::{DeviceBuffer, FloatElem, GpuDevice};
 use crate::error::{CudaError, Result};
@@ -78,7 +78,8 @@ impl ScanSpec {
 }
 
 /// The operands of a selective scan, contiguous: u, delta, z `[B, D, L]`, A `[D, N]`, B and C
-/// `[B, N, L]`, D and delta_bias `[D]`.
+/// `[B, N, L]`, D and delta_bias `[D]`. At L = 1 they are the operands of one decoding step
+/// (u = x_t and delta = dt_t `[B, D]`, B_t and C_t `[B, N]`).
 #[derive(Clone, Copy)]
 pub struct ScanInputs<'a, T: FloatElem> {
     /// The input u.
@@ -156,28 +157,6 @@ pub struct ScanGrads<'a, T: FloatElem> {
     pub ddelta_bias: Option<&'a mut DeviceBuffer<T>>,
 }
 
-/// The operands of one decoding step: x, dt, z `[B, D]`, A `[D, N]`, B and C `[B, N]`, D and
-/// dt_bias `[D]`.
-#[derive(Clone, Copy)]
-pub struct ScanStep<'a, T: FloatElem> {
-    /// The input x_t.
-    pub x: &'a DeviceBuffer<T>,
-    /// The step before bias and softplus.
-    pub dt: &'a DeviceBuffer<T>,
-    /// The state matrix A.
-    pub a: &'a DeviceBuffer<T>,
-    /// B_t.
-    pub b: &'a DeviceBuffer<T>,
-    /// C_t.
-    pub c: &'a DeviceBuffer<T>,
-    /// The skip D, if any.
-    pub d_skip: Option<&'a DeviceBuffer<T>>,
-    /// The gate z_t, if any.
-    pub z: Option<&'a DeviceBuffer<T>>,
-    /// The bias added to dt, if any.
-    pub dt_bias: Option<&'a DeviceBuffer<T>>,
-}
-
 impl GpuDevice {
     /// The selective scan (see `Tensor::selective_scan`): writes y `[B, D, L]` and the last state
     /// `[B, D, N]` (rounded to T), and, when given, the f32 state entering every chunk of
@@ -233,22 +212,6 @@ impl GpuDevice {
         )
     }
 
-    /// `out[m] = Σ_p part[p·M + m]` (p in order) rounded to T, for M = `out.len()`.
-    fn scan_sum_parts<T: FloatElem>(
-        &self,
-        part: &DeviceBuffer<f32>,
-        out: &mut DeviceBuffer<T>,
-        parts: usize,
-    ) -> Result<()> {
-        let m = out.len();
-        if m == 0 {
-            return Ok(());
-        }
-        let args = [Arg::buf(part), Arg::buf(out), Arg::size(parts), Arg::size(m)];
-        let grid = Grid::elementwise(self, m);
-        launch(self, &SELECTIVE_SCAN, &entry::<T>("scan_sum_parts"), grid, &args)
-    }
-
     /// Backward of [`GpuDevice::selective_scan`] given dL/dy `grad` `[B, D, L]`. Reruns the
     /// forward kernel to save the chunk states, then one reverse pass per row; dB and dC are
     /// accumulated in f32 with atomics (their summation order over channels is not fixed), dA,
@@ -269,27 +232,20 @@ impl GpuDevice {
         need(self, op, "dA", grads.da, spec.dim * spec.state)?;
         need(self, op, "dB", grads.db, bc)?;
         need(self, op, "dC", grads.dc, bc)?;
-        let optional = [
-            ("dD", grads.dd.as_deref(), spec.dim, inputs.d_skip.is_some()),
-            ("dz", grads.dz.as_deref(), seq, inputs.z.is_some()),
-            (
-                "ddelta_bias",
-                grads.ddelta_bias.as_deref(),
-                spec.dim,
-                inputs.delta_bias.is_some(),
-            ),
-        ];
-        for (what, buf, len, has_input) in optional {
-            if let Some(buf) = buf {
-                if !has_input {
-                    return Err(CudaError::shape(
-                        op,
-                        format!("{what} asked for without its input"),
-                    ));
-                }
-                need(self, op, what, buf, len)?;
-            }
-        }
+        need_optional_grads(
+            self,
+            op,
+            &[
+                ("dD", grads.dd.as_deref(), spec.dim, inputs.d_skip.is_some()),
+                ("dz", grads.dz.as_deref(), seq, inputs.z.is_some()),
+                (
+                    "ddelta_bias",
+                    grads.ddelta_bias.as_deref(),
+                    spec.dim,
+                    inputs.delta_bias.is_some(),
+                ),
+            ],
+        )?;
         let chunk_states = self.alloc::<f32>(spec.chunk_state_len())?;
         self.scan_forward_kernel(inputs, Arg::Ptr(0), Arg::Ptr(0), Arg::buf(&chunk_states), &spec)?;
         let (dbf, dcf) = (self.zeros::<f32>(bc)?, self.zeros::<f32>(bc)?);
@@ -301,7 +257,7 @@ impl GpuDevice {
             Arg::buf(&chunk_states),
             Arg::buf(grads.du),
             Arg::buf(grads.ddelta),
-            Arg::Ptr(grads.dz.as_deref().map_or(0, |b| b.device_ptr())),
+            Arg::opt(grads.dz.as_deref()),
             Arg::buf(&da_part),
             Arg::buf(&dd_part),
             Arg::buf(&dbias_part),
@@ -320,68 +276,49 @@ impl GpuDevice {
             )?;
         }
         // With no rows the partial sums are empty and every reduced gradient is zero.
-        self.scan_sum_parts(&da_part, grads.da, spec.batch)?;
-        self.scan_sum_parts(&dbf, grads.db, 1)?;
-        self.scan_sum_parts(&dcf, grads.dc, 1)?;
+        sum_parts(self, &SELECTIVE_SCAN, &da_part, grads.da, spec.batch)?;
+        sum_parts(self, &SELECTIVE_SCAN, &dbf, grads.db, 1)?;
+        sum_parts(self, &SELECTIVE_SCAN, &dcf, grads.dc, 1)?;
         if let Some(dd) = grads.dd {
-            self.scan_sum_parts(&dd_part, dd, spec.batch)?;
+            sum_parts(self, &SELECTIVE_SCAN, &dd_part, dd, spec.batch)?;
         }
         if let Some(dbias) = grads.ddelta_bias {
-            self.scan_sum_parts(&dbias_part, dbias, spec.batch)?;
+            sum_parts(self, &SELECTIVE_SCAN, &dbias_part, dbias, spec.batch)?;
         }
         Ok(())
     }
 
-    /// One decoding step of the selective scan from `state` `[B, D, N]`: writes y `[B, D]` and
-    /// the new state `[B, D, N]` (rounded to T). `spec.len` is ignored.
+    /// One decoding step of the selective scan from `state` `[B, D, N]`, with `inputs` at
+    /// L = 1 (see [`ScanInputs`]): writes y `[B, D]` and the new state `[B, D, N]` (rounded to
+    /// T). `spec.len` is ignored.
     pub fn selective_state_update<T: FloatElem>(
         &self,
         state: &DeviceBuffer<T>,
-        step: &ScanStep<'_, T>,
+        inputs: &ScanInputs<'_, T>,
         y: &mut DeviceBuffer<T>,
         new_state: &mut DeviceBuffer<T>,
         spec: ScanSpec,
     ) -> Result<()> {
         let op = "selective_state_update";
         let spec = ScanSpec { len: 1, ..spec };
-        let (rows, _, bn) = spec.check(op)?;
+        inputs.check(self, op, &spec)?;
+        let rows = spec.batch * spec.dim;
         need(self, op, "state", state, rows * spec.state)?;
         need(self, op, "new state", new_state, rows * spec.state)?;
-        need(self, op, "x", step.x, rows)?;
-        need(self, op, "dt", step.dt, rows)?;
-        need(self, op, "A", step.a, spec.dim * spec.state)?;
-        need(self, op, "B", step.b, bn)?;
-        need(self, op, "C", step.c, bn)?;
         need(self, op, "y", y, rows)?;
-        for (what, buf, len) in [
-            ("D", step.d_skip, spec.dim),
-            ("z", step.z, rows),
-            ("dt_bias", step.dt_bias, spec.dim),
-        ] {
-            if let Some(buf) = buf {
-                need(self, op, what, buf, len)?;
-            }
-        }
         if rows == 0 {
             return Ok(());
         }
-        let args = [
-            Arg::buf(state),
-            Arg::buf(step.x),
-            Arg::buf(step.dt),
-            Arg::buf(step.a),
-            Arg::buf(step.b),
-            Arg::buf(step.c),
-            Arg::opt(step.d_skip),
-            Arg::opt(step.z),
-            Arg::opt(step.dt_bias),
+        let mut args = vec![Arg::buf(state)];
+        args.extend(inputs.args());
+        args.extend([
             Arg::buf(y),
             Arg::buf(new_state),
             Arg::size(spec.batch),
             Arg::size(spec.dim),
             Arg::size(spec.state),
             Arg::flag(spec.softplus),
-        ];
+        ]);
         let grid = Grid::blocks(rows.div_ceil((STEP_THREADS / 32) as usize), STEP_THREADS);
         launch(
             self,

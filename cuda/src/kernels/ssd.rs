@@ -5,7 +5,7 @@
 //! the state passing between chunks, then the outputs. The matrix products run on CUDA cores in
 //! f32 with shared-memory tiles; tensor cores are not used.
 
-use super::{need, product};
+use super::{need, need_optional_grads, product, sum_parts};
 use crate::compile::SSD;
 use crate::device::{DeviceBuffer, FloatElem, GpuDevice};
 use crate::error::{CudaError, Result};
@@ -104,7 +104,9 @@ impl SsdSpec {
 }
 
 /// The operands of an SSD scan, contiguous: x `[B, L, H, P]`, dt `[B, L, H]`, A, D, dt_bias
-/// `[H]`, B and C `[B, L, G, N]`, the initial state `[B, H, P, N]`.
+/// `[H]`, B and C `[B, L, G, N]`, the initial state `[B, H, P, N]`. At L = 1 they are the operands
+/// of one decoding step (x_t `[B, H, P]`, dt_t `[B, H]`, B_t and C_t `[B, G, N]`, the initial state
+/// the state before the step).
 #[derive(Clone, Copy)]
 pub struct SsdInputs<'a, T: FloatElem> {
     /// The input x.
@@ -169,26 +171,6 @@ pub struct SsdGradBuffers<'a, T: FloatElem> {
     pub dinitial: Option<&'a mut DeviceBuffer<T>>,
 }
 
-/// The operands of one SSD decoding step: x `[B, H, P]`, dt `[B, H]`, A, D, dt_bias `[H]`,
-/// B and C `[B, G, N]`.
-#[derive(Clone, Copy)]
-pub struct SsdStep<'a, T: FloatElem> {
-    /// The input x_t.
-    pub x: &'a DeviceBuffer<T>,
-    /// The step before bias and softplus.
-    pub dt: &'a DeviceBuffer<T>,
-    /// A per head.
-    pub a: &'a DeviceBuffer<T>,
-    /// B_t.
-    pub b: &'a DeviceBuffer<T>,
-    /// C_t.
-    pub c: &'a DeviceBuffer<T>,
-    /// The skip D, if any.
-    pub d_skip: Option<&'a DeviceBuffer<T>>,
-    /// The bias added to dt, if any.
-    pub dt_bias: Option<&'a DeviceBuffer<T>>,
-}
-
 /// The forward pass's f32 scratch that the backward pass reuses.
 struct Forward {
     /// dt after bias and softplus `[B, H, L]`.
@@ -199,6 +181,16 @@ struct Forward {
     cb: DeviceBuffer<f32>,
     /// The state entering each chunk `[B, nc, H, P, N]`.
     states: DeviceBuffer<f32>,
+}
+
+/// What `ssd_chunk_state` sums over each chunk (its `mode`).
+#[derive(Clone, Copy, Debug)]
+enum ChunkSum {
+    /// The chunk's own state Σ_j exp(s_end − s_j) dt_j x_j ⊗ B_j (from x and B).
+    States = 0,
+    /// The output gradients' pull on the state entering the chunk, Σ_j exp(s_j) dy_j ⊗ C_j
+    /// (from dy and C).
+    OutputGrads = 1,
 }
 
 /// Tiles of `TILE` covering `n` (at least one).
@@ -218,25 +210,64 @@ impl GpuDevice {
         launch(self, &SSD, name, Grid::blocks(blocks, TILE_THREADS), args)
     }
 
-    /// `out[i] = Σ_p part[p·M + i]` (p in order) rounded to T, for M = `out.len()`.
-    fn ssd_sum<T: FloatElem>(
+    /// `ssd_bmm`: `out[b, c, k, i, j] = U_i · V_j` (over the last axis, of length `len`) for
+    /// j <= i within each chunk, with U and V `[B, L, count, len]`: C·B per group in the forward,
+    /// dy·x per head in the backward. `out` is `[B, nc, count, Q, Q]`.
+    #[allow(clippy::too_many_arguments)]
+    fn ssd_chunk_products<T: FloatElem>(
         &self,
-        part: &DeviceBuffer<f32>,
-        out: &mut DeviceBuffer<T>,
-        parts: usize,
+        op: &'static str,
+        u: &DeviceBuffer<T>,
+        v: &DeviceBuffer<T>,
+        out: &mut DeviceBuffer<f32>,
+        count: usize,
+        len: usize,
+        spec: &SsdSpec,
     ) -> Result<()> {
-        let m = out.len();
-        if m == 0 {
+        let (q, nc) = spec.chunking();
+        let mut args = vec![
+            Arg::buf(u),
+            Arg::buf(v),
+            Arg::buf(out),
+            Arg::size(count),
+            Arg::size(len),
+        ];
+        args.extend(spec.dims());
+        let blocks = spec.batch * nc * count * tiles(q) * tiles(q);
+        self.ssd_tiled(op, &entry::<T>("ssd_bmm"), blocks, &args)
+    }
+
+    /// `ssd_chunk_state`: per (b, chunk, head), `out[p, n] = Σ_j w_j X_j[p] Y_j[n]` over the
+    /// chunk's steps, with X `[B, L, H, P]`, Y `[B, L, G, N]`, the weights of `sums` and
+    /// `scratch` = (dt, cumulative sums of dt·A) `[B, H, L]`. `out` is `[B, nc, H, P, N]`.
+    #[allow(clippy::too_many_arguments)]
+    fn ssd_chunk_sums<T: FloatElem>(
+        &self,
+        op: &'static str,
+        sums: ChunkSum,
+        x: &DeviceBuffer<T>,
+        y: &DeviceBuffer<T>,
+        scratch: (&DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        out: &mut DeviceBuffer<f32>,
+        spec: &SsdSpec,
+    ) -> Result<()> {
+        let (_, nc) = spec.chunking();
+        let (p, n) = (spec.head_dim, spec.state);
+        if p * n == 0 {
             return Ok(());
         }
-        let args = [Arg::buf(part), Arg::buf(out), Arg::size(parts), Arg::size(m)];
-        launch(
-            self,
-            &SSD,
-            &entry::<T>("ssd_sum"),
-            Grid::elementwise(self, m),
-            &args,
-        )
+        let (dts, cum) = scratch;
+        let mut args = vec![
+            Arg::buf(x),
+            Arg::buf(y),
+            Arg::buf(dts),
+            Arg::buf(cum),
+            Arg::buf(out),
+        ];
+        args.extend(spec.dims());
+        args.push(Arg::I32(sums as i32));
+        let blocks = spec.batch * nc * spec.heads * tiles(p) * tiles(n);
+        self.ssd_tiled(op, &entry::<T>("ssd_chunk_state"), blocks, &args)
     }
 
     /// The forward kernels up to the state passing (L > 0, checked inputs); writes the final state.
@@ -261,40 +292,12 @@ impl GpuDevice {
         let grid = Grid::blocks((b * nc * h).div_ceil(THREADS as usize), THREADS);
         launch(self, &SSD, &entry::<T>("ssd_cumsum"), grid, &args)?;
 
-        let cb = self.alloc::<f32>(b * nc * g * q * q)?;
-        let mut args = vec![
-            Arg::buf(inputs.c),
-            Arg::buf(inputs.b),
-            Arg::buf(&cb),
-            Arg::size(g),
-            Arg::size(n),
-        ];
-        args.extend(dims);
-        self.ssd_tiled(
-            op,
-            &entry::<T>("ssd_bmm"),
-            b * nc * g * tiles(q) * tiles(q),
-            &args,
-        )?;
+        let mut cb = self.alloc::<f32>(b * nc * g * q * q)?;
+        self.ssd_chunk_products(op, inputs.c, inputs.b, &mut cb, g, n, spec)?;
 
-        let states = self.alloc::<f32>(b * nc * h * p * n)?;
-        let mut args = vec![
-            Arg::buf(inputs.x),
-            Arg::buf(inputs.b),
-            Arg::buf(&dts),
-            Arg::buf(&cum),
-            Arg::buf(&states),
-        ];
-        args.extend(dims);
-        args.push(Arg::I32(0));
-        if p * n > 0 {
-            self.ssd_tiled(
-                op,
-                &entry::<T>("ssd_chunk_state"),
-                b * nc * h * tiles(p) * tiles(n),
-                &args,
-            )?;
-        }
+        let mut states = self.alloc::<f32>(b * nc * h * p * n)?;
+        let sums = ChunkSum::States;
+        self.ssd_chunk_sums(op, sums, inputs.x, inputs.b, (&dts, &cum), &mut states, spec)?;
 
         let mut args = vec![
             Arg::buf(&states),
@@ -400,32 +403,25 @@ impl GpuDevice {
         need(self, op, "dA", grads.da, spec.heads)?;
         need(self, op, "dB", grads.db, bcs)?;
         need(self, op, "dC", grads.dc, bcs)?;
-        let optional = [
-            ("dD", grads.dd.as_deref(), spec.heads, inputs.d_skip.is_some()),
-            (
-                "ddt_bias",
-                grads.ddt_bias.as_deref(),
-                spec.heads,
-                inputs.dt_bias.is_some(),
-            ),
-            (
-                "dinitial_state",
-                grads.dinitial.as_deref(),
-                states,
-                inputs.initial.is_some(),
-            ),
-        ];
-        for (what, buf, len, has_input) in optional {
-            if let Some(buf) = buf {
-                if !has_input {
-                    return Err(CudaError::shape(
-                        op,
-                        format!("{what} asked for without its input"),
-                    ));
-                }
-                need(self, op, what, buf, len)?;
-            }
-        }
+        need_optional_grads(
+            self,
+            op,
+            &[
+                ("dD", grads.dd.as_deref(), spec.heads, inputs.d_skip.is_some()),
+                (
+                    "ddt_bias",
+                    grads.ddt_bias.as_deref(),
+                    spec.heads,
+                    inputs.dt_bias.is_some(),
+                ),
+                (
+                    "dinitial_state",
+                    grads.dinitial.as_deref(),
+                    states,
+                    inputs.initial.is_some(),
+                ),
+            ],
+        )?;
         let (b, l, h, p, n) = (spec.batch, spec.len, spec.heads, spec.head_dim, spec.state);
         if l == 0 || b * h == 0 {
             // Nothing flows: every gradient is zero.
@@ -457,30 +453,18 @@ impl GpuDevice {
         }
 
         // Σ_i exp(s_i) dy_i ⊗ C_i per chunk, then the reverse state passing: dE_{c+1} per chunk.
-        let dnext = self.alloc::<f32>(b * nc * h * p * n)?;
+        let mut dnext = self.alloc::<f32>(b * nc * h * p * n)?;
         let ee = self.zeros::<f32>(b * nc * h)?;
         if p * n > 0 {
-            let mut args = vec![
-                Arg::buf(grad),
-                Arg::buf(inputs.c),
-                Arg::buf(&fwd.dts),
-                Arg::buf(&fwd.cum),
-                Arg::buf(&dnext),
-            ];
-            args.extend(dims);
-            args.push(Arg::I32(1));
-            self.ssd_tiled(
-                op,
-                &entry::<T>("ssd_chunk_state"),
-                b * nc * h * tiles(p) * tiles(n),
-                &args,
-            )?;
+            let scratch = (&fwd.dts, &fwd.cum);
+            let sums = ChunkSum::OutputGrads;
+            self.ssd_chunk_sums(op, sums, grad, inputs.c, scratch, &mut dnext, &spec)?;
             let mut args = vec![
                 Arg::buf(&dnext),
                 Arg::buf(&fwd.states),
                 Arg::buf(&fwd.cum),
                 Arg::buf(&ee),
-                Arg::Ptr(grads.dinitial.as_deref().map_or(0, |d| d.device_ptr())),
+                Arg::opt(grads.dinitial.as_deref()),
             ];
             args.extend(dims);
             let per = (p * n).div_ceil(THREADS as usize);
@@ -496,21 +480,8 @@ impl GpuDevice {
         }
 
         // dy_i · x_j per (b, chunk, head).
-        let dxm = self.alloc::<f32>(b * nc * h * q * q)?;
-        let mut args = vec![
-            Arg::buf(grad),
-            Arg::buf(inputs.x),
-            Arg::buf(&dxm),
-            Arg::size(h),
-            Arg::size(p),
-        ];
-        args.extend(dims);
-        self.ssd_tiled(
-            op,
-            &entry::<T>("ssd_bmm"),
-            b * nc * h * tiles(q) * tiles(q),
-            &args,
-        )?;
+        let mut dxm = self.alloc::<f32>(b * nc * h * q * q)?;
+        self.ssd_chunk_products(op, grad, inputs.x, &mut dxm, h, p, &spec)?;
 
         // dx, and the per-step sums x·(G B) and x·dy.
         let (w, xdy) = (self.zeros::<f32>(b * l * h)?, self.zeros::<f32>(b * l * h)?);
@@ -559,8 +530,8 @@ impl GpuDevice {
             args.extend(dims);
             self.ssd_tiled(op, &entry::<T>("ssd_dc"), blocks, &args)?;
         }
-        self.ssd_sum(&dbf, grads.db, 1)?;
-        self.ssd_sum(&dcf, grads.dc, 1)?;
+        sum_parts(self, &SSD, &dbf, grads.db, 1)?;
+        sum_parts(self, &SSD, &dcf, grads.dc, 1)?;
 
         // ddt, and the partial sums of dA, d(dt_bias), dD per (b, chunk, head).
         let parts = b * nc * h;
@@ -587,22 +558,22 @@ impl GpuDevice {
         args.push(Arg::flag(spec.softplus));
         let grid = Grid::blocks(parts.div_ceil(THREADS as usize), THREADS);
         launch(self, &SSD, &entry::<T>("ssd_ddt"), grid, &args)?;
-        self.ssd_sum(&da_part, grads.da, b * nc)?;
+        sum_parts(self, &SSD, &da_part, grads.da, b * nc)?;
         if let Some(dd) = grads.dd {
-            self.ssd_sum(&dd_part, dd, b * nc)?;
+            sum_parts(self, &SSD, &dd_part, dd, b * nc)?;
         }
         if let Some(dbias) = grads.ddt_bias {
-            self.ssd_sum(&dbias_part, dbias, b * nc)?;
+            sum_parts(self, &SSD, &dbias_part, dbias, b * nc)?;
         }
         Ok(())
     }
 
-    /// One decoding step of the SSD scan from `state` `[B, H, P, N]`: writes y `[B, H, P]` and the
-    /// new state `[B, H, P, N]` (rounded to T). `spec.len` and `spec.chunk` are ignored.
+    /// One decoding step of the SSD scan: the scan of `inputs` at L = 1 (see [`SsdInputs`]) from
+    /// their initial state `[B, H, P, N]`, which must be given. Writes y `[B, H, P]` and the new
+    /// state `[B, H, P, N]` (rounded to T). `spec.len` and `spec.chunk` are ignored.
     pub fn ssd_state_update<T: FloatElem>(
         &self,
-        state: &DeviceBuffer<T>,
-        step: &SsdStep<'_, T>,
+        inputs: &SsdInputs<'_, T>,
         y: &mut DeviceBuffer<T>,
         new_state: &mut DeviceBuffer<T>,
         spec: SsdSpec,
@@ -613,33 +584,25 @@ impl GpuDevice {
             chunk: 1,
             ..spec
         };
-        spec.check(op)?;
-        let (xs, dts, bcs, states) = spec.sizes();
-        need(self, op, "state", state, states)?;
+        inputs.check(self, op, &spec)?;
+        let Some(state) = inputs.initial else {
+            return Err(CudaError::shape(op, "the state before the step is missing"));
+        };
+        let (xs, _, _, states) = spec.sizes();
         need(self, op, "new state", new_state, states)?;
-        need(self, op, "x", step.x, xs)?;
-        need(self, op, "dt", step.dt, dts)?;
-        need(self, op, "A", step.a, spec.heads)?;
-        need(self, op, "B", step.b, bcs)?;
-        need(self, op, "C", step.c, bcs)?;
         need(self, op, "y", y, xs)?;
-        for (what, buf) in [("D", step.d_skip), ("dt_bias", step.dt_bias)] {
-            if let Some(buf) = buf {
-                need(self, op, what, buf, spec.heads)?;
-            }
-        }
         if xs == 0 {
             return Ok(());
         }
         let args = [
             Arg::buf(state),
-            Arg::buf(step.x),
-            Arg::buf(step.dt),
-            Arg::buf(step.a),
-            Arg::buf(step.b),
-            Arg::buf(step.c),
-            Arg::opt(step.d_skip),
-            Arg::opt(step.dt_bias),
+            Arg::buf(inputs.x),
+            Arg::buf(inputs.dt),
+            Arg::buf(inputs.a),
+            Arg::buf(inputs.b),
+            Arg::buf(inputs.c),
+            Arg::opt(inputs.d_skip),
+            Arg::opt(inputs.dt_bias),
             Arg::buf(y),
             Arg::buf(new_state),
             Arg::size(spec.batch),

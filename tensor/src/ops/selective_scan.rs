@@ -8,9 +8,10 @@
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::layout::numel;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
-use cuda::kernels::{ScanGrads, ScanInputs, ScanSpec, ScanStep};
+use cuda::kernels::{ScanGrads, ScanInputs, ScanSpec};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -86,6 +87,23 @@ struct Dims {
     state: usize,
 }
 
+impl Dims {
+    /// The shape of u, delta, z and y: `[B, D, L]`.
+    fn seq(&self) -> [usize; 3] {
+        [self.batch, self.dim, self.len]
+    }
+
+    /// The shape of B and C: `[B, N, L]`.
+    fn bc(&self) -> [usize; 3] {
+        [self.batch, self.state, self.len]
+    }
+
+    /// The shape of a state: `[B, D, N]`.
+    fn states(&self) -> [usize; 3] {
+        [self.batch, self.dim, self.state]
+    }
+}
+
 /// The operands of one scan: u `[B, D, L]`, delta `[B, D, L]`, A `[D, N]`, B and C `[B, N, L]`,
 /// D `[D]`, z `[B, D, L]`, delta_bias `[D]` and the state before the first step `[B, D, N]`.
 struct ScanArgs<'a> {
@@ -116,10 +134,7 @@ impl ScanArgs<'_> {
             len: us[2],
             state: as_[1],
         };
-        let seq = [dims.batch, dims.dim, dims.len];
-        let bc = [dims.batch, dims.state, dims.len];
-        let channel = [dims.dim];
-        let states = [dims.batch, dims.dim, dims.state];
+        let (seq, bc, states, channel) = (dims.seq(), dims.bc(), dims.states(), [dims.dim]);
         check_operands(
             op,
             self.u,
@@ -352,19 +367,13 @@ struct BlockGrads<A> {
 
 /// The scan's output y `[B, D, L]` and last state `[B, D, N]`.
 fn forward<T: FloatElement>(s: &Scan<T::Acc>) -> (Tensor, Tensor) {
-    let Dims {
-        batch,
-        dim,
-        len,
-        state,
-    } = s.dims;
-    let (y, h): (Vec<_>, Vec<_>) = (0..batch * dim)
+    let (y, h): (Vec<_>, Vec<_>) = (0..s.dims.batch * s.dims.dim)
         .into_par_iter()
         .map(|row| s.forward_row(row))
         .unzip();
     (
-        narrow::<T>(y.concat(), &[batch, dim, len]),
-        narrow::<T>(h.concat(), &[batch, dim, state]),
+        narrow::<T>(y.concat(), &s.dims.seq()),
+        narrow::<T>(h.concat(), &s.dims.states()),
     )
 }
 
@@ -412,7 +421,7 @@ fn backward<T: FloatElement>(s: &Scan<T::Acc>, grad: &[T::Acc]) -> Result<Select
             *acc += v;
         }
     }
-    let seq = [batch, dim, len];
+    let seq = s.dims.seq();
     // dB and dC were gathered as [B, L, N].
     let bc = |v| {
         narrow::<T>(v, &[batch, len, n])
@@ -432,7 +441,7 @@ fn backward<T: FloatElement>(s: &Scan<T::Acc>, grad: &[T::Acc]) -> Result<Select
 }
 
 /// The operands of a scan as one list (the optional ones when given), for the device check.
-fn operand_list<'a>(required: &[&'a Tensor], optional: &[Option<&'a Tensor>]) -> Vec<&'a Tensor> {
+pub(crate) fn operand_list<'a>(required: &[&'a Tensor], optional: &[Option<&'a Tensor>]) -> Vec<&'a Tensor> {
     required
         .iter()
         .copied()
@@ -496,18 +505,13 @@ fn scan_spec(dims: Dims, softplus: bool) -> ScanSpec {
 /// `selective_scan` on a CUDA device: y `[B, D, L]` and the last state `[B, D, N]`.
 fn forward_cuda(gpu: &Gpu, s: &ScanArgs, dims: Dims, softplus: bool) -> Result<(Tensor, Tensor)> {
     let p = Packed::new(gpu, s)?;
-    let Dims {
-        batch,
-        dim,
-        len,
-        state,
-    } = dims;
+    let (seq, states) = (dims.seq(), dims.states());
     cuda_float_dispatch!(gpu.op, gpu.device, s.u.dtype(), T => {
-        let mut y = gpu.alloc::<T>(batch * dim * len)?;
-        let mut last = gpu.alloc::<T>(batch * dim * state)?;
+        let mut y = gpu.alloc::<T>(numel(&seq))?;
+        let mut last = gpu.alloc::<T>(numel(&states))?;
         let spec = scan_spec(dims, softplus);
         gpu.check(gpu.dev.selective_scan(&p.inputs::<T>(), &mut y, &mut last, None, spec))?;
-        Ok((gpu.tensor(y, &[batch, dim, len]), gpu.tensor(last, &[batch, dim, state])))
+        Ok((gpu.tensor(y, &seq), gpu.tensor(last, &states)))
     })
 }
 
@@ -521,22 +525,15 @@ fn backward_cuda(
 ) -> Result<SelectiveScanGrads> {
     let p = Packed::new(gpu, s)?;
     let g = gpu.packed(grad)?;
-    let Dims {
-        batch,
-        dim,
-        len,
-        state,
-    } = dims;
-    let (seq, bc) = ([batch, dim, len], [batch, state, len]);
+    let (seq, bc, a_shape, channel) = (dims.seq(), dims.bc(), [dims.dim, dims.state], [dims.dim]);
     cuda_float_dispatch!(gpu.op, gpu.device, s.u.dtype(), T => {
-        let n = batch * dim * len;
-        let (mut du, mut ddelta) = (gpu.alloc::<T>(n)?, gpu.alloc::<T>(n)?);
-        let mut da = gpu.alloc::<T>(dim * state)?;
-        let (mut db, mut dc) = (gpu.alloc::<T>(batch * state * len)?, gpu.alloc::<T>(batch * state * len)?);
-        let opt = |given: bool, len: usize| given.then(|| gpu.alloc::<T>(len)).transpose();
-        let mut dd = opt(s.d_skip.is_some(), dim)?;
-        let mut dz = opt(s.z.is_some(), n)?;
-        let mut dbias = opt(s.delta_bias.is_some(), dim)?;
+        let (mut du, mut ddelta) = (gpu.alloc::<T>(numel(&seq))?, gpu.alloc::<T>(numel(&seq))?);
+        let mut da = gpu.alloc::<T>(numel(&a_shape))?;
+        let (mut db, mut dc) = (gpu.alloc::<T>(numel(&bc))?, gpu.alloc::<T>(numel(&bc))?);
+        let opt = |given: bool, shape: &[usize]| given.then(|| gpu.alloc::<T>(numel(shape))).transpose();
+        let mut dd = opt(s.d_skip.is_some(), &channel)?;
+        let mut dz = opt(s.z.is_some(), &seq)?;
+        let mut dbias = opt(s.delta_bias.is_some(), &channel)?;
         let grads = ScanGrads {
             du: &mut du,
             ddelta: &mut ddelta,
@@ -552,18 +549,18 @@ fn backward_cuda(
         Ok(SelectiveScanGrads {
             du: gpu.tensor(du, &seq),
             ddelta: gpu.tensor(ddelta, &seq),
-            da: gpu.tensor(da, &[dim, state]),
+            da: gpu.tensor(da, &a_shape),
             db: gpu.tensor(db, &bc),
             dc: gpu.tensor(dc, &bc),
-            dd: dd.map(|b| gpu.tensor(b, &[dim])),
+            dd: dd.map(|b| gpu.tensor(b, &channel)),
             dz: dz.map(|b| gpu.tensor(b, &seq)),
-            ddelta_bias: dbias.map(|b| gpu.tensor(b, &[dim])),
+            ddelta_bias: dbias.map(|b| gpu.tensor(b, &channel)),
         })
     })
 }
 
-/// `selective_state_update` on a CUDA device: `step` holds x, dt, A, B, C `[B, N]` (unsqueezed
-/// operands are not needed), D, z, dt_bias.
+/// `selective_state_update` on a CUDA device from `state` `[B, D, N]`: `step` holds the operands
+/// of a scan of length one (x, dt, z `[B, D, 1]`, B and C `[B, N, 1]`, A, D, dt_bias).
 fn state_update_cuda(
     gpu: &Gpu,
     state: &Tensor,
@@ -573,26 +570,13 @@ fn state_update_cuda(
 ) -> Result<(Tensor, Tensor)> {
     let p = Packed::new(gpu, step)?;
     let st = gpu.packed(state)?;
-    let Dims {
-        batch, dim, state: n, ..
-    } = dims;
+    let (row, states) = ([dims.batch, dims.dim], dims.states());
     cuda_float_dispatch!(gpu.op, gpu.device, state.dtype(), T => {
-        let inputs = p.inputs::<T>();
-        let step = ScanStep {
-            x: inputs.u,
-            dt: inputs.delta,
-            a: inputs.a,
-            b: inputs.b,
-            c: inputs.c,
-            d_skip: inputs.d_skip,
-            z: inputs.z,
-            dt_bias: inputs.delta_bias,
-        };
-        let mut y = gpu.alloc::<T>(batch * dim)?;
-        let mut next = gpu.alloc::<T>(batch * dim * n)?;
+        let mut y = gpu.alloc::<T>(numel(&row))?;
+        let mut next = gpu.alloc::<T>(numel(&states))?;
         let spec = scan_spec(dims, softplus);
-        gpu.check(gpu.dev.selective_state_update(st.cuda_buffer::<T>(), &step, &mut y, &mut next, spec))?;
-        Ok((gpu.tensor(y, &[batch, dim]), gpu.tensor(next, &[batch, dim, n])))
+        gpu.check(gpu.dev.selective_state_update(st.cuda_buffer::<T>(), &p.inputs::<T>(), &mut y, &mut next, spec))?;
+        Ok((gpu.tensor(y, &row), gpu.tensor(next, &states)))
     })
 }
 
@@ -723,20 +707,7 @@ impl Tensor {
             ],
         )?;
         let operands = operand_list(&[self, x, dt, a, b, c], &[d_skip, z, dt_bias]);
-        if let Some(gpu) = Gpu::of(op, &operands)? {
-            let step = ScanArgs {
-                u: x,
-                delta: dt,
-                a,
-                b,
-                c,
-                d_skip,
-                z,
-                delta_bias: dt_bias,
-                initial: None,
-            };
-            return state_update_cuda(&gpu, self, &step, dims, dt_softplus);
-        }
+        let gpu = Gpu::of(op, &operands)?;
         // A scan of length one from the given state.
         let (x, dt, b, c) = (
             x.unsqueeze(2)?,
@@ -756,6 +727,9 @@ impl Tensor {
             delta_bias: dt_bias,
             initial: Some(self),
         };
+        if let Some(gpu) = gpu {
+            return state_update_cuda(&gpu, self, &args, dims, dt_softplus);
+        }
         float_dispatch!(op, self.dtype(), T => {
             let (y, h) = forward::<T>(&Scan::new::<T>(&args, dims, dt_softplus)?);
             Ok((y.reshape(&row)?, h))

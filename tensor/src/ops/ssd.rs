@@ -10,9 +10,10 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cpu_only, cuda_float_dispatch, Gpu, GpuElement};
-use crate::ops::selective_scan::{check_operands, narrow, widen};
+use crate::layout::numel;
+use crate::ops::selective_scan::{check_operands, narrow, operand_list, widen};
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
-use cuda::kernels::{SsdGradBuffers, SsdInputs, SsdSpec, SsdStep};
+use cuda::kernels::{SsdGradBuffers, SsdInputs, SsdSpec};
 use rayon::prelude::*;
 
 /// The gradients of `ssd_scan`, each shaped and typed like its input; an optional one is present
@@ -46,6 +47,28 @@ struct Dims {
     head_dim: usize,
     groups: usize,
     state: usize,
+}
+
+impl Dims {
+    /// The shape of x and y: `[B, L, H, P]`.
+    fn xs(&self) -> [usize; 4] {
+        [self.batch, self.len, self.heads, self.head_dim]
+    }
+
+    /// The shape of dt: `[B, L, H]`.
+    fn steps(&self) -> [usize; 3] {
+        [self.batch, self.len, self.heads]
+    }
+
+    /// The shape of B and C: `[B, L, G, N]`.
+    fn bc(&self) -> [usize; 4] {
+        [self.batch, self.len, self.groups, self.state]
+    }
+
+    /// The shape of a state: `[B, H, P, N]`.
+    fn states(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.head_dim, self.state]
+    }
 }
 
 /// The operands of one scan: x `[B, L, H, P]`, dt `[B, L, H]`, A `[H]`, B and C `[B, L, G, N]`,
@@ -88,14 +111,12 @@ impl SsdArgs<'_> {
                 ),
             );
         }
-        let bc = [dims.batch, dims.len, dims.groups, dims.state];
-        let head = [dims.heads];
-        let states = [dims.batch, dims.heads, dims.head_dim, dims.state];
+        let (bc, head, states) = (dims.bc(), [dims.heads], dims.states());
         check_operands(
             op,
             self.x,
             &[
-                ("dt", Some(self.dt), &[dims.batch, dims.len, dims.heads]),
+                ("dt", Some(self.dt), &dims.steps()),
                 ("A", Some(self.a), &head),
                 ("B", Some(self.b), &bc),
                 ("C", Some(self.c), &bc),
@@ -480,7 +501,6 @@ fn forward<T: FloatElement>(
         len,
         heads,
         head_dim,
-        state,
         ..
     } = s.dims;
     let (ys, last): (Vec<_>, Vec<_>) = (0..batch * heads)
@@ -493,8 +513,8 @@ fn forward<T: FloatElement>(
         .unzip();
     let y = interleave_heads(s.dims, head_dim, &ys, |y| y);
     (
-        narrow::<T>(y, &[batch, len, heads, head_dim]),
-        narrow::<T>(last.concat(), &[batch, heads, head_dim, state]),
+        narrow::<T>(y, &s.dims.xs()),
+        narrow::<T>(last.concat(), &s.dims.states()),
     )
 }
 
@@ -540,29 +560,17 @@ fn backward<T: FloatElement>(s: &Ssd<T::Acc>, chunk: usize, grad: &[T::Acc]) -> 
         }
     }
     let dinitial: Vec<T::Acc> = parts.into_iter().flat_map(|p| p.dinitial).collect();
-    let bc = [batch, len, groups, state];
+    let bc = dims.bc();
     SsdGrads {
-        dx: narrow::<T>(dx, &[batch, len, heads, head_dim]),
-        ddt: narrow::<T>(ddt, &[batch, len, heads]),
+        dx: narrow::<T>(dx, &dims.xs()),
+        ddt: narrow::<T>(ddt, &dims.steps()),
         da: narrow::<T>(da, &[heads]),
         db: narrow::<T>(db, &bc),
         dc: narrow::<T>(dc, &bc),
         dd: s.d_skip.is_some().then(|| narrow::<T>(dd, &[heads])),
         ddt_bias: s.dt_bias.is_some().then(|| narrow::<T>(dbias, &[heads])),
-        dinitial_state: s
-            .initial
-            .is_some()
-            .then(|| narrow::<T>(dinitial, &[batch, heads, head_dim, state])),
+        dinitial_state: s.initial.is_some().then(|| narrow::<T>(dinitial, &dims.states())),
     }
-}
-
-/// The operands of a scan as one list (the optional ones when given), for the device check.
-fn operand_list<'a>(required: &[&'a Tensor], optional: &[Option<&'a Tensor>]) -> Vec<&'a Tensor> {
-    required
-        .iter()
-        .copied()
-        .chain(optional.iter().flatten().copied())
-        .collect()
 }
 
 /// Packed copies (or the tensors themselves) of an SSD scan's operands on the device.
@@ -630,23 +638,13 @@ fn forward_cuda(
     softplus: bool,
 ) -> Result<(Tensor, Tensor)> {
     let p = Packed::new(gpu, s)?;
-    let Dims {
-        batch,
-        len,
-        heads,
-        head_dim,
-        state,
-        ..
-    } = dims;
+    let (xs, states) = (dims.xs(), dims.states());
     cuda_float_dispatch!(gpu.op, gpu.device, s.x.dtype(), T => {
-        let mut y = gpu.alloc::<T>(batch * len * heads * head_dim)?;
-        let mut last = gpu.alloc::<T>(batch * heads * head_dim * state)?;
+        let mut y = gpu.alloc::<T>(numel(&xs))?;
+        let mut last = gpu.alloc::<T>(numel(&states))?;
         let spec = ssd_spec(dims, chunk, softplus);
         gpu.check(gpu.dev.ssd_scan(&p.inputs::<T>(), &mut y, &mut last, spec))?;
-        Ok((
-            gpu.tensor(y, &[batch, len, heads, head_dim]),
-            gpu.tensor(last, &[batch, heads, head_dim, state]),
-        ))
+        Ok((gpu.tensor(y, &xs), gpu.tensor(last, &states)))
     })
 }
 
@@ -661,29 +659,16 @@ fn backward_cuda(
 ) -> Result<SsdGrads> {
     let p = Packed::new(gpu, s)?;
     let g = gpu.packed(grad)?;
-    let Dims {
-        batch,
-        len,
-        heads,
-        head_dim,
-        groups,
-        state,
-    } = dims;
-    let (xs, bc, states) = (
-        [batch, len, heads, head_dim],
-        [batch, len, groups, state],
-        [batch, heads, head_dim, state],
-    );
-    let numel = |s: &[usize]| s.iter().product::<usize>();
+    let (xs, steps, bc, states, head) = (dims.xs(), dims.steps(), dims.bc(), dims.states(), [dims.heads]);
     cuda_float_dispatch!(gpu.op, gpu.device, s.x.dtype(), T => {
         let mut dx = gpu.alloc::<T>(numel(&xs))?;
-        let mut ddt = gpu.alloc::<T>(batch * len * heads)?;
-        let mut da = gpu.alloc::<T>(heads)?;
+        let mut ddt = gpu.alloc::<T>(numel(&steps))?;
+        let mut da = gpu.alloc::<T>(dims.heads)?;
         let (mut db, mut dc) = (gpu.alloc::<T>(numel(&bc))?, gpu.alloc::<T>(numel(&bc))?);
-        let opt = |given: bool, len: usize| given.then(|| gpu.alloc::<T>(len)).transpose();
-        let mut dd = opt(s.d_skip.is_some(), heads)?;
-        let mut dbias = opt(s.dt_bias.is_some(), heads)?;
-        let mut dinit = opt(s.initial.is_some(), numel(&states))?;
+        let opt = |given: bool, shape: &[usize]| given.then(|| gpu.alloc::<T>(numel(shape))).transpose();
+        let mut dd = opt(s.d_skip.is_some(), &head)?;
+        let mut dbias = opt(s.dt_bias.is_some(), &head)?;
+        let mut dinit = opt(s.initial.is_some(), &states)?;
         let grads = SsdGradBuffers {
             dx: &mut dx,
             ddt: &mut ddt,
@@ -698,48 +683,29 @@ fn backward_cuda(
         gpu.check(gpu.dev.ssd_scan_backward(&p.inputs::<T>(), g.cuda_buffer::<T>(), grads, spec))?;
         Ok(SsdGrads {
             dx: gpu.tensor(dx, &xs),
-            ddt: gpu.tensor(ddt, &[batch, len, heads]),
-            da: gpu.tensor(da, &[heads]),
+            ddt: gpu.tensor(ddt, &steps),
+            da: gpu.tensor(da, &head),
             db: gpu.tensor(db, &bc),
             dc: gpu.tensor(dc, &bc),
-            dd: dd.map(|b| gpu.tensor(b, &[heads])),
-            ddt_bias: dbias.map(|b| gpu.tensor(b, &[heads])),
+            dd: dd.map(|b| gpu.tensor(b, &head)),
+            ddt_bias: dbias.map(|b| gpu.tensor(b, &head)),
             dinitial_state: dinit.map(|b| gpu.tensor(b, &states)),
         })
     })
 }
 
-/// `ssd_state_update` on a CUDA device: `step` holds x `[B, H, P]`, dt `[B, H]`, A, B and C
-/// `[B, G, N]`, D, dt_bias and the state `[B, H, P, N]` as `initial`.
+/// `ssd_state_update` on a CUDA device: `step` holds the operands of a scan of length one (x
+/// `[B, 1, H, P]`, dt `[B, 1, H]`, B and C `[B, 1, G, N]`, A, D, dt_bias) and the state
+/// `[B, H, P, N]` as its initial state. Returns y `[B, H, P]` and the new state.
 fn state_update_cuda(gpu: &Gpu, step: &SsdArgs, dims: Dims, softplus: bool) -> Result<(Tensor, Tensor)> {
     let p = Packed::new(gpu, step)?;
-    let Dims {
-        batch,
-        heads,
-        head_dim,
-        state,
-        ..
-    } = dims;
+    let (row, states) = ([dims.batch, dims.heads, dims.head_dim], dims.states());
     cuda_float_dispatch!(gpu.op, gpu.device, step.x.dtype(), T => {
-        let inputs = p.inputs::<T>();
-        let one = SsdStep {
-            x: inputs.x,
-            dt: inputs.dt,
-            a: inputs.a,
-            b: inputs.b,
-            c: inputs.c,
-            d_skip: inputs.d_skip,
-            dt_bias: inputs.dt_bias,
-        };
-        let current = inputs.initial.expect("the state is the update's initial state");
-        let mut y = gpu.alloc::<T>(batch * heads * head_dim)?;
-        let mut next = gpu.alloc::<T>(batch * heads * head_dim * state)?;
+        let mut y = gpu.alloc::<T>(numel(&row))?;
+        let mut next = gpu.alloc::<T>(numel(&states))?;
         let spec = ssd_spec(dims, 1, softplus);
-        gpu.check(gpu.dev.ssd_state_update(current, &one, &mut y, &mut next, spec))?;
-        Ok((
-            gpu.tensor(y, &[batch, heads, head_dim]),
-            gpu.tensor(next, &[batch, heads, head_dim, state]),
-        ))
+        gpu.check(gpu.dev.ssd_state_update(&p.inputs::<T>(), &mut y, &mut next, spec))?;
+        Ok((gpu.tensor(y, &row), gpu.tensor(next, &states)))
     })
 }
 
@@ -920,17 +886,7 @@ impl Tensor {
         let dims = args.check(op)?;
         let operands = operand_list(&[self, x, dt, a, b, c], &[d_skip, dt_bias]);
         if let Some(gpu) = Gpu::of(op, &operands)? {
-            let step = SsdArgs {
-                x,
-                dt,
-                a,
-                b,
-                c,
-                d_skip,
-                dt_bias,
-                initial: Some(self),
-            };
-            return state_update_cuda(&gpu, &step, dims, dt_softplus);
+            return state_update_cuda(&gpu, &args, dims, dt_softplus);
         }
         float_dispatch!(op, self.dtype(), T => {
             let s = Ssd::new::<T>(&args, dims, dt_softplus);
