@@ -68,11 +68,13 @@ fi
 status=0
 for t in "$here"/tests/*; do
   echo "== $(basename "$t")" | tee -a "$out/gpu-tests.log"
-  if ! "$t" --test-threads=1 >>"$out/gpu-tests.log" 2>&1; then
-    echo "FAILED: $(basename "$t")" | tee -a "$out/gpu-tests.log"
+  "$t" --test-threads=1 >>"$out/gpu-tests.log" 2>&1
+  rc=$?
+  tail -n 2 "$out/gpu-tests.log"
+  if [ $rc -ne 0 ]; then
+    echo "FAILED: $(basename "$t") (exit $rc)" | tee -a "$out/gpu-tests.log"
     status=1
   fi
-  tail -n 2 "$out/gpu-tests.log"
 done
 for b in "$here"/bin/*; do
   echo "== $(basename "$b")" | tee -a "$out/gpu-bench.log"
