@@ -281,3 +281,46 @@ __device__ __forceinline__ float warp_state_step(const T *state, const T *A, u64
 __device__ __forceinline__ void record_bad_index(u64 *bad, u64 position, u32 value) {
     atomicMin(bad, (position << 32) | (u64)value);
 }
+
+// ---- tensor cores (sm_80 and later) -----------------------------------------------------------
+// Two bf16 values as one 32-bit register of an mma fragment: `lo` (the lower k index) in the low
+// half.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    return (u32)from_float<bf16>(lo).bits | ((u32)from_float<bf16>(hi).bits << 16);
+}
+
+// d += A B on the tensor cores for one warp: `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`
+// (A 16 x 16 and B 16 x 8 in bf16, d 16 x 8 in f32). The fragments, as the PTX ISA lays them out,
+// with g = lane / 4 and t = lane % 4 (each register holds two bf16, the lower k in its low half):
+//   a[0]: A[g][2t, 2t+1]   a[1]: A[g+8][2t, 2t+1]   a[2]: A[g][2t+8, 2t+9]   a[3]: A[g+8][2t+8, 2t+9]
+//   b[0]: B[2t, 2t+1][g]   b[1]: B[2t+8, 2t+9][g]
+//   d[0], d[1]: D[g][2t, 2t+1]   d[2], d[3]: D[g+8][2t, 2t+1]
+// Every lane of the warp must call it. (The CPU emulation of the kernels supplies its own.)
+#ifndef EMMA_EMULATE
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif // EMMA_EMULATE
+
+// The A fragment of rows r0 .. r0 + 15, k words kw0 .. kw0 + 7 of a row-major tile of packed bf16
+// pairs (`ld` words per row: tile[r][w] holds k = 2w, 2w + 1).
+__device__ __forceinline__ void load_frag_a(u32 (&a)[4], const u32 *tile, int ld, int r0, int kw0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u32 *p = tile + (r0 + g) * ld + kw0 + t;
+    a[0] = p[0];
+    a[1] = p[8 * ld];
+    a[2] = p[4];
+    a[3] = p[8 * ld + 4];
+}
+
+// The B fragment of columns c0 .. c0 + 7, k words kw0 .. kw0 + 7 of a tile stored by column
+// (`ld` words per column: tile[c][w] holds B[2w][c], B[2w + 1][c]).
+__device__ __forceinline__ void load_frag_b(u32 (&b)[2], const u32 *tile, int ld, int c0, int kw0) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const u32 *p = tile + (c0 + g) * ld + kw0 + t;
+    b[0] = p[0];
+    b[1] = p[4];
+}

@@ -22,7 +22,15 @@
 //   (ssd_db and ssd_dc read DX_ij = dy_i . x_j, formed per head by ssd_bmm      [B, nc, H, Q, Q])
 //   ddt_i = W_i + A R_i, dA = sum dt_i R_i, with W_i = x_i . G_i B_i and
 //   R_i = sum_{k >= i in chunk} (dy_k . (y_k - D x_k) - dt_k W_k) + <dE_{c+1}, E_{c+1}>  (ssd_ddt)
-// The matrix products run on CUDA cores in f32 with 64 x 64 shared-memory tiles (no tensor cores).
+// The matrix products run with 64 x 64 shared-memory tiles, on CUDA cores in f32, except those of
+// two bf16 kernels, which run on the tensor cores (mma m16n8k16 with bf16 operands and f32
+// accumulation; tile_gemm on MmaSmem): ssd_bmm (C.B^T, and dy.x^T for the backward: both operands
+// are bf16 tensors, so only the order of the f32 sums changes) and ssd_chunk_out's products for y
+// (C_i . E_c and the intra-chunk sum over CB_ij exp(s_i - s_j) dt_j x_j, with E_c and that weight
+// rounded to bf16, as mamba_ssm does). ssd_chunk_state, ssd_chunk_out's ydot (`mode` 1) and the
+// backward kernels stay in f32: their results feed ssd_ddt's sums R_i, which cancel, and the
+// operands' rounding to bf16 would push dA and d(dt_bias) past the 1e-2 of the bf16 tests
+// (measured on a CPU emulation of the kernels). The f32 and f16 paths use CUDA cores throughout.
 #include "common.cuh"
 
 #define SSD_TILE 64
@@ -70,6 +78,94 @@ __device__ __forceinline__ void tile_gemm(float (&acc)[4][4], u64 k0, u64 k1, Ti
         }
         __syncthreads();
     }
+}
+
+// The bf16 tile products run on the tensor cores (mma m16n8k16, f32 accumulation): each of the
+// 8 warps owns a 16 x 32 block of the 64 x 64 tile (warp % 4 picks the rows, warp / 4 the
+// columns), four 16 x 8 mma tiles. The operands go to shared memory as packed bf16 pairs, A by
+// row and B by column, SSD_MMA_KT steps of k at a time.
+#define SSD_MMA_KT 32
+#define SSD_MMA_KW (SSD_MMA_KT / 2)
+#define SSD_MMA_LDW (SSD_MMA_KW + 4) // words per row: the fragment loads are free of bank conflicts
+
+// Shared memory of a tensor-core tile product: the k-step's operands, and (aliasing them once the
+// k loop is done) the f32 result in tile order, from which each thread takes its acc entries.
+union MmaSmem {
+    struct {
+        u32 a[SSD_TILE][SSD_MMA_LDW]; // a[row][w]: A[row][2w], A[row][2w + 1]
+        u32 b[SSD_TILE][SSD_MMA_LDW]; // b[col][w]: B[2w][col], B[2w + 1][col]
+    } op;
+    float out[SSD_TILE][SSD_PAD];
+    TileSmem f32; // for the products that stay on CUDA cores in f32
+};
+
+// The shared memory of a forward tile product in T: the bf16 products use the tensor cores (`tc`).
+template <typename T> struct SsdSmem {
+    typedef TileSmem type;
+    static constexpr bool tc = false;
+};
+template <> struct SsdSmem<bf16> {
+    typedef MmaSmem type;
+    static constexpr bool tc = true;
+};
+
+// The f32 tiles of a kernel's shared memory, for the products that stay on CUDA cores.
+__device__ __forceinline__ TileSmem &f32_smem(TileSmem &s) { return s; }
+__device__ __forceinline__ TileSmem &f32_smem(MmaSmem &s) { return s.f32; }
+
+// tile_gemm on the tensor cores: the same contract and the same acc layout, with the operands
+// rounded to bf16 (fa and fb return f32) and the products summed in f32.
+template <bool A_K_FAST, bool B_K_FAST, typename FA, typename FB>
+__device__ __forceinline__ void tile_gemm(float (&acc)[4][4], u64 k0, u64 k1, MmaSmem &s, FA fa, FB fb) {
+    const int tid = threadIdx.x, warp = tid >> 5, wr = (warp & 3) * 16, wc = (warp >> 2) * 32;
+    float d[4][4];
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+    for (u64 kb = k0; kb < k1; kb += SSD_MMA_KT) {
+        for (int e = tid; e < SSD_MMA_KW * SSD_TILE; e += SSD_THREADS) {
+            const int w = A_K_FAST ? e % SSD_MMA_KW : e / SSD_TILE;
+            const int r = A_K_FAST ? e / SSD_MMA_KW : e % SSD_TILE;
+            const u64 k = kb + 2 * w;
+            s.op.a[r][w] = pack_bf16x2(k < k1 ? fa(r, k) : 0.f, k + 1 < k1 ? fa(r, k + 1) : 0.f);
+        }
+        for (int e = tid; e < SSD_MMA_KW * SSD_TILE; e += SSD_THREADS) {
+            const int w = B_K_FAST ? e % SSD_MMA_KW : e / SSD_TILE;
+            const int c = B_K_FAST ? e / SSD_MMA_KW : e % SSD_TILE;
+            const u64 k = kb + 2 * w;
+            s.op.b[c][w] = pack_bf16x2(k < k1 ? fb(k, c) : 0.f, k + 1 < k1 ? fb(k + 1, c) : 0.f);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kw = 0; kw < SSD_MMA_KW; kw += 8) {
+            u32 af[4];
+            load_frag_a(af, &s.op.a[0][0], SSD_MMA_LDW, wr, kw);
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+                u32 bf[2];
+                load_frag_b(bf, &s.op.b[0][0], SSD_MMA_LDW, wc + 8 * n, kw);
+                mma_bf16_16816(d[n], af, bf);
+            }
+        }
+        __syncthreads();
+    }
+    // The warp's D fragments to the tile, and the thread's acc entries (ty + 16 r, tx + 16 c) back.
+    const int g = (tid & 31) >> 2, t = tid & 3, tx = tid & 15, ty = tid >> 4;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+        float *o = &s.out[wr + g][wc + 8 * n + 2 * t];
+        o[0] = d[n][0];
+        o[1] = d[n][1];
+        o[8 * SSD_PAD] = d[n][2];
+        o[8 * SSD_PAD + 1] = d[n][3];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] += s.out[ty + 16 * r][tx + 16 * c];
+    __syncthreads();
 }
 
 __device__ __forceinline__ void zero_acc(float (&acc)[4][4]) {
@@ -167,8 +263,8 @@ __device__ __forceinline__ void scale_rows_by_decay(float (&acc)[4][4], u64 r0, 
 // acc[i][col] += sum over j <= i of M_ij exp(s_i - s_j) dt_j V_j[col] for the tile's rows i from
 // i0 (of the chunk's q steps): what step i sees of the chunk's own inputs. M [Q, Q] is C.B (the
 // output) or dy.x (dC); fv(j, col) returns V_j at the tile's column, 0 outside the operand.
-template <typename FV>
-__device__ __forceinline__ void add_causal(float (&acc)[4][4], TileSmem &s, const float *M, u64 Q, const float *cs,
+template <typename S, typename FV>
+__device__ __forceinline__ void add_causal(float (&acc)[4][4], S &s, const float *M, u64 Q, const float *cs,
                                            const float *ds, u64 i0, u64 q, FV fv) {
     auto fa = [&](int r, u64 j) -> float {
         const u64 i = i0 + r;
@@ -215,7 +311,7 @@ __device__ void ssd_cumsum(const T *dt_in, const T *A, const T *dbias, float *dt
 // skipped; entries above it in diagonal tiles are written but never read). U, V [B, L, NG, K].
 template <typename T>
 __device__ void ssd_bmm(const T *U, const T *V, float *out, u64 NG, u64 K, SsdDims m) {
-    __shared__ TileSmem s;
+    __shared__ typename SsdSmem<T>::type s;
     const u64 nt = tiles(m.chunk);
     u64 ti, tj;
     const u64 outer = split_block(blockIdx.x, nt, nt, ti, tj); // (b, c, g)
@@ -284,6 +380,16 @@ __device__ void ssd_state_pass(float *st, const float *cum, const T *init, T *fi
     }
 }
 
+// ssd_chunk_out's products with the tiles in `s`: acc[i][p] = exp(s_i) (C_i . E_c[p, :]) (fa, fb
+// over the N states) plus add_causal's sum over the chunk's own inputs fx.
+template <typename S, typename FA, typename FB, typename FX>
+__device__ __forceinline__ void chunk_out_products(float (&acc)[4][4], S &s, u64 N, FA fa, FB fb, const float *cbm,
+                                                   u64 Q, const float *cs, const float *ds, u64 i0, u64 q, FX fx) {
+    tile_gemm<true, true>(acc, 0, N, s, fa, fb);
+    scale_rows_by_decay(acc, i0, q, cs);
+    add_causal(acc, s, cbm, Q, cs, ds, i0, q, fx);
+}
+
 // Per (b, chunk, h, row tile, p tile): the state part of the output,
 //   y~_i[p] = exp(s_i) (E_c C_i)[p] + sum_{j<=i} CB_ij exp(s_i - s_j) dt_j x_j[p].
 // `mode` 0 writes y = y~ + D x (T); `mode` 1 adds sum_p dy_i[p] y~_i[p] to ydot [B, L, H] (f32,
@@ -292,7 +398,7 @@ template <typename T>
 __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *dts, const float *cum,
                               const float *states, const float *cb, T *y, const T *dy, float *ydot, SsdDims m,
                               int mode) {
-    __shared__ TileSmem s;
+    __shared__ typename SsdSmem<T>::type s;
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 ti, tp;
     const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(P), ti, tp); // (b, c, h)
@@ -308,11 +414,14 @@ __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *
     // The incoming state: C_i . E_c[p, :], decayed to step i.
     auto fa = [&](int r, u64 n) -> float { return i0 + r < q ? to_float(C[k.bc_row(i0 + r) + n]) : 0.f; };
     auto fb = [&](u64 n, int col) -> float { return p0 + col < P ? E[(p0 + col) * N + n] : 0.f; };
-    tile_gemm<true, true>(acc, 0, N, s, fa, fb);
-    scale_rows_by_decay(acc, i0, q, cs);
     // The chunk's own inputs.
-    add_causal(acc, s, cbm, Q, cs, ds, i0, q,
-               [&](u64 j, int col) -> float { return p0 + col < P ? to_float(x[k.x_row(j) + p0 + col]) : 0.f; });
+    auto fx = [&](u64 j, int col) -> float { return p0 + col < P ? to_float(x[k.x_row(j) + p0 + col]) : 0.f; };
+    // On the tensor cores for the forward's y in bf16. ydot (`mode` 1) stays in f32: it feeds
+    // ssd_ddt's sums, which cancel and would magnify the operands' rounding to bf16.
+    if (SsdSmem<T>::tc && mode == 0)
+        chunk_out_products(acc, s, N, fa, fb, cbm, Q, cs, ds, i0, q, fx);
+    else
+        chunk_out_products(acc, f32_smem(s), N, fa, fb, cbm, Q, cs, ds, i0, q, fx);
     const float skip = value_or_zero(Dv, k.h);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
