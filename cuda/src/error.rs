@@ -2,11 +2,23 @@
 
 use std::path::PathBuf;
 
+/// The library names a probe tried, for a one-line message: all of up to four, else the
+/// count with the first and the last.
+fn summary(tried: &[String]) -> String {
+    match tried {
+        [first, .., last] if tried.len() > 4 => format!("{} names, {first} ... {last}", tried.len()),
+        _ => tried.join(", "),
+    }
+}
+
 /// Everything that can go wrong between the host and a CUDA device.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
     /// The CUDA driver library (libcuda) could not be loaded.
-    #[error("no CUDA driver found: could not load libcuda (tried {}; LD_LIBRARY_PATH={ld_path:?}): {reason}", tried.join(", "))]
+    #[error(
+        "no CUDA driver found: could not load libcuda (tried {}; LD_LIBRARY_PATH={ld_path:?}): {reason}",
+        summary(tried)
+    )]
     NoDriver {
         /// The library names given to the dynamic loader, in order.
         tried: Vec<String>,
@@ -16,7 +28,10 @@ pub enum CudaError {
         reason: String,
     },
     /// A CUDA library other than the driver (NVRTC, cuBLAS, cuBLASLt) could not be loaded.
-    #[error("CUDA library {library} not found (tried {}; LD_LIBRARY_PATH={ld_path:?}): {reason}", tried.join(", "))]
+    #[error(
+        "CUDA library {library} not found (tried {}; LD_LIBRARY_PATH={ld_path:?}): {reason}",
+        summary(tried)
+    )]
     LibraryMissing {
         /// The library, e.g. `libnvrtc`.
         library: &'static str,

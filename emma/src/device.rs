@@ -61,10 +61,7 @@ pub fn resolve(choice: DeviceChoice) -> anyhow::Result<tensor::Device> {
             Ok(_) => Ok(tensor::Device::Cuda(0)),
             Err(e) if gpu_required() => anyhow::bail!("EMMA_REQUIRE_GPU=1 but no usable GPU: {e}"),
             Err(e) => {
-                // One line: the libraries tried are listed by `--device cuda`'s error.
-                let reason = e.to_string();
-                let short = reason.split(" (tried").next().unwrap_or(&reason);
-                eprintln!("note: no usable GPU ({short}); running on the CPU");
+                eprintln!("note: no usable GPU ({e}); running on the CPU");
                 Ok(tensor::Device::Cpu)
             }
         },
