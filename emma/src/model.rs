@@ -212,7 +212,9 @@ impl Emma {
             });
         }
         let n = self.cfg.vision.tokens();
-        let image = self.image_tokens(&batch.siglip_pixels, &batch.dinov2_pixels)?;
+        // Moved once: the vision towers and the pixel loss both read SigLIP's pixels.
+        let siglip_pixels = self.here(&batch.siglip_pixels)?;
+        let image = self.image_tokens(&siglip_pixels, &batch.dinov2_pixels)?;
         let text = self.lm.embed(&self.here(&batch.ids)?)?;
         let (hidden, per_layer) = self.lm.forward_embeds(&Var::concat(&[&image, &text], 1)?)?;
         let logits = self.lm.logits(&hidden.narrow(1, n - 1, t)?)?;
@@ -224,7 +226,7 @@ impl Emma {
         let pixel = self
             .alignment
             .as_ref()
-            .map(|a| a.loss(&per_layer, &self.here(&batch.siglip_pixels)?))
+            .map(|a| a.loss(&per_layer, &siglip_pixels))
             .transpose()?;
         let total = match &pixel {
             Some(p) => text_loss.add(p)?,
