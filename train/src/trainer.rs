@@ -153,7 +153,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     );
     eprintln!(
         "training {} ({} trainable of {} parameters) on {}: {total} steps of {global} examples \
-         ({} rank(s) x {accum} x {micro}), {:?}{}",
+         ({} rank(s) x {accum} x {micro}), {:?} on {device}{}",
         cfg.name,
         trainable.iter().map(|k| params[k].numel()).sum::<usize>(),
         params.values().map(Tensor::numel).sum::<usize>(),
