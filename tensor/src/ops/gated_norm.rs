@@ -7,6 +7,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::norm;
 use crate::ops::unary::sigmoid;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
@@ -18,28 +19,14 @@ use rayon::prelude::*;
 /// added in task order, so the result does not depend on the thread count).
 const ROWS_PER_TASK: usize = 64;
 
-/// Checks x and z `[..., D]` of one shape and dtype, weight `[D]`, D a multiple of `group`;
+/// Checks x `[..., D]`, z like x and weight `[D]` of one dtype, D a multiple of `group`;
 /// returns D.
 fn check(op: &'static str, x: &Tensor, z: &Tensor, weight: &Tensor, group: usize) -> Result<usize> {
-    let Some(&d) = x.shape().last() else {
-        return shape_err(op, "input must have rank >= 1, got a scalar");
-    };
-    if z.shape() != x.shape() || weight.shape() != [d] {
-        return shape_err(
-            op,
-            format!(
-                "needs x and z of one shape and weight [D], got x {:?}, z {:?}, weight {:?}",
-                x.shape(),
-                z.shape(),
-                weight.shape()
-            ),
-        );
-    }
+    let d = norm::check(op, x, &[weight])?;
+    norm::check_like(op, x, z, "gate")?;
     if group == 0 || !d.is_multiple_of(group) {
         return shape_err(op, format!("width {d} is not a multiple of group size {group}"));
     }
-    x.check_same_dtype(op, z)?;
-    x.check_same_dtype(op, weight)?;
     Ok(d)
 }
 
@@ -116,13 +103,7 @@ impl Tensor {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let op = "gated_rms_norm_backward";
         let d = check(op, self, z, weight, group)?;
-        if grad.shape() != self.shape() {
-            return shape_err(
-                op,
-                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
-            );
-        }
-        self.check_same_dtype(op, grad)?;
+        norm::check_like(op, self, grad, "gradient")?;
         if let Some(gpu) = Gpu::of(op, &[self, z, weight, grad])? {
             let (xp, zp, w, g) = (
                 gpu.packed(self)?,
@@ -237,7 +218,7 @@ mod tests {
         let err = x.gated_rms_norm(&x, &w, 4, 1e-5).unwrap_err().to_string();
         assert!(err.contains("not a multiple of group size 4"), "{err}");
         let err = x.gated_rms_norm(&w, &w, 3, 1e-5).unwrap_err().to_string();
-        assert!(err.contains("z [6]"), "{err}");
+        assert!(err.contains("gate [6]"), "{err}");
         let g = Tensor::ones(&[6, 2], DType::F32);
         assert!(x.gated_rms_norm_backward(&x, &w, &g, 3, 1e-5).is_err());
     }

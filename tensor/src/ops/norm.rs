@@ -17,7 +17,7 @@ const MIN_ROWS_PER_TASK: usize = 64;
 const MAX_TASKS: usize = 1024;
 
 /// Checks x `[..., D]` against `[D]` parameters of the same dtype and returns D.
-fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<usize> {
+pub(crate) fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<usize> {
     let Some(&d) = x.shape().last() else {
         return shape_err(op, "input must have rank >= 1, got a scalar");
     };
@@ -33,15 +33,13 @@ fn check(op: &'static str, x: &Tensor, params: &[&Tensor]) -> Result<usize> {
     Ok(d)
 }
 
-/// Checks that the output gradient has the input's shape and dtype.
-fn check_grad(op: &'static str, x: &Tensor, grad: &Tensor) -> Result<()> {
-    if grad.shape() != x.shape() {
-        return shape_err(
-            op,
-            format!("input {:?} vs gradient {:?}", x.shape(), grad.shape()),
-        );
+/// Checks that `other` (named `what`: a gradient, a residual, a gate) has the input's shape and
+/// dtype.
+pub(crate) fn check_like(op: &'static str, x: &Tensor, other: &Tensor, what: &str) -> Result<()> {
+    if other.shape() != x.shape() {
+        return shape_err(op, format!("input {:?} vs {what} {:?}", x.shape(), other.shape()));
     }
-    x.check_same_dtype(op, grad)
+    x.check_same_dtype(op, other)
 }
 
 /// The elements of a `[D]` parameter, widened.
@@ -235,7 +233,7 @@ impl Tensor {
     /// returns (dx, dweight), dweight summed over all rows.
     pub fn rms_norm_backward(&self, weight: &Tensor, grad: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
         let d = check("rms_norm_backward", self, &[weight])?;
-        check_grad("rms_norm_backward", self, grad)?;
+        check_like("rms_norm_backward", self, grad, "gradient")?;
         if let Some(gpu) = Gpu::of("rms_norm_backward", &[self, weight, grad])? {
             return rms_norm_backward_cuda(&gpu, self, weight, grad, eps);
         }
@@ -311,13 +309,7 @@ impl Tensor {
         eps: f64,
         layer: bool,
     ) -> Result<(Tensor, Tensor)> {
-        if residual.shape() != self.shape() {
-            return shape_err(
-                op,
-                format!("input {:?} vs residual {:?}", self.shape(), residual.shape()),
-            );
-        }
-        self.check_same_dtype(op, residual)?;
+        check_like(op, self, residual, "residual")?;
         check(op, self, &[weight])?;
         if let Some(b) = bias {
             check(op, self, &[b])?;
@@ -347,7 +339,7 @@ impl Tensor {
         eps: f64,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = check("layer_norm_backward", self, &[weight])?;
-        check_grad("layer_norm_backward", self, grad)?;
+        check_like("layer_norm_backward", self, grad, "gradient")?;
         if let Some(gpu) = Gpu::of("layer_norm_backward", &[self, weight, grad])? {
             return layer_norm_backward_cuda(&gpu, self, weight, grad, eps);
         }
