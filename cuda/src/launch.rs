@@ -8,19 +8,7 @@ use cudarc::driver::result;
 use std::ffi::c_void;
 
 /// AdamW's coefficients as the kernel takes them (`AdamParams` in adamw.cu).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AdamArg {
-    pub beta1: f32,
-    pub one_minus_beta1: f32,
-    pub beta2: f32,
-    pub one_minus_beta2: f32,
-    pub inv_bc1: f32,
-    pub inv_bc2: f32,
-    pub eps: f32,
-    pub lr: f32,
-    pub decay_factor: f32,
-}
+pub(crate) type AdamArg = crate::kernels::AdamCoefficients<f32>;
 
 /// One kernel parameter, held by value until the launch.
 #[derive(Clone, Copy, Debug)]

@@ -4,7 +4,7 @@ use super::need;
 use crate::compile::ADAMW;
 use crate::device::{DeviceBuffer, FloatElem, GpuDevice};
 use crate::error::{CudaError, Result};
-use crate::launch::{entry, launch, AdamArg, Arg, Grid};
+use crate::launch::{entry, launch, Arg, Grid};
 use half::bf16;
 
 /// One AdamW step's hyper-parameters (as `nn`'s `AdamWConfig`) and its 1-based step number.
@@ -24,26 +24,66 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
-impl AdamWStep {
-    /// The kernel's coefficients, computed in f64 and rounded to f32 as the CPU optimiser
-    /// rounds its literals.
-    fn coefficients(&self) -> Result<AdamArg> {
-        if self.step == 0 {
-            return Err(CudaError::shape("adamw", "steps count from 1"));
+/// The coefficients one AdamW step applies (`AdamParams` in adamw.cu, whose field order this
+/// follows): `m = beta1·m + one_minus_beta1·g`, `v = beta2·v + one_minus_beta2·g²`,
+/// `p = p·decay_factor − lr·(m·inv_bc1) / (sqrt(v·inv_bc2) + eps)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamCoefficients<F> {
+    /// First-moment decay.
+    pub beta1: F,
+    /// 1 − beta1.
+    pub one_minus_beta1: F,
+    /// Second-moment decay.
+    pub beta2: F,
+    /// 1 − beta2.
+    pub one_minus_beta2: F,
+    /// 1 / (1 − beta1^step).
+    pub inv_bc1: F,
+    /// 1 / (1 − beta2^step).
+    pub inv_bc2: F,
+    /// Denominator epsilon.
+    pub eps: F,
+    /// Learning rate.
+    pub lr: F,
+    /// 1 − lr · weight_decay.
+    pub decay_factor: F,
+}
+
+impl<F: Copy> AdamCoefficients<F> {
+    /// Every coefficient converted by `f` (e.g. rounded once to the compute type).
+    pub fn map<G>(&self, f: impl Fn(F) -> G) -> AdamCoefficients<G> {
+        AdamCoefficients {
+            beta1: f(self.beta1),
+            one_minus_beta1: f(self.one_minus_beta1),
+            beta2: f(self.beta2),
+            one_minus_beta2: f(self.one_minus_beta2),
+            inv_bc1: f(self.inv_bc1),
+            inv_bc2: f(self.inv_bc2),
+            eps: f(self.eps),
+            lr: f(self.lr),
+            decay_factor: f(self.decay_factor),
         }
+    }
+}
+
+impl AdamWStep {
+    /// The step's coefficients, computed in f64 (the kernel and the CPU update round them
+    /// once to their compute type).
+    pub fn coefficients(&self) -> AdamCoefficients<f64> {
         let t = i32::try_from(self.step).unwrap_or(i32::MAX);
         let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
-        Ok(AdamArg {
-            beta1: self.beta1 as f32,
-            one_minus_beta1: (1.0 - self.beta1) as f32,
-            beta2: self.beta2 as f32,
-            one_minus_beta2: (1.0 - self.beta2) as f32,
-            inv_bc1: (1.0 / bc1) as f32,
-            inv_bc2: (1.0 / bc2) as f32,
-            eps: self.eps as f32,
-            lr: self.lr as f32,
-            decay_factor: (1.0 - self.lr * self.weight_decay) as f32,
-        })
+        AdamCoefficients {
+            beta1: self.beta1,
+            one_minus_beta1: 1.0 - self.beta1,
+            beta2: self.beta2,
+            one_minus_beta2: 1.0 - self.beta2,
+            inv_bc1: 1.0 / bc1,
+            inv_bc2: 1.0 / bc2,
+            eps: self.eps,
+            lr: self.lr,
+            decay_factor: 1.0 - self.lr * self.weight_decay,
+        }
     }
 }
 
@@ -66,7 +106,10 @@ impl GpuDevice {
         if let Some(copy) = &param_bf16 {
             need(self, "adamw", "bf16 copy", copy, n)?;
         }
-        let coefficients = step.coefficients()?;
+        if step.step == 0 {
+            return Err(CudaError::shape("adamw", "steps count from 1"));
+        }
+        let coefficients = step.coefficients().map(|v| v as f32);
         if n == 0 {
             return Ok(());
         }

@@ -15,7 +15,7 @@ mod scan;
 mod softmax;
 mod ssd;
 
-pub use adamw::AdamWStep;
+pub use adamw::{AdamCoefficients, AdamWStep};
 pub use conv::{ConvGrads, ConvSpec};
 pub use elementwise::{BinaryOp, CmpOp, UnaryOp};
 pub use norm::{GatedNormGrads, LayerNormGrads, NormSpec, Residual, RmsNormGrads};

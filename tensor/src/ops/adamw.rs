@@ -5,47 +5,16 @@ use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
 use crate::{DType, FloatElement, Real, Result, Tensor, TensorError};
-use cuda::kernels::AdamWStep;
+use cuda::kernels::{AdamCoefficients, AdamWStep};
 use rayon::prelude::*;
 
 /// Elements per rayon task.
 const CHUNK: usize = 1 << 14;
 
-/// The update's coefficients in the compute type, each computed in f64 and rounded once (as the
-/// CUDA kernel gets them).
-struct Coefficients<A> {
-    beta1: A,
-    one_minus_beta1: A,
-    beta2: A,
-    one_minus_beta2: A,
-    inv_bc1: A,
-    inv_bc2: A,
-    eps: A,
-    lr: A,
-    decay_factor: A,
-}
-
-/// The coefficients of `h` in the compute type `A`.
-fn coefficients<A: Real>(h: &AdamWStep) -> Coefficients<A> {
-    let t = i32::try_from(h.step).unwrap_or(i32::MAX);
-    let (bc1, bc2) = (1.0 - h.beta1.powi(t), 1.0 - h.beta2.powi(t));
-    Coefficients {
-        beta1: A::lit(h.beta1),
-        one_minus_beta1: A::lit(1.0 - h.beta1),
-        beta2: A::lit(h.beta2),
-        one_minus_beta2: A::lit(1.0 - h.beta2),
-        inv_bc1: A::lit(1.0 / bc1),
-        inv_bc2: A::lit(1.0 / bc2),
-        eps: A::lit(h.eps),
-        lr: A::lit(h.lr),
-        decay_factor: A::lit(1.0 - h.lr * h.weight_decay),
-    }
-}
-
 /// The CPU update of packed slices into fresh parameter and moment vectors.
 fn update_cpu<T: FloatElement>(
     (p, g, m, v): (&[T], &[T], &[T], &[T]),
-    c: &Coefficients<T::Acc>,
+    c: &AdamCoefficients<T::Acc>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (mut p_out, mut m_out, mut v_out) = (p.to_vec(), m.to_vec(), v.to_vec());
     p_out
@@ -144,7 +113,7 @@ impl Tensor {
         let packed: Vec<Tensor> = [self, grad, m, v].iter().map(|t| t.contiguous()).collect();
         float_dispatch!(op, self.dtype(), T => {
             let s = |i: usize| packed[i].contiguous_slice::<T>();
-            let (p, m, v) = update_cpu::<T>((s(0), s(1), s(2), s(3)), &coefficients(hyper));
+            let (p, m, v) = update_cpu::<T>((s(0), s(1), s(2), s(3)), &hyper.coefficients().map(<T as FloatElement>::Acc::lit));
             let wrap = |data: Vec<T>| Tensor::from_cpu(CpuStorage::from_vec(data), self.shape());
             Ok([wrap(p), wrap(m), wrap(v)])
         })
