@@ -23,26 +23,34 @@ struct __align__(2) f16 {
 };
 
 // ---- conversions -------------------------------------------------------------------------
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
-__device__ __forceinline__ float to_float(f16 v) {
+// The PTX conversions; the emulator (cuda/emulator/emulate.h) defines the same functions bit for
+// bit.
+#ifndef EMMA_EMULATE
+__device__ __forceinline__ float cvt_f32_f16(u16 h) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+__device__ __forceinline__ u16 cvt_rn_bf16_f32(float f) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ u16 cvt_rn_f16_f32(float f) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+#endif // EMMA_EMULATE
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
+__device__ __forceinline__ float to_float(f16 v) { return cvt_f32_f16(v.bits); }
 
 template <typename T> __device__ __forceinline__ T from_float(float f);
 template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
-template <> __device__ __forceinline__ bf16 from_float<bf16>(float f) {
-    bf16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-template <> __device__ __forceinline__ f16 from_float<f16>(float f) {
-    f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float f) { return bf16{cvt_rn_bf16_f32(f)}; }
+template <> __device__ __forceinline__ f16 from_float<f16>(float f) { return f16{cvt_rn_f16_f32(f)}; }
 
 // `f` rounded to T and widened again: the value a T tensor would hold.
 template <typename T> __device__ __forceinline__ float round_to(float f) {
@@ -295,7 +303,7 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
 //   a[0]: A[g][2t, 2t+1]   a[1]: A[g+8][2t, 2t+1]   a[2]: A[g][2t+8, 2t+9]   a[3]: A[g+8][2t+8, 2t+9]
 //   b[0]: B[2t, 2t+1][g]   b[1]: B[2t+8, 2t+9][g]
 //   d[0], d[1]: D[g][2t, 2t+1]   d[2], d[3]: D[g+8][2t, 2t+1]
-// Every lane of the warp must call it. (The CPU emulation of the kernels supplies its own.)
+// Every lane of the warp must call it. The emulator (cuda/emulator/emulate.h) supplies its own.
 #ifndef EMMA_EMULATE
 __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "

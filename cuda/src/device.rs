@@ -3,6 +3,8 @@
 
 use crate::allocator::{AllocFailure, Block, CachingPool, MemoryStats, RawMemory};
 use crate::compile::{self, KernelCache, KernelFile};
+use crate::emulator::memory::{self as emulated, HostMemory, LiveBuffers};
+use crate::emulator::{self, Emulator};
 use crate::error::{CudaError, DriverContext, Result};
 use crate::probe::{self, Library};
 use cudarc::driver::{
@@ -12,6 +14,7 @@ use half::{bf16, f16};
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 /// The element types device buffers hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,20 +141,55 @@ impl RawMemory for DriverMemory {
     }
 }
 
-type Pool = Arc<Mutex<CachingPool<DriverMemory>>>;
+/// The memory a device's pool draws from: the driver's, or the emulator's host memory.
+#[derive(Debug)]
+pub enum Memory {
+    /// A real device.
+    Driver(DriverMemory),
+    /// The emulated device.
+    Host(HostMemory),
+}
+
+impl RawMemory for Memory {
+    fn allocate(&mut self, bytes: usize) -> std::result::Result<u64, AllocFailure> {
+        match self {
+            Memory::Driver(m) => m.allocate(bytes),
+            Memory::Host(m) => m.allocate(bytes),
+        }
+    }
+
+    fn free(&mut self, ptr: u64, bytes: usize) -> Result<()> {
+        match self {
+            Memory::Driver(m) => m.free(ptr, bytes),
+            Memory::Host(m) => m.free(ptr, bytes),
+        }
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        match self {
+            Memory::Driver(m) => m.synchronize(),
+            Memory::Host(m) => m.synchronize(),
+        }
+    }
+}
+
+type Pool = Arc<Mutex<CachingPool<Memory>>>;
 
 /// Locks the pool, recovering it if a panic poisoned the lock (its counters stay consistent:
 /// every mutation completes before it can panic).
-fn lock(pool: &Pool) -> MutexGuard<'_, CachingPool<DriverMemory>> {
+fn lock(pool: &Pool) -> MutexGuard<'_, CachingPool<Memory>> {
     pool.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A typed buffer of device memory from a device's caching allocator; its block goes back to
-/// the cache when it is dropped. Fresh buffers are uninitialised.
+/// the cache when it is dropped. Fresh buffers are uninitialised (on the emulator: poisoned
+/// with NaN patterns).
 pub struct DeviceBuffer<T: DeviceElem> {
     block: Block,
     len: usize,
     pool: Pool,
+    /// The emulator's registry of live buffers (kernels may touch only these).
+    live: Option<Arc<LiveBuffers>>,
     _elem: PhantomData<T>,
 }
 
@@ -184,6 +222,9 @@ impl<T: DeviceElem> DeviceBuffer<T> {
 
 impl<T: DeviceElem> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
+        if let Some(live) = &self.live {
+            live.remove(self.block.ptr);
+        }
         lock(&self.pool).release(self.block);
     }
 }
@@ -222,16 +263,29 @@ impl DeviceInfo {
     }
 }
 
-struct Inner {
+/// A real device's driver state.
+pub(crate) struct Driver {
     // First, so that the cuBLAS handles go while everything they use is alive.
     blas: Mutex<Option<crate::gemm::Blas>>,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+/// What runs a device's work.
+pub(crate) enum Backend {
+    /// The CUDA driver.
+    Driver(Driver),
+    /// The emulator.
+    Emulated(Emulator),
+}
+
+struct Inner {
+    backend: Backend,
     info: DeviceInfo,
     pool: Pool,
     kernel_cache: Option<KernelCache>,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
 }
 
 /// An open CUDA device with one stream; cheap to clone (clones share everything). All work of
@@ -265,22 +319,30 @@ fn init_driver() -> Result<()> {
 }
 
 impl GpuDevice {
-    /// The number of CUDA devices; errors (never panics) when there is no driver.
+    /// The number of CUDA devices (emulated ones with `EMMA_GPU=emulate`); errors (never
+    /// panics) when there is no driver.
     pub fn count() -> Result<usize> {
+        if emulator::requested()? {
+            return Ok(emulator::DEVICE_COUNT);
+        }
         init_driver()?;
         let n = CudaContext::device_count().during("counting devices")?;
         Ok(usize::try_from(n).unwrap_or(0))
     }
 
     /// Opens device `ordinal` after probing for the driver; errors with
-    /// [`CudaError::NoDriver`] or [`CudaError::NoDevice`] when there is none. Kernels are
-    /// cached on disk in [`KernelCache::from_env`].
+    /// [`CudaError::NoDriver`] or [`CudaError::NoDevice`] when there is none. With
+    /// `EMMA_GPU=emulate` the device is the emulator's (see [`emulator`](crate::emulator)).
+    /// Kernels are cached on disk in [`KernelCache::from_env`].
     pub fn open(ordinal: usize) -> Result<Self> {
         let count = Self::count()?;
         if ordinal >= count {
             return Err(CudaError::NoDevice(format!(
                 "device {ordinal} requested, {count} present"
             )));
+        }
+        if emulator::requested()? {
+            return Self::open_emulated(ordinal);
         }
         let ctx = CudaContext::new(ordinal).during(format!("opening device {ordinal}"))?;
         let stream = ctx.new_stream().during("creating a stream")?;
@@ -301,16 +363,71 @@ impl GpuDevice {
         };
         Ok(GpuDevice {
             inner: Arc::new(Inner {
-                blas: Mutex::new(None),
-                ctx,
-                stream,
+                backend: Backend::Driver(Driver {
+                    blas: Mutex::new(None),
+                    ctx,
+                    stream,
+                    modules: Mutex::new(HashMap::new()),
+                    functions: Mutex::new(HashMap::new()),
+                }),
                 info,
-                pool: Arc::new(Mutex::new(CachingPool::new(memory))),
+                pool: Arc::new(Mutex::new(CachingPool::new(Memory::Driver(memory)))),
                 kernel_cache: KernelCache::from_env(),
-                modules: Mutex::new(HashMap::new()),
-                functions: Mutex::new(HashMap::new()),
             }),
         })
+    }
+
+    /// Opens emulated device `ordinal`: an H100-class compute capability (9.0), with
+    /// [`emulator::MULTIPROCESSORS`] multiprocessors and [`emulator::MEMORY_BYTES`] of host
+    /// memory.
+    fn open_emulated(ordinal: usize) -> Result<Self> {
+        let kernel_cache = KernelCache::from_env();
+        let emu = Emulator::new(kernel_cache.as_ref())?;
+        let info = DeviceInfo {
+            ordinal,
+            name: emu.name(),
+            compute_capability: (9, 0),
+            total_memory: emulator::MEMORY_BYTES,
+            multiprocessors: emulator::MULTIPROCESSORS,
+        };
+        Ok(GpuDevice {
+            inner: Arc::new(Inner {
+                backend: Backend::Emulated(emu),
+                info,
+                pool: Arc::new(Mutex::new(CachingPool::new(Memory::Host(HostMemory::new(
+                    emulator::MEMORY_BYTES,
+                ))))),
+                kernel_cache,
+            }),
+        })
+    }
+
+    /// Whether this is an emulated device.
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.inner.backend, Backend::Emulated(_))
+    }
+
+    /// What runs the device's work.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    /// The driver state; an error on the emulator (for driver-only calls).
+    pub(crate) fn driver(&self) -> Result<&Driver> {
+        match &self.inner.backend {
+            Backend::Driver(d) => Ok(d),
+            Backend::Emulated(_) => Err(CudaError::NoDevice(
+                "this call needs the CUDA driver, and the device is emulated".into(),
+            )),
+        }
+    }
+
+    /// The emulator's registry of live buffers, on an emulated device.
+    pub(crate) fn live_buffers(&self) -> Option<&Arc<LiveBuffers>> {
+        match &self.inner.backend {
+            Backend::Emulated(e) => Some(e.live()),
+            Backend::Driver(_) => None,
+        }
     }
 
     /// Static facts about the device.
@@ -318,19 +435,20 @@ impl GpuDevice {
         &self.inner.info
     }
 
-    /// The stream all work is queued on.
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.inner.stream
-    }
-
     /// Makes the device's context current on this thread (before raw driver calls).
     pub(crate) fn bind(&self) -> Result<()> {
-        self.inner.ctx.bind_to_thread().during("binding the context")
+        match &self.inner.backend {
+            Backend::Driver(d) => d.ctx.bind_to_thread().during("binding the context"),
+            Backend::Emulated(_) => Ok(()),
+        }
     }
 
-    /// Waits for all queued work.
+    /// Waits for all queued work (the emulator runs everything as it is queued).
     pub fn synchronize(&self) -> Result<()> {
-        self.inner.stream.synchronize().during("synchronising the stream")
+        match &self.inner.backend {
+            Backend::Driver(d) => d.stream.synchronize().during("synchronising the stream"),
+            Backend::Emulated(_) => Ok(()),
+        }
     }
 
     /// The allocator's counters.
@@ -354,10 +472,17 @@ impl GpuDevice {
             .checked_mul(T::DTYPE.size())
             .ok_or_else(|| CudaError::shape("alloc", format!("{len} elements of {:?} overflow", T::DTYPE)))?;
         let block = lock(&self.inner.pool).allocate(bytes)?;
+        let live = self.live_buffers().cloned();
+        if let Some(live) = &live {
+            // SAFETY: the block holds at least `bytes` bytes of host memory.
+            unsafe { emulated::poison(block.ptr, bytes) };
+            live.insert(block.ptr, bytes);
+        }
         Ok(DeviceBuffer {
             block,
             len,
             pool: self.inner.pool.clone(),
+            live,
             _elem: PhantomData,
         })
     }
@@ -389,8 +514,14 @@ impl GpuDevice {
         if buf.is_empty() {
             return Ok(());
         }
+        let Backend::Driver(driver) = &self.inner.backend else {
+            // SAFETY: the buffer holds `len` elements of host memory.
+            let host = unsafe { std::slice::from_raw_parts_mut(buf.device_ptr() as *mut T, buf.len()) };
+            host.fill(value);
+            return Ok(());
+        };
         self.bind()?;
-        let (ptr, n, stream) = (buf.device_ptr(), buf.len(), self.inner.stream.cu_stream());
+        let (ptr, n, stream) = (buf.device_ptr(), buf.len(), driver.stream.cu_stream());
         // SAFETY: `ptr` addresses `n` elements of this device; the memset is stream-ordered.
         let status = unsafe {
             if T::DTYPE.size() == 2 {
@@ -416,10 +547,15 @@ impl GpuDevice {
         if host.is_empty() {
             return Ok(());
         }
+        let Backend::Driver(driver) = &self.inner.backend else {
+            // SAFETY: `dst` holds host.len() elements of host memory, disjoint from `host`.
+            unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), dst.device_ptr() as *mut T, host.len()) };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: `dst` holds host.len() elements; a copy from pageable memory is staged before
         // the call returns, so `host` need not outlive it.
-        unsafe { result::memcpy_htod_async(dst.device_ptr(), host, self.inner.stream.cu_stream()) }
+        unsafe { result::memcpy_htod_async(dst.device_ptr(), host, driver.stream.cu_stream()) }
             .during("copying host to device")
     }
 
@@ -430,10 +566,17 @@ impl GpuDevice {
         if host.is_empty() {
             return Ok(());
         }
+        let Backend::Driver(driver) = &self.inner.backend else {
+            // SAFETY: `src` holds host.len() elements of host memory, disjoint from `host`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.device_ptr() as *const T, host.as_mut_ptr(), host.len())
+            };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: `src` holds host.len() elements; the stream is synchronised before `host`
         // is used again.
-        unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), self.inner.stream.cu_stream()) }
+        unsafe { result::memcpy_dtoh_async(host, src.device_ptr(), driver.stream.cu_stream()) }
             .during("copying device to host")?;
         self.synchronize()
     }
@@ -453,6 +596,18 @@ impl GpuDevice {
         if src.is_empty() {
             return Ok(());
         }
+        let Backend::Driver(driver) = &self.inner.backend else {
+            // SAFETY: both buffers hold src.byte_len() bytes of host memory; two live buffers
+            // never overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.device_ptr() as *const u8,
+                    dst.device_ptr() as *mut u8,
+                    src.byte_len(),
+                )
+            };
+            return Ok(());
+        };
         self.bind()?;
         // SAFETY: both buffers hold src.byte_len() bytes on this device.
         unsafe {
@@ -460,21 +615,24 @@ impl GpuDevice {
                 dst.device_ptr(),
                 src.device_ptr(),
                 src.byte_len(),
-                self.inner.stream.cu_stream(),
+                driver.stream.cu_stream(),
             )
         }
         .during("copying device to device")
     }
 
-    /// A new timing event.
+    /// A new timing event (wall-clock time on the emulator).
     pub fn event(&self) -> Result<GpuEvent> {
-        let event = self
-            .inner
-            .ctx
-            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .during("creating an event")?;
+        let mark = match &self.inner.backend {
+            Backend::Driver(d) => EventMark::Driver(
+                d.ctx
+                    .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .during("creating an event")?,
+            ),
+            Backend::Emulated(_) => EventMark::Wall(Mutex::new(None)),
+        };
         Ok(GpuEvent {
-            event,
+            mark,
             device: self.clone(),
         })
     }
@@ -482,9 +640,9 @@ impl GpuDevice {
     /// The kernel `name` of `file`, compiled (or read from the disk cache) and loaded on first
     /// use.
     pub(crate) fn function(&self, file: &KernelFile, name: &str) -> Result<CudaFunction> {
+        let driver = self.driver()?;
         let key = format!("{}:{name}", file.name);
-        if let Some(f) = self
-            .inner
+        if let Some(f) = driver
             .functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -492,11 +650,11 @@ impl GpuDevice {
         {
             return Ok(f.clone());
         }
-        let module = self.module(file)?;
+        let module = self.module(driver, file)?;
         let f = module
             .load_function(name)
             .during(format!("loading kernel {name} from {}", file.name))?;
-        self.inner
+        driver
             .functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -505,14 +663,13 @@ impl GpuDevice {
     }
 
     /// The loaded module of `file`.
-    fn module(&self, file: &KernelFile) -> Result<Arc<CudaModule>> {
-        let mut modules = self.inner.modules.lock().unwrap_or_else(|e| e.into_inner());
+    fn module(&self, driver: &Driver, file: &KernelFile) -> Result<Arc<CudaModule>> {
+        let mut modules = driver.modules.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = modules.get(file.name) {
             return Ok(m.clone());
         }
         let image = compile::compile_cached(file, &self.inner.info.arch(), self.inner.kernel_cache.as_ref())?;
-        let module = self
-            .inner
+        let module = driver
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(image))
             .during(format!("loading module {}", file.name))?;
@@ -520,9 +677,14 @@ impl GpuDevice {
         Ok(module)
     }
 
+    /// The driver's stream, for cuBLAS.
+    pub(crate) fn driver_stream(&self) -> Result<&Arc<CudaStream>> {
+        Ok(&self.driver()?.stream)
+    }
+
     /// Locks the device's cuBLAS state.
-    pub(crate) fn blas(&self) -> MutexGuard<'_, Option<crate::gemm::Blas>> {
-        self.inner.blas.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn blas(&self) -> Result<MutexGuard<'_, Option<crate::gemm::Blas>>> {
+        Ok(self.driver()?.blas.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -535,27 +697,55 @@ pub(crate) fn check_len(op: &'static str, a: usize, b: usize) -> Result<()> {
     }
 }
 
+/// What an event holds: a driver event, or the wall-clock time it was recorded at.
+enum EventMark {
+    Driver(CudaEvent),
+    Wall(Mutex<Option<Instant>>),
+}
+
 /// A point in a device's stream, for timing.
 pub struct GpuEvent {
-    event: CudaEvent,
+    mark: EventMark,
     device: GpuDevice,
 }
 
 impl GpuEvent {
     /// Marks the current end of the device's queued work.
     pub fn record(&self) -> Result<()> {
-        self.event
-            .record(self.device.stream())
-            .during("recording an event")
+        match &self.mark {
+            EventMark::Driver(e) => e
+                .record(self.device.driver_stream()?)
+                .during("recording an event"),
+            EventMark::Wall(t) => {
+                *t.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                Ok(())
+            }
+        }
     }
 
     /// Milliseconds from this event to `end` (both recorded; waits for `end`).
     pub fn elapsed_ms(&self, end: &GpuEvent) -> Result<f32> {
-        self.event.elapsed_ms(&end.event).during("timing events")
+        match (&self.mark, &end.mark) {
+            (EventMark::Driver(a), EventMark::Driver(b)) => a.elapsed_ms(b).during("timing events"),
+            (EventMark::Wall(a), EventMark::Wall(b)) => {
+                let get = |t: &Mutex<Option<Instant>>| *t.lock().unwrap_or_else(|e| e.into_inner());
+                match (get(a), get(b)) {
+                    (Some(a), Some(b)) => Ok(b.saturating_duration_since(a).as_secs_f32() * 1e3),
+                    _ => Err(CudaError::shape("elapsed_ms", "an event was never recorded")),
+                }
+            }
+            _ => Err(CudaError::shape(
+                "elapsed_ms",
+                "the events belong to different devices",
+            )),
+        }
     }
 
     /// Waits until the work before the event is done.
     pub fn synchronize(&self) -> Result<()> {
-        self.event.synchronize().during("waiting for an event")
+        match &self.mark {
+            EventMark::Driver(e) => e.synchronize().during("waiting for an event"),
+            EventMark::Wall(_) => Ok(()),
+        }
     }
 }

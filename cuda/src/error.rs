@@ -100,6 +100,25 @@ pub enum CudaError {
         /// What did not fit.
         detail: String,
     },
+    /// No host C++ compiler for the emulated GPU.
+    #[error(
+        "no C++ compiler for the emulated GPU (EMMA_GPU=emulate): tried {}; install g++ or set CXX",
+        tried.join(", ")
+    )]
+    NoHostCompiler {
+        /// Each compiler tried, with why it failed.
+        tried: Vec<String>,
+    },
+    /// The emulated GPU found a fault in a kernel or a library call (an out-of-bounds access, a
+    /// shared-memory race, a thread missing a barrier, parameters that do not match), or could
+    /// not load its libraries.
+    #[error("emulated kernel {kernel}: {detail}")]
+    Emulator {
+        /// The kernel (and its file) or library call.
+        kernel: String,
+        /// What went wrong, with the block and threads involved.
+        detail: String,
+    },
     /// An index (token id, class target, ...) out of range, found on the device.
     #[error("{op}: {what} {value} at position {position} is not below {bound}")]
     Index {

@@ -148,8 +148,9 @@ impl Blas {
         let cublas_err = |op| move |source| CudaError::Cublas { op, source };
         let lt_err = |op| move |source| CudaError::CublasLt { op, source };
         let handle = blas::create_handle().map_err(cublas_err("cublasCreate"))?;
+        let stream = dev.driver_stream()?.cu_stream();
         // SAFETY: a fresh handle and the device's live stream.
-        if let Err(e) = unsafe { blas::set_stream(handle, dev.stream().cu_stream() as _) } {
+        if let Err(e) = unsafe { blas::set_stream(handle, stream as _) } {
             // SAFETY: created just above.
             unsafe {
                 let _ = blas::destroy_handle(handle);
@@ -280,10 +281,74 @@ fn layout(
     Ok(l)
 }
 
+/// A GEMM as cuBLAS gets it, column-major: `C[i] = alpha · op(A[i]) · op(B[i]) + beta · C[i]`
+/// (`+ bias` per row of C with cuBLASLt's bias epilogue), `op(A)` `m × k`, `op(B)` `k × n`, each
+/// operand stored with its leading dimension and batch stride in elements. Both the real
+/// libraries and the emulator run exactly this.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlasCall {
+    /// The library call, for errors.
+    pub op: &'static str,
+    pub dtype: DType,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: u64,
+    pub lda: usize,
+    pub stride_a: usize,
+    pub b: u64,
+    pub ldb: usize,
+    pub stride_b: usize,
+    pub c: u64,
+    pub ldc: usize,
+    pub stride_c: usize,
+    pub batch: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub bias: Option<u64>,
+}
+
+impl BlasCall {
+    /// The column-major call for the row-major product `spec`: `Cᵀ = op(B)ᵀ · op(A)ᵀ`, which
+    /// reads the same memory as the row-major operands.
+    fn row_major<T: FloatElem>(
+        op: &'static str,
+        spec: &GemmSpec,
+        (a, b, c): (&DeviceBuffer<T>, &DeviceBuffer<T>, &DeviceBuffer<T>),
+        bias: Option<u64>,
+    ) -> Self {
+        let ((tf, ldf), (ts, lds)) = spec.column_major();
+        BlasCall {
+            op,
+            dtype: T::DTYPE,
+            trans_a: tf,
+            trans_b: ts,
+            m: spec.n,
+            n: spec.m,
+            k: spec.k,
+            a: b.device_ptr(),
+            lda: ldf,
+            stride_a: spec.stride_b,
+            b: a.device_ptr(),
+            ldb: lds,
+            stride_b: spec.stride_a,
+            c: c.device_ptr(),
+            ldc: spec.n,
+            stride_c: spec.stride_c,
+            batch: spec.batch,
+            alpha: spec.alpha,
+            beta: spec.beta,
+            bias,
+        }
+    }
+}
+
 impl GpuDevice {
     /// Runs `f` with the device's cuBLAS state, creating it on first use.
     fn with_blas<R>(&self, f: impl FnOnce(&Blas) -> Result<R>) -> Result<R> {
-        let mut guard = self.blas();
+        let mut guard = self.blas()?;
         if guard.is_none() {
             *guard = Some(Blas::new(self)?);
         }
@@ -311,64 +376,65 @@ impl GpuDevice {
         if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
             return Ok(());
         }
-        let (ty, _) = data_types(T::DTYPE);
-        let ((tf, ldf), (ts, lds)) = spec.column_major();
-        let (m, n, k) = (spec.m as i32, spec.n as i32, spec.k as i32);
-        let (alpha, beta) = (spec.alpha, spec.beta);
+        let call = BlasCall::row_major("cublasGemmEx", &spec, (a, b, c), None);
+        if let Some(live) = self.live_buffers() {
+            return crate::emulator::blas::run(&call, live);
+        }
+        let (ty, _) = data_types(call.dtype);
+        let (m, n, k) = (call.m as i32, call.n as i32, call.k as i32);
         let compute = bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
-        let alpha_ptr = &alpha as *const f32 as *const c_void;
-        let beta_ptr = &beta as *const f32 as *const c_void;
-        let (pa, pb, pc) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
+        let alpha_ptr = &call.alpha as *const f32 as *const c_void;
+        let beta_ptr = &call.beta as *const f32 as *const c_void;
         self.with_blas(|blas_state| {
             // SAFETY: the buffers hold what `spec.check` asked for; alpha and beta are host
             // f32s (the handle's default pointer mode) that outlive the call.
             let status = unsafe {
-                if spec.batch == 1 {
+                if call.batch == 1 {
                     blas::gemm_ex(
                         blas_state.handle,
-                        op(tf),
-                        op(ts),
-                        n,
+                        op(call.trans_a),
+                        op(call.trans_b),
                         m,
+                        n,
                         k,
                         alpha_ptr,
-                        pb as *const c_void,
+                        call.a as *const c_void,
                         ty,
-                        ldf as i32,
-                        pa as *const c_void,
+                        call.lda as i32,
+                        call.b as *const c_void,
                         ty,
-                        lds as i32,
+                        call.ldb as i32,
                         beta_ptr,
-                        pc as *mut c_void,
+                        call.c as *mut c_void,
                         ty,
-                        n,
+                        call.ldc as i32,
                         compute,
                         algo,
                     )
                 } else {
                     blas::gemm_strided_batched_ex(
                         blas_state.handle,
-                        op(tf),
-                        op(ts),
-                        n,
+                        op(call.trans_a),
+                        op(call.trans_b),
                         m,
+                        n,
                         k,
                         alpha_ptr,
-                        pb as *const c_void,
+                        call.a as *const c_void,
                         ty,
-                        ldf as i32,
-                        spec.stride_b as i64,
-                        pa as *const c_void,
+                        call.lda as i32,
+                        call.stride_a as i64,
+                        call.b as *const c_void,
                         ty,
-                        lds as i32,
-                        spec.stride_a as i64,
+                        call.ldb as i32,
+                        call.stride_b as i64,
                         beta_ptr,
-                        pc as *mut c_void,
+                        call.c as *mut c_void,
                         ty,
-                        n,
-                        spec.stride_c as i64,
-                        spec.batch as i32,
+                        call.ldc as i32,
+                        call.stride_c as i64,
+                        call.batch as i32,
                         compute,
                         algo,
                     )
@@ -408,9 +474,11 @@ impl GpuDevice {
         if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
             return Ok(());
         }
-        let (_, ty) = data_types(T::DTYPE);
-        let ((tf, ldf), (ts, lds)) = spec.column_major();
-        let (m, n, k) = (spec.m, spec.n, spec.k);
+        let call = BlasCall::row_major("cublasLtMatmul", &spec, (a, b, c), Some(bias.device_ptr()));
+        if let Some(live) = self.live_buffers() {
+            return crate::emulator::blas::run(&call, live);
+        }
+        let (_, ty) = data_types(call.dtype);
         let desc = MatmulDesc(lt_check(
             "cublasLtMatmulDescCreate",
             lt::create_matmul_desc(
@@ -419,27 +487,34 @@ impl GpuDevice {
             ),
         )?);
         use ltsys::cublasLtMatmulDescAttributes_t as Attr;
-        set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &i32::from(tf))?;
-        set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &i32::from(ts))?;
+        set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSA, &i32::from(call.trans_a))?;
+        set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_TRANSB, &i32::from(call.trans_b))?;
         set_desc(
             &desc,
             Attr::CUBLASLT_MATMUL_DESC_EPILOGUE,
             &ltsys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS,
         )?;
         set_desc(&desc, Attr::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias.device_ptr())?;
-        // Stored shapes (column-major rows × cols) of the first operand (B) and second (A).
-        let first = if tf { (k, n, ldf) } else { (n, k, ldf) };
-        let second = if ts { (m, k, lds) } else { (k, m, lds) };
-        let l_first = layout(ty, first, spec.batch, spec.stride_b)?;
-        let l_second = layout(ty, second, spec.batch, spec.stride_a)?;
-        let l_c = layout(ty, (n, m, n), spec.batch, spec.stride_c)?;
+        // Stored shapes (column-major rows × cols) of A and B.
+        let (m, n, k) = (call.m, call.n, call.k);
+        let stored_a = if call.trans_a {
+            (k, m, call.lda)
+        } else {
+            (m, k, call.lda)
+        };
+        let stored_b = if call.trans_b {
+            (n, k, call.ldb)
+        } else {
+            (k, n, call.ldb)
+        };
+        let l_a = layout(ty, stored_a, call.batch, call.stride_a)?;
+        let l_b = layout(ty, stored_b, call.batch, call.stride_b)?;
+        let l_c = layout(ty, (m, n, call.ldc), call.batch, call.stride_c)?;
         let pref = Preference(lt_check(
             "cublasLtMatmulPreferenceCreate",
             lt::create_matmul_pref(),
         )?);
-        let (alpha, beta) = (spec.alpha, spec.beta);
-        let (pa, pb, pc) = (a.device_ptr(), b.device_ptr(), c.device_ptr());
-        let stream = self.stream().cu_stream();
+        let stream = self.driver_stream()?.cu_stream();
         self.with_blas(|blas_state| {
             let ws_bytes = blas_state.workspace.byte_len() as u64;
             // SAFETY: live preference; a u64 as the attribute takes.
@@ -453,15 +528,7 @@ impl GpuDevice {
             })?;
             // SAFETY: live descriptors and handle.
             let heuristic = lt_check("cublasLtMatmulAlgoGetHeuristic", unsafe {
-                lt::get_matmul_algo_heuristic(
-                    blas_state.lt,
-                    desc.0,
-                    l_first.0,
-                    l_second.0,
-                    l_c.0,
-                    l_c.0,
-                    pref.0,
-                )
+                lt::get_matmul_algo_heuristic(blas_state.lt, desc.0, l_a.0, l_b.0, l_c.0, l_c.0, pref.0)
             })?;
             // SAFETY: the buffers hold what `spec.check` asked for, the bias `n` elements, the
             // workspace `ws_bytes`; C is both input and output with one layout (allowed).
@@ -469,15 +536,15 @@ impl GpuDevice {
                 lt::matmul(
                     blas_state.lt,
                     desc.0,
-                    &alpha as *const f32 as *const c_void,
-                    &beta as *const f32 as *const c_void,
-                    pb as *const c_void,
-                    l_first.0,
-                    pa as *const c_void,
-                    l_second.0,
-                    pc as *const c_void,
+                    &call.alpha as *const f32 as *const c_void,
+                    &call.beta as *const f32 as *const c_void,
+                    call.a as *const c_void,
+                    l_a.0,
+                    call.b as *const c_void,
+                    l_b.0,
+                    call.c as *const c_void,
                     l_c.0,
-                    pc as *mut c_void,
+                    call.c as *mut c_void,
                     l_c.0,
                     &heuristic.algo,
                     blas_state.workspace.device_ptr() as *mut c_void,

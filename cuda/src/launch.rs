@@ -1,7 +1,7 @@
 //! Kernel arguments, grid sizes and the launch itself.
 
 use crate::compile::KernelFile;
-use crate::device::{DeviceBuffer, DeviceElem, GpuDevice};
+use crate::device::{Backend, DeviceBuffer, DeviceElem, GpuDevice};
 use crate::error::{DriverContext, Result};
 use crate::layout::{BroadcastArg, StridedArg};
 use cudarc::driver::result;
@@ -52,8 +52,19 @@ impl Arg {
         Arg::I32(i32::from(b))
     }
 
-    /// The pointer the driver reads the parameter from.
-    fn as_param(&self) -> *mut c_void {
+    /// The parameter's size in bytes, as the kernel declares it.
+    pub fn byte_size(&self) -> usize {
+        match self {
+            Arg::Ptr(_) | Arg::U64(_) => 8,
+            Arg::U32(_) | Arg::I32(_) | Arg::F32(_) => 4,
+            Arg::Strided(_) => size_of::<StridedArg>(),
+            Arg::Broadcast(_) => size_of::<BroadcastArg>(),
+            Arg::Adam(_) => size_of::<AdamArg>(),
+        }
+    }
+
+    /// The pointer the driver (or the emulator) reads the parameter from.
+    pub(crate) fn as_param(&self) -> *mut c_void {
         match self {
             Arg::Ptr(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
             Arg::U32(v) => v as *const u32 as *mut c_void,
@@ -122,8 +133,12 @@ pub(crate) fn row_threads(len: usize) -> u32 {
     len.div_ceil(4).next_power_of_two().clamp(32, 1024) as u32
 }
 
-/// Launches kernel `name` of `file` on the device's stream.
+/// Launches kernel `name` of `file` on the device's stream (on the emulator: runs it).
 pub(crate) fn launch(dev: &GpuDevice, file: &KernelFile, name: &str, grid: Grid, args: &[Arg]) -> Result<()> {
+    let stream = match dev.backend() {
+        Backend::Emulated(emu) => return emu.launch(file, name, grid, args),
+        Backend::Driver(_) => dev.driver_stream()?,
+    };
     let f = dev.function(file, name)?;
     let mut params: Vec<*mut c_void> = args.iter().map(Arg::as_param).collect();
     dev.bind()?;
@@ -136,7 +151,7 @@ pub(crate) fn launch(dev: &GpuDevice, file: &KernelFile, name: &str, grid: Grid,
             (grid.blocks, 1, 1),
             (grid.threads.0, grid.threads.1, 1),
             0,
-            dev.stream().cu_stream(),
+            stream.cu_stream(),
             &mut params,
         )
     }

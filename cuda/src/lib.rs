@@ -8,12 +8,15 @@
 //! - [`kernels`]: typed launchers for every kernel (elementwise, reductions, softmax,
 //!   cross-entropy, norms, indexing, conv1d, AdamW), as methods of [`GpuDevice`].
 //! - [`gemm`]: cuBLAS / cuBLASLt matrix products.
+//! - [`emulator`]: the emulated GPU (`EMMA_GPU=emulate`): the same kernel sources compiled by
+//!   the host C++ compiler and run on the CPU with memory, barrier and race checks.
 //!
 //! This crate does not depend on `tensor`; the tensor dispatch builds on it.
 
 pub mod allocator;
 pub mod compile;
 pub mod device;
+pub mod emulator;
 pub mod error;
 pub mod gemm;
 pub mod kernels;
