@@ -411,10 +411,13 @@ Workspace *workspace() {
     return tl_ws;
 }
 
+// Grows `buf` to at least `want` zeroed elements (a new thread's memory may hold an old
+// thread's shadow, whose epochs would look current).
 template <typename T> bool grow(T *&buf, size_t &len, size_t want) {
     if (len >= want) return true;
-    T *n = (T *)realloc(buf, want * sizeof(T));
+    T *n = (T *)calloc(want, sizeof(T));
     if (!n) return false;
+    free(buf);
     buf = n;
     len = want;
     return true;
@@ -809,3 +812,4 @@ EMU_EXPORT int emma_emu_run_block(const Launch *l, u32 bx, u32 by, u32 bz, char 
 
 // The layout version the Rust side checks before its first launch.
 EMU_EXPORT u32 emma_emu_abi() { return (u32)(sizeof(Launch) * 1000 + sizeof(Extent)); }
+

@@ -76,6 +76,13 @@ enum View {
     Broadcast,
 }
 
+/// Whether an input laid out as `view` is constant along `axis` (a zero stride there): a
+/// normalised gradient is then a difference of equal terms, zero up to rounding, and a relative
+/// error against it measures noise.
+fn constant_along(view: View, axis: usize) -> bool {
+    matches!(view, View::Broadcast) && axis % 2 == 0
+}
+
 fn view() -> impl Strategy<Value = View> {
     prop_oneof![
         Just(View::Contiguous),
@@ -374,6 +381,9 @@ fn softmax_and_log_softmax_on_each_axis_with_backward() {
             for axis in 0..s.len() {
                 same(|t| t[0].softmax(axis), &[&x])?;
                 same(|t| t[0].log_softmax(axis), &[&x])?;
+                if s[axis] == 1 || constant_along(vg, axis) {
+                    continue; // the backward is zero up to rounding
+                }
                 // The backward from the forward outputs of each device.
                 let y = x.map(|t| t.softmax(axis))?;
                 same(|t| t[0].softmax_backward(t[1], axis), &[&y, &g])?;
@@ -475,14 +485,20 @@ fn rms_norm_and_layer_norm_with_backward() {
         let b = input(&[d], range(-1.0, 1.0), dtype, vw, seed ^ 2)?;
         let g = input(&s, range(-1.0, 1.0), dtype, vg, seed ^ 3)?;
         same(|t| t[0].rms_norm(t[1], 1e-5), &[&x, &w])?;
-        same(|t| t[0].layer_norm(t[1], None, 1e-5), &[&x, &w])?;
-        same(|t| t[0].layer_norm(t[1], Some(t[2]), 1e-5), &[&x, &w, &b])?;
-        // With one or two features the gradient is a difference of nearly equal terms (the
-        // norm removes almost all of it); the CPU's own f32 result is then noise.
-        if d >= 3 {
+        // An x constant along the features has x - mean = 0: the LayerNorm's output is then zero
+        // up to the rounding of the mean, and a relative error against it measures noise.
+        let x_varies = !constant_along(vx, s.len() - 1);
+        if x_varies {
+            same(|t| t[0].layer_norm(t[1], None, 1e-5), &[&x, &w])?;
+            same(|t| t[0].layer_norm(t[1], Some(t[2]), 1e-5), &[&x, &w, &b])?;
+        }
+        // With one or two features, or a gradient constant along the features, the gradient is a
+        // difference of nearly equal terms (the norm removes almost all of it); the CPU's own
+        // f32 result is then noise.
+        if d >= 3 && !constant_along(vg, s.len() - 1) {
             same(|t| Ok(t[0].rms_norm_backward(t[1], t[2], 1e-5)?.0), &[&x, &w, &g])?;
             same(|t| Ok(t[0].rms_norm_backward(t[1], t[2], 1e-5)?.1), &[&x, &w, &g])?;
-            for part in 0..3 {
+            for part in (0..3).filter(|_| x_varies) {
                 same(
                     |t| {
                         let (dx, dw, db) = t[0].layer_norm_backward(t[1], t[2], 1e-5)?;
@@ -814,15 +830,6 @@ fn mixed_devices_and_missing_kernels_are_typed_errors() {
     let msg = err.to_string();
     assert!(msg.contains("cpu") && msg.contains("cuda:0"), "{msg}");
     assert!(gpu.matmul(&cpu.t().unwrap()).is_err());
-    // The scans have no CUDA kernel yet: an error, never a silent copy to the host.
-    let u = Tensor::ones(&[1, 2, 3], F32).to_device(GPU).unwrap();
-    let a = Tensor::ones(&[2, 4], F32).to_device(GPU).unwrap();
-    let bc = Tensor::ones(&[1, 4, 3], F32).to_device(GPU).unwrap();
-    let err = u
-        .selective_scan(&u, &a, &bc, &bc, None, None, None, false)
-        .unwrap_err();
-    assert!(matches!(err, TensorError::NoCudaKernel { .. }), "{err}");
-    assert!(err.to_string().contains("no CUDA kernel yet"), "{err}");
     // f64 has no CUDA kernels.
     let err = Tensor::ones(&[2], F64).to_device(GPU).unwrap_err();
     assert!(matches!(err, TensorError::DeviceDType { .. }), "{err}");

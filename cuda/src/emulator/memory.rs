@@ -128,6 +128,9 @@ impl LiveBuffers {
 /// # Safety
 /// `ptr` must address `bytes` writable bytes.
 pub(crate) unsafe fn poison(ptr: u64, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
     let pattern = POISON_WORD.to_le_bytes();
     // SAFETY: as the caller promises.
     let mem = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, bytes) };
