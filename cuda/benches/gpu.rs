@@ -355,6 +355,13 @@ fn main() {
             return;
         }
     };
+    if dev.is_emulated() {
+        println!(
+            "refused: {} is emulated; its timings mean nothing (unset EMMA_GPU)",
+            dev.info().name
+        );
+        return;
+    }
     if let Err(e) = run(&dev) {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -135,13 +135,16 @@ struct Block {
     Shadow *shadow;
     u32 epoch;
     u32 warp_sync[MAX_THREADS / 32];
+    u32 warp_arrived[MAX_THREADS / 32]; // lanes waiting at a warp collective
     bool failed;
     char *err;
     size_t err_len;
 };
 
-thread_local Workspace *tl_ws = nullptr;
-thread_local Block *tl_block = nullptr;
+// Read on every memory access of a kernel: initial-exec TLS (a fixed offset from the thread
+// pointer, from the static TLS space glibc keeps for libraries opened later) instead of a call.
+__attribute__((tls_model("initial-exec"))) thread_local Workspace *tl_ws = nullptr;
+__attribute__((tls_model("initial-exec"))) thread_local Block *tl_block = nullptr;
 
 // ---- context switching ---------------------------------------------------------------------
 #if defined(__x86_64__)
@@ -434,17 +437,16 @@ u32 existing_lanes(const Block *b, u32 warp) {
 void try_release(Block *b, u32 warp, Fiber *arrived) {
     Fiber *lanes = b->fibers + warp * 32;
     const u32 mask = arrived->mask;
+    b->warp_arrived[warp] |= 1u << (arrived->linear % 32);
+    if ((b->warp_arrived[warp] & mask) != mask) return;
     for (u32 l = 0; l < 32; ++l) {
         if (!(mask >> l & 1)) continue;
         const Fiber &f = lanes[l];
-        if (f.state == DONE)
-            fail_here(b, "%s over mask %#x waits for lane %u of warp %u, which has exited", coll_name(arrived->coll),
-                      mask, l, warp);
-        if (f.state != AT_WARP) return;
         if (f.coll != arrived->coll || f.mask != mask)
             fail_here(b, "lanes of warp %u meet at different warp operations (%s over %#x and %s over %#x)", warp,
                       coll_name(f.coll), f.mask, coll_name(arrived->coll), mask);
     }
+    b->warp_arrived[warp] &= ~mask;
     // Everyone is here.
     switch (arrived->coll) {
     case C_SHFL:

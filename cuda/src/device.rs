@@ -380,7 +380,7 @@ impl GpuDevice {
     /// Opens emulated device `ordinal`: an H100-class compute capability (9.0), with
     /// [`emulator::MULTIPROCESSORS`] multiprocessors and [`emulator::MEMORY_BYTES`] of host
     /// memory.
-    fn open_emulated(ordinal: usize) -> Result<Self> {
+    pub(crate) fn open_emulated(ordinal: usize) -> Result<Self> {
         let kernel_cache = KernelCache::from_env();
         let emu = Emulator::new(kernel_cache.as_ref())?;
         let info = DeviceInfo {

@@ -86,6 +86,13 @@ fn time_layer(name: &str, s: &Setup, forward: impl Fn(&Var) -> nn::Result<Var>) 
 
 fn main() -> BenchResult<()> {
     let setup = match tensor::cuda_device(0) {
+        Ok(dev) if dev.is_emulated() => {
+            println!(
+                "refused: {} is emulated; its timings mean nothing (unset EMMA_GPU)",
+                dev.info().name
+            );
+            return Ok(());
+        }
         Ok(dev) => {
             println!("{} ({}), bf16, paper shapes", dev.info().name, dev.info().arch());
             Setup {

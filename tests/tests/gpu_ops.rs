@@ -80,7 +80,7 @@ enum View {
 /// normalised gradient is then a difference of equal terms, zero up to rounding, and a relative
 /// error against it measures noise.
 fn constant_along(view: View, axis: usize) -> bool {
-    matches!(view, View::Broadcast) && axis % 2 == 0
+    matches!(view, View::Broadcast) && axis.is_multiple_of(2)
 }
 
 fn view() -> impl Strategy<Value = View> {
@@ -378,10 +378,10 @@ fn softmax_and_log_softmax_on_each_axis_with_backward() {
         |(s, vx, vg, dtype, seed)| {
             let x = input(&s, range(-1.0, 1.0), dtype, vx, seed)?;
             let g = input(&s, range(-1.0, 1.0), dtype, vg, seed ^ 1)?;
-            for axis in 0..s.len() {
+            for (axis, &size) in s.iter().enumerate() {
                 same(|t| t[0].softmax(axis), &[&x])?;
                 same(|t| t[0].log_softmax(axis), &[&x])?;
-                if s[axis] == 1 || constant_along(vg, axis) {
+                if size == 1 || constant_along(vg, axis) {
                     continue; // the backward is zero up to rounding
                 }
                 // The backward from the forward outputs of each device.

@@ -14,6 +14,8 @@ pub(crate) mod blas;
 pub(crate) mod compile;
 pub(crate) mod kernels;
 pub(crate) mod memory;
+#[cfg(test)]
+mod tests;
 
 use crate::compile::{KernelCache, KernelFile};
 use crate::error::{CudaError, Result};
