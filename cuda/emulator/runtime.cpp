@@ -720,39 +720,26 @@ EMU_ATOMIC_CAS_LOOP(emu_atomic_max_u64, u64, v > old ? v : old)
 EMU_ATOMIC_CAS_LOOP(emu_atomic_exch_u32, u32, v)
 EMU_ATOMIC_CAS_LOOP(emu_atomic_exch_u64, u64, v)
 
-EMU_EXPORT float emu_atomic_add_f32(float *p, float v) {
-    check_access(p, 4, ATOMIC);
-    u32 *w = (u32 *)p;
-    u32 old = __atomic_load_n(w, __ATOMIC_RELAXED);
+// A floating-point add as a compare-and-swap loop on the bits (U: the unsigned type of F's size).
+template <typename F, typename U> F atomic_add_float(F *p, F v) {
+    check_access(p, sizeof(F), ATOMIC);
+    U *w = (U *)p;
+    U old = __atomic_load_n(w, __ATOMIC_RELAXED);
     for (;;) {
-        float f;
-        memcpy(&f, &old, 4);
+        F f;
+        memcpy(&f, &old, sizeof(F));
         f += v;
-        u32 next;
-        memcpy(&next, &f, 4);
+        U next;
+        memcpy(&next, &f, sizeof(F));
         if (__atomic_compare_exchange_n(w, &old, next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            memcpy(&f, &old, 4);
+            memcpy(&f, &old, sizeof(F));
             return f;
         }
     }
 }
 
-EMU_EXPORT double emu_atomic_add_f64(double *p, double v) {
-    check_access(p, 8, ATOMIC);
-    u64 *w = (u64 *)p;
-    u64 old = __atomic_load_n(w, __ATOMIC_RELAXED);
-    for (;;) {
-        double f;
-        memcpy(&f, &old, 8);
-        f += v;
-        u64 next;
-        memcpy(&next, &f, 8);
-        if (__atomic_compare_exchange_n(w, &old, next, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-            memcpy(&f, &old, 8);
-            return f;
-        }
-    }
-}
+EMU_EXPORT float emu_atomic_add_f32(float *p, float v) { return atomic_add_float<float, u32>(p, v); }
+EMU_EXPORT double emu_atomic_add_f64(double *p, double v) { return atomic_add_float<double, u64>(p, v); }
 
 EMU_EXPORT u32 emu_atomic_cas_u32(u32 *p, u32 expected, u32 v) {
     check_access(p, 4, ATOMIC);

@@ -53,6 +53,26 @@ struct Operand {
 }
 
 impl Operand {
+    /// The operand whose `op(X)` is `rows × cols`, stored transposed when `trans`, with its
+    /// leading dimension and batch stride.
+    fn new(
+        name: &'static str,
+        ptr: u64,
+        (rows, cols): (usize, usize),
+        trans: bool,
+        (ld, stride): (usize, usize),
+    ) -> Self {
+        let (rows, cols) = if trans { (cols, rows) } else { (rows, cols) };
+        Operand {
+            name,
+            ptr,
+            rows,
+            cols,
+            ld,
+            stride,
+        }
+    }
+
     /// Elements one matrix spans.
     fn span(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
@@ -95,30 +115,9 @@ pub(crate) fn run(call: &BlasCall, live: &LiveBuffers) -> Result<()> {
         return Ok(());
     }
     let (m, n, k) = (call.m, call.n, call.k);
-    let a = Operand {
-        name: "A",
-        ptr: call.a,
-        rows: if call.trans_a { k } else { m },
-        cols: if call.trans_a { m } else { k },
-        ld: call.lda,
-        stride: call.stride_a,
-    };
-    let b = Operand {
-        name: "B",
-        ptr: call.b,
-        rows: if call.trans_b { n } else { k },
-        cols: if call.trans_b { k } else { n },
-        ld: call.ldb,
-        stride: call.stride_b,
-    };
-    let c = Operand {
-        name: "C",
-        ptr: call.c,
-        rows: m,
-        cols: n,
-        ld: call.ldc,
-        stride: call.stride_c,
-    };
+    let a = Operand::new("A", call.a, (m, k), call.trans_a, (call.lda, call.stride_a));
+    let b = Operand::new("B", call.b, (k, n), call.trans_b, (call.ldb, call.stride_b));
+    let c = Operand::new("C", call.c, (m, n), false, (call.ldc, call.stride_c));
     for operand in [&a, &b, &c] {
         operand.check(call, live)?;
     }
