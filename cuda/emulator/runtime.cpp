@@ -66,7 +66,10 @@ struct Launch {
 
 constexpr u32 MAX_THREADS = 1024;
 constexpr size_t STACK_BYTES = 256 << 10;
-constexpr u32 POISON = 0x7fc07fc0u; // an f32 NaN whose halves are bf16 and f16 NaNs
+constexpr u32 POISON = 0x7fc07fc0u;
+// Dynamic shared memory is kept this large at least, so that an access past a launch's size
+// lands in it and is reported as such.
+constexpr size_t DYNAMIC_CAP = 48 << 10; // an f32 NaN whose halves are bf16 and f16 NaNs
 
 enum State : uint8_t { READY, AT_BLOCK, AT_WARP, DONE };
 enum Coll : uint8_t { C_SYNC, C_SHFL, C_VOTE, C_MMA };
@@ -130,8 +133,9 @@ struct Block {
     void *sched_sp;
     char *arena;   // static shared memory (the kernel library's TLS block)
     size_t arena_len;
-    char *dyn;     // dynamic shared memory
+    char *dyn;     // dynamic shared memory: dyn_len bytes of the launch's in dyn_cap mapped
     size_t dyn_len;
+    size_t dyn_cap;
     Shadow *shadow;
     u32 epoch;
     u32 warp_sync[MAX_THREADS / 32];
@@ -310,7 +314,7 @@ void check_access(const void *p, size_t size, Access kind) {
         record_shared(b, off, size, kind);
         return;
     }
-    if (a - (uintptr_t)b->dyn < b->dyn_len) {
+    if (a - (uintptr_t)b->dyn < b->dyn_cap) {
         const size_t off = a - (uintptr_t)b->dyn;
         if (off + size > b->dyn_len)
             fail_here(b, "out-of-bounds dynamic shared-memory %s of %zu bytes at offset %zu (%zu bytes)",
@@ -575,13 +579,14 @@ int run_block(const Launch *l, Dim bid, char *err, size_t err_len) {
         snprintf(err, err_len, "the kernel library's shared memory could not be found");
         return 1;
     }
-    if (!grow(ws->dynamic, ws->dynamic_len, l->dynamic_shared) ||
+    if (!grow(ws->dynamic, ws->dynamic_len, l->dynamic_shared > DYNAMIC_CAP ? l->dynamic_shared : DYNAMIC_CAP) ||
         !grow(ws->shadow, ws->shadow_len, b.arena_len + l->dynamic_shared + 1)) {
         snprintf(err, err_len, "out of host memory for shared memory");
         return 1;
     }
     b.dyn = ws->dynamic;
     b.dyn_len = l->dynamic_shared;
+    b.dyn_cap = ws->dynamic_len;
     b.shadow = ws->shadow;
     fill_poison(b.arena, b.arena_len);
     fill_poison(b.dyn, b.dyn_len);

@@ -57,6 +57,17 @@ template <typename T> __device__ __forceinline__ float round_to(float f) {
     return to_float(from_float<T>(f));
 }
 
+// ---- dynamic shared memory -------------------------------------------------------------------
+// `name` as a T pointer to the block's dynamic shared memory (the launch's `Grid::shared_bytes`,
+// 16-byte aligned); at most one per kernel. The emulator's runtime supplies its own.
+#ifdef EMMA_EMULATE
+#define DYNAMIC_SHARED(T, name) T *name = reinterpret_cast<T *>(emu_dynamic_shared())
+#else
+#define DYNAMIC_SHARED(T, name)                                                                         \
+    extern __shared__ __align__(16) unsigned char emma_dynamic_shared[];                                 \
+    T *name = reinterpret_cast<T *>(emma_dynamic_shared)
+#endif
+
 // ---- indexing ----------------------------------------------------------------------------
 // A strided view: element i of the row-major logical shape lives at sum(index_d * stride[d])
 // (strides in elements, relative to the pointer passed with it).

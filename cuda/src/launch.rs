@@ -77,11 +77,13 @@ impl Arg {
     }
 }
 
-/// Grid and block dimensions.
+/// Grid and block dimensions, and the bytes of dynamic shared memory per block
+/// (`DYNAMIC_SHARED` in common.cuh).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Grid {
     pub blocks: u32,
     pub threads: (u32, u32),
+    pub shared_bytes: u32,
 }
 
 /// Threads per block of elementwise kernels.
@@ -99,6 +101,7 @@ impl Grid {
         Grid {
             blocks: blocks as u32,
             threads: (ELEMENTWISE_THREADS, 1),
+            shared_bytes: 0,
         }
     }
 
@@ -108,6 +111,7 @@ impl Grid {
         Grid {
             blocks: rows.clamp(1, MAX_BLOCKS) as u32,
             threads: (row_threads(len), 1),
+            shared_bytes: 0,
         }
     }
 
@@ -116,6 +120,15 @@ impl Grid {
         Grid {
             blocks: blocks.clamp(1, MAX_BLOCKS) as u32,
             threads: (threads, 1),
+            shared_bytes: 0,
+        }
+    }
+
+    /// The same grid with `bytes` of dynamic shared memory per block.
+    pub fn with_shared(self, bytes: u32) -> Grid {
+        Grid {
+            shared_bytes: bytes,
+            ..self
         }
     }
 
@@ -124,6 +137,7 @@ impl Grid {
         Grid {
             blocks: (outer * inner.div_ceil(32)).clamp(1, MAX_BLOCKS) as u32,
             threads: (32, 8),
+            shared_bytes: 0,
         }
     }
 }
@@ -150,7 +164,7 @@ pub(crate) fn launch(dev: &GpuDevice, file: &KernelFile, name: &str, grid: Grid,
             f.cu_function(),
             (grid.blocks, 1, 1),
             (grid.threads.0, grid.threads.1, 1),
-            0,
+            grid.shared_bytes,
             stream.cu_stream(),
             &mut params,
         )

@@ -54,6 +54,11 @@ impl HostCompiler {
             candidates.push(cxx);
         }
         candidates.extend(["c++", "g++", "clang++"].map(String::from));
+        Self::first_of(candidates)
+    }
+
+    /// The first of `candidates` whose `--version` runs.
+    fn first_of(candidates: Vec<String>) -> Result<Self> {
         let mut tried = Vec::new();
         for program in candidates {
             match Command::new(&program).arg("--version").output() {
@@ -282,6 +287,18 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[test]
+    fn no_compiler_is_an_error_naming_each_one_tried() {
+        let err = HostCompiler::first_of(vec!["/nonexistent/c++".into(), "false".into()]).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, CudaError::NoHostCompiler { .. }), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/c++ (") && msg.contains("false (exit"),
+            "{msg}"
+        );
+        assert!(msg.contains("install g++ or set CXX"), "{msg}");
     }
 
     #[test]

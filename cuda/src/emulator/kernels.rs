@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 
 /// Most threads in a block, as on every CUDA GPU.
 const MAX_BLOCK_THREADS: u32 = 1024;
+/// Most dynamic shared memory a launch gets without opting in to more (48 KiB).
+const MAX_DYNAMIC_SHARED: u32 = 48 << 10;
 
 /// A grid or block shape (`Dim` in runtime.cpp).
 #[repr(C)]
@@ -228,6 +230,12 @@ pub(crate) fn launch(
             info.launch_bound
         )));
     }
+    if grid.shared_bytes > MAX_DYNAMIC_SHARED {
+        return Err(fail(format!(
+            "{} bytes of dynamic shared memory exceed the 48 KiB a launch gets without opting in",
+            grid.shared_bytes
+        )));
+    }
     let mut extents = Vec::new();
     for (i, arg) in args.iter().enumerate() {
         if let Arg::Ptr(p) = arg {
@@ -261,7 +269,7 @@ pub(crate) fn launch(
             y: grid.threads.1,
             z: 1,
         },
-        dynamic_shared: 0,
+        dynamic_shared: u64::from(grid.shared_bytes),
         extents: extents.as_ptr(),
         n_extents: extents.len() as u64,
         race_check: i32::from(race_check),

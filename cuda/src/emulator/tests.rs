@@ -51,6 +51,14 @@ extern "C" __global__ void shuffle_outside_mask(float *out) {
     if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0x0000ffffu, (float)threadIdx.x, 20);
 }
 
+// Reverses a block's values through dynamic shared memory.
+extern "C" __global__ void reverse_dynamic(const float *x, float *y) {
+    DYNAMIC_SHARED(float, buf);
+    buf[threadIdx.x] = x[threadIdx.x];
+    __syncthreads();
+    y[threadIdx.x] = buf[blockDim.x - 1 - threadIdx.x];
+}
+
 // One m16n8k16 product D += A B: A 16 x 16 and B 16 x 8 row-major f32 (rounded to bf16 on the
 // way in), D 16 x 8 row-major f32; fragments as the PTX ISA lays them out.
 extern "C" __global__ void mma_tile(const float *A, const float *B, float *D) {
@@ -207,6 +215,46 @@ fn launch_arguments_are_checked_against_the_kernel() {
         &[Arg::Ptr(8), Arg::size(4)],
     ));
     assert!(dangling.contains("pointer argument 0"), "{dangling}");
+}
+
+#[test]
+fn dynamic_shared_memory_is_sized_by_the_launch() {
+    let Some(dev) = device() else { return };
+    let values: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let x = dev.upload(&values).unwrap();
+    let y = dev.alloc::<f32>(64).unwrap();
+    let args = [Arg::buf(&x), Arg::buf(&y)];
+    let grid = Grid::blocks(1, 64);
+    launch(&dev, &FAULTS, "reverse_dynamic", grid.with_shared(256), &args).unwrap();
+    let reversed: Vec<f32> = values.iter().rev().copied().collect();
+    assert_eq!(dev.download(&y).unwrap(), reversed);
+    let msg = fault(launch(
+        &dev,
+        &FAULTS,
+        "reverse_dynamic",
+        grid.with_shared(128),
+        &args,
+    ));
+    assert!(
+        msg.contains("thread (32, 0, 0): out-of-bounds dynamic shared-memory write"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn events_time_and_the_allocator_counts() {
+    let Some(dev) = device() else { return };
+    let (start, end) = (dev.event().unwrap(), dev.event().unwrap());
+    start.record().unwrap();
+    let buf = dev.zeros::<f32>(1000).unwrap();
+    end.record().unwrap();
+    end.synchronize().unwrap();
+    assert!(start.elapsed_ms(&end).unwrap() >= 0.0);
+    assert!(dev.memory_stats().in_use >= 4000);
+    drop(buf);
+    assert!(dev.memory_stats().cached >= 4000);
+    dev.empty_cache().unwrap();
+    assert_eq!(dev.memory_stats().cached, 0);
 }
 
 #[test]
