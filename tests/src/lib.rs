@@ -11,10 +11,16 @@ use rand::{Rng, SeedableRng};
 use reference::RefTensor;
 use tensor::{DType, Tensor};
 
-/// Proptest settings for a suite: `cases` random cases, no failure persistence files.
+/// Proptest settings for a suite: `cases` random cases (times `EMMA_TEST_CASES_SCALE`, 1 by
+/// default, for a longer local run), no failure persistence files.
 pub fn config(cases: u32) -> ProptestConfig {
+    let scale = std::env::var("EMMA_TEST_CASES_SCALE")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(1);
     ProptestConfig {
-        cases,
+        cases: cases.saturating_mul(scale),
         failure_persistence: None,
         ..ProptestConfig::default()
     }
