@@ -20,6 +20,7 @@ pub mod mamba2;
 mod mamba_lm;
 mod mlp;
 mod norm;
+pub mod paths;
 pub mod pretrained;
 mod siglip;
 mod store;

@@ -185,7 +185,8 @@ fn load_sharded(dir: &Path, index: &Path) -> Result<BTreeMap<String, Tensor>> {
     }
     let mut tensors = BTreeMap::new();
     for (shard, names) in by_shard {
-        let path = dir.join(shard);
+        let path = crate::paths::inside(dir, shard)
+            .map_err(|reason| cfg.error(format!("shard of '{}': {reason}", names[0])))?;
         let file = tensor::safetensors::SafetensorsFile::open(&path)?;
         for name in names {
             tensors.insert(name.to_string(), file.get(name)?);

@@ -220,4 +220,25 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
     let sharded = emma::commands::logits(dir.path(), &ids, Device::Cpu).unwrap();
     let single = emma::commands::logits(&fixture("mamba"), &ids, Device::Cpu).unwrap();
     assert_eq!(sharded.to_vec_f64(), single.to_vec_f64());
+
+    // A shard name that leaves the checkpoint's folder is refused by name, before it is read.
+    let outside = dir
+        .path()
+        .parent()
+        .unwrap()
+        .join("model-00001-of-00002.safetensors");
+    for escape in ["../model-00001-of-00002.safetensors", outside.to_str().unwrap()] {
+        let (first, _) = weight_map.iter().next().unwrap();
+        let mut bad = weight_map.clone();
+        bad.insert(first.clone(), serde_json::Value::String(escape.to_owned()));
+        let index = serde_json::json!({ "metadata": {}, "weight_map": bad });
+        std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let msg = error_of(dir.path());
+        assert!(
+            msg.contains("model.safetensors.index.json")
+                && msg.contains(escape)
+                && msg.contains(first.as_str()),
+            "{msg}"
+        );
+    }
 }

@@ -135,10 +135,15 @@ pub struct LlavaData {
 }
 
 impl LlavaData {
-    /// Reads and checks `json` (images relative to `image_folder`): every record parsed, every
-    /// image decoded. A bad record or image is an error, or, with `skip_bad_samples`, left out
-    /// and listed in [`LlavaData::skipped`].
-    pub fn load(json: &Path, image_folder: &Path, skip_bad_samples: bool) -> Result<Self, DataError> {
+    /// Reads and checks `json` (images relative to `image_folder`, and inside it unless
+    /// `images_anywhere`): every record parsed, every image decoded. A bad record or image is an
+    /// error, or, with `skip_bad_samples`, left out and listed in [`LlavaData::skipped`].
+    pub fn load(
+        json: &Path,
+        image_folder: &Path,
+        skip_bad_samples: bool,
+        images_anywhere: bool,
+    ) -> Result<Self, DataError> {
         let text = std::fs::read_to_string(json).map_err(|source| DataError::Read {
             path: json.to_owned(),
             source,
@@ -156,7 +161,7 @@ impl LlavaData {
         let checked: Vec<Result<Record, DataError>> = items
             .par_iter()
             .enumerate()
-            .map(|(index, item)| check_record(json, image_folder, index, item))
+            .map(|(index, item)| check_record(json, (image_folder, images_anywhere), index, item))
             .collect();
         let mut records = Vec::with_capacity(checked.len());
         let mut skipped = Vec::new();
@@ -209,8 +214,14 @@ impl Dataset for LlavaData {
     }
 }
 
-/// Parses record `index` and decodes its image once to check it.
-fn check_record(json: &Path, folder: &Path, index: usize, item: &Value) -> Result<Record, DataError> {
+/// Parses record `index` and decodes its image once to check it; the image path must stay inside
+/// `folder` unless `anywhere`.
+fn check_record(
+    json: &Path,
+    (folder, anywhere): (&Path, bool),
+    index: usize,
+    item: &Value,
+) -> Result<Record, DataError> {
     let id = item.get("id").map_or_else(
         || "?".to_owned(),
         |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
@@ -256,7 +267,15 @@ fn check_record(json: &Path, folder: &Path, index: usize, item: &Value) -> Resul
     let image = match item.get("image") {
         None | Some(Value::Null) => None,
         Some(Value::String(rel)) => {
-            let path = folder.join(rel);
+            let path = if anywhere {
+                folder.join(rel)
+            } else {
+                nn::paths::inside(folder, rel).map_err(|reason| {
+                    bad(format!(
+                        "image {reason} (--images-anywhere allows images elsewhere)"
+                    ))
+                })?
+            };
             if !path.is_file() {
                 return Err(bad(format!("image {} does not exist", path.display())));
             }

@@ -40,6 +40,9 @@ enum Command {
         /// Folder of the LLaVA images (default: the JSON file's folder).
         #[arg(long)]
         image_folder: Option<PathBuf>,
+        /// Let image paths be absolute or lead outside the image folder (refused by default).
+        #[arg(long)]
+        images_anywhere: bool,
         /// Held-out shapes examples.
         #[arg(long, default_value_t = 500)]
         shapes_eval: u64,
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             checkpoint,
             data,
             image_folder,
+            images_anywhere,
             shapes_eval,
             seed,
             skip_bad_samples,
@@ -104,8 +108,8 @@ fn main() -> anyhow::Result<()> {
                     count: shapes_eval as usize,
                 })
             } else {
-                let d =
-                    train::trainer::open_llava(Path::new(&data), image_folder.as_deref(), skip_bad_samples)?;
+                let images = (image_folder.as_deref(), images_anywhere);
+                let d = train::trainer::open_llava(Path::new(&data), images, skip_bad_samples)?;
                 Box::new(d)
             };
             let bar = indicatif::ProgressBar::new(dataset.len() as u64);

@@ -19,6 +19,9 @@ pub struct TrainOptions {
     /// Folder the LLaVA records' image paths are relative to (default: the JSON file's folder).
     #[arg(long)]
     pub image_folder: Option<PathBuf>,
+    /// Let LLaVA image paths be absolute or lead outside the image folder (refused by default).
+    #[arg(long)]
+    pub images_anywhere: bool,
     /// Held-out LLaVA JSON file evaluated at the end (shapes: a held-out split is built in).
     #[arg(long)]
     pub eval_data: Option<String>,

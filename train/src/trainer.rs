@@ -286,25 +286,30 @@ fn datasets(opts: &TrainOptions) -> Result<Datasets> {
         return Ok((Box::new(train), eval, Vec::new()));
     }
     let folder = opts.image_folder.as_deref();
-    let train = open_llava(Path::new(&opts.data), folder, opts.skip_bad_samples)?;
+    let images = (folder, opts.images_anywhere);
+    let train = open_llava(Path::new(&opts.data), images, opts.skip_bad_samples)?;
     let skipped = train.skipped.clone();
     let eval = match &opts.eval_data {
         Some(path) => {
-            Some(Box::new(open_llava(Path::new(path), folder, opts.skip_bad_samples)?) as Box<dyn Dataset>)
+            Some(Box::new(open_llava(Path::new(path), images, opts.skip_bad_samples)?) as Box<dyn Dataset>)
         }
         None => None,
     };
     Ok((Box::new(train), eval, skipped))
 }
 
-/// Loads a LLaVA file whose images are relative to `image_folder` (default: the file's folder),
-/// printing each record skipped as bad.
-pub fn open_llava(json: &Path, image_folder: Option<&Path>, skip_bad_samples: bool) -> Result<LlavaData> {
+/// Loads a LLaVA file whose images are relative to `image_folder` (default: the file's folder)
+/// and inside it unless `images_anywhere`, printing each record skipped as bad.
+pub fn open_llava(
+    json: &Path,
+    (image_folder, images_anywhere): (Option<&Path>, bool),
+    skip_bad_samples: bool,
+) -> Result<LlavaData> {
     let folder = image_folder.map_or_else(
         || json.parent().map(Path::to_path_buf).unwrap_or_default(),
         Path::to_path_buf,
     );
-    let data = LlavaData::load(json, &folder, skip_bad_samples)?;
+    let data = LlavaData::load(json, &folder, skip_bad_samples, images_anywhere)?;
     for s in &data.skipped {
         eprintln!("skipped: {}", s.reason);
     }

@@ -124,3 +124,70 @@ fn a_non_finite_loss_stops_with_the_last_good_checkpoint() {
     assert_eq!(state.step, step - 1);
     assert!(state.loss.is_finite());
 }
+
+/// A data set whose last record's image path is `image` (relative to `data/`), next to a real PNG
+/// outside `data/`.
+fn escaping_data_set(dir: &Path, image: &str) -> std::path::PathBuf {
+    let data = dir.join("data");
+    let json = write_llava(
+        &ShapesConfig {
+            image_size: 32,
+            seed: 3,
+        },
+        0,
+        4,
+        &data,
+    )
+    .unwrap();
+    let mut records: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let inside = records[0]["image"].as_str().unwrap().to_owned();
+    std::fs::copy(data.join(&inside), dir.join("outside.png")).unwrap();
+    records.push(json!({"id": "escape", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a file"}]}));
+    std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
+    json
+}
+
+#[test]
+fn image_paths_that_leave_the_image_folder_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside.png").display().to_string();
+    for (case, image) in [("dotdot", "../outside.png"), ("absolute", outside.as_str())] {
+        let root = dir.path().join(case);
+        std::fs::create_dir_all(&root).unwrap();
+        let json = escaping_data_set(
+            &root,
+            &image.replace(dir.path().to_str().unwrap(), root.to_str().unwrap()),
+        );
+        let err = train::trainer::train(&options(&json, &root.join("out")))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("record 4 (id escape)")
+                && err.contains("outside")
+                && err.contains("--images-anywhere"),
+            "{case}: {err}"
+        );
+        // Said on purpose, it is allowed.
+        let mut o = options(&json, &root.join("anywhere"));
+        o.images_anywhere = true;
+        o.steps = Some(1);
+        train::trainer::train(&o).unwrap();
+    }
+    #[cfg(unix)]
+    {
+        let root = dir.path().join("link");
+        std::fs::create_dir_all(&root).unwrap();
+        let json = escaping_data_set(&root, "images/link.png");
+        std::os::unix::fs::symlink(root.join("outside.png"), root.join("data/images/link.png")).unwrap();
+        let err = train::trainer::train(&options(&json, &root.join("out")))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("record 4 (id escape)") && err.contains("is a link to"),
+            "{err}"
+        );
+    }
+}
