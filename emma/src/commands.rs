@@ -86,6 +86,43 @@ pub fn read_tensor(path: &Path, name: &str) -> anyhow::Result<Tensor> {
     Ok(tensor::safetensors::SafetensorsFile::open(path)?.get(name)?)
 }
 
+/// Refuses an output path that would overwrite one of the inputs: an input file itself, or an
+/// existing file inside an input directory (a model's own `model.safetensors`, say). Links are
+/// followed; an output that does not exist yet outside the inputs is fine.
+pub fn check_output(out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
+    let resolved = match (out.canonicalize(), out.parent(), out.file_name()) {
+        (Ok(real), _, _) => real,
+        (Err(_), Some(parent), Some(name)) => match parent
+            .canonicalize()
+            .or_else(|_| Path::new(".").canonicalize().map(|cwd| cwd.join(parent)))
+        {
+            Ok(dir) => dir.join(name),
+            Err(_) => return Ok(()),
+        },
+        _ => return Ok(()),
+    };
+    for input in inputs {
+        let Ok(real) = input.canonicalize() else {
+            continue;
+        };
+        if real == resolved {
+            bail!(
+                "--out {} is the input {}; refusing to overwrite it",
+                out.display(),
+                input.display()
+            );
+        }
+        if real.is_dir() && resolved.starts_with(&real) && resolved.exists() {
+            bail!(
+                "--out {} is a file of the input directory {}; refusing to overwrite it",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes named tensors to a safetensors file atomically.
 pub fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> anyhow::Result<()> {
     tensor::safetensors::save(path, tensors, None)?;
@@ -138,4 +175,28 @@ pub fn tokenizer_for(
         tok.vocab_size()
     );
     Ok((tok, note))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_output;
+
+    #[test]
+    fn an_output_onto_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"weights").unwrap();
+        let pixels = dir.path().join("pixels.safetensors");
+        std::fs::write(&pixels, b"pixels").unwrap();
+        let inputs = [model.as_path(), pixels.as_path()];
+        let onto_model = check_output(&model.join("model.safetensors"), &inputs).unwrap_err();
+        assert!(onto_model.to_string().contains("input directory"), "{onto_model}");
+        let onto_pixels = check_output(&pixels, &inputs).unwrap_err();
+        assert!(onto_pixels.to_string().contains("is the input"), "{onto_pixels}");
+        let via_dots = model.join("..").join("pixels.safetensors");
+        assert!(check_output(&via_dots, &inputs).is_err());
+        assert!(check_output(&dir.path().join("logits.safetensors"), &inputs).is_ok());
+        assert!(check_output(&model.join("new.safetensors"), &inputs).is_ok());
+    }
 }

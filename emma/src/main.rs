@@ -142,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
+            commands::check_output(&out, &[&model])?;
             let device = resolve(device)?;
             let logits = commands::logits(&model, &ids, device)?;
             commands::write_tensors(&out, &[("logits", &logits)])?;
@@ -153,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
+            commands::check_output(&out, &[&model])?;
             let device = resolve(device)?;
             let (loss, grads) = commands::grads(&model, &ids, device)?;
             let loss_t = tensor::Tensor::scalar(loss as f32);
@@ -229,6 +231,7 @@ fn main() -> anyhow::Result<()> {
             out,
             device,
         } => {
+            commands::check_output(&out, &[&model, &pixels])?;
             let device = resolve(device)?;
             let px = commands::read_tensor(&pixels, "pixel_values")
                 .with_context(|| format!("reading pixel_values from {}", pixels.display()))?;
