@@ -76,7 +76,20 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; a user error is printed as one message with its causes, without a
+/// backtrace even when `RUST_BACKTRACE` is set (panics, real bugs, keep theirs).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line's work.
+fn run() -> anyhow::Result<()> {
     let known: Vec<String> = Cli::command()
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_owned))
