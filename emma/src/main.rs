@@ -84,10 +84,10 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
         /// Sampling temperature; 0 picks the most likely token (greedy).
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
         temperature: f64,
         /// Nucleus mass for sampling (with --temperature > 0).
-        #[arg(long, default_value_t = 0.9)]
+        #[arg(long, default_value_t = 0.9, allow_hyphen_values = true)]
         top_p: f64,
         /// Seed of the sampling (and of a preset's random weights).
         #[arg(long, default_value_t = 0)]
@@ -193,15 +193,20 @@ fn run() -> anyhow::Result<()> {
             tokenizer,
             device,
         } => {
+            if !(temperature.is_finite() && (0.0..=100.0).contains(&temperature)) {
+                anyhow::bail!("--temperature {temperature}: must be in [0, 100] (0: greedy)");
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                anyhow::bail!("--top-p {top_p}: must be in (0, 1]");
+            }
+            if max_new_tokens == 0 {
+                anyhow::bail!("--max-new-tokens 0: must be a positive count");
+            }
             let device = resolve(device)?;
             let sampling = if temperature == 0.0 {
                 Sampling::Greedy
-            } else if temperature > 0.0 && top_p > 0.0 && top_p <= 1.0 {
-                Sampling::TopP { temperature, top_p }
             } else {
-                anyhow::bail!(
-                    "--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}"
-                );
+                Sampling::TopP { temperature, top_p }
             };
             let source = match (&model, &preset) {
                 (Some(dir), None) => ModelSource::Dir(dir),

@@ -59,19 +59,19 @@ pub struct TrainOptions {
     #[arg(long)]
     pub steps: Option<u64>,
     /// Passes over the training data (default: the preset's recipe).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub epochs: Option<f64>,
     /// Peak learning rate (default: the preset's recipe).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub lr: Option<f64>,
     /// Fraction of the steps spent warming up linearly.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub warmup_ratio: Option<f64>,
     /// Decoupled weight decay (not on 1-D parameters: norms and biases).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub weight_decay: Option<f64>,
     /// Clip the global gradient norm to this (0: no clipping).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub max_grad_norm: f64,
     /// Examples per optimizer step, over all ranks and accumulation steps.
     #[arg(long)]
@@ -105,7 +105,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub no_pixel_loss: bool,
     /// Weight of the pixel loss (default: the preset's).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub pixel_weight: Option<f64>,
     /// Train the vision towers too (frozen by default, as in the paper).
     #[arg(long)]
@@ -186,6 +186,69 @@ impl TrainOptions {
             epochs: self.epochs.unwrap_or(d.epochs),
             max_len: self.max_len.unwrap_or(d.max_len),
         }
+    }
+
+    /// Checks every setting before any work starts: each numeric flag finite and in its range,
+    /// and no option given that cannot apply. The error names the flag and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, value: String, range: &str| {
+            Err(TrainError::Options(format!("--{flag} {value}: must be {range}")))
+        };
+        let floats = [
+            ("lr", self.lr, 0.0, 10.0, false, "in (0, 10]"),
+            ("warmup-ratio", self.warmup_ratio, 0.0, 1.0, true, "in [0, 1)"),
+            ("weight-decay", self.weight_decay, 0.0, 1.0, true, "in [0, 1]"),
+            ("epochs", self.epochs, 0.0, 1e6, false, "in (0, 1e6]"),
+            ("pixel-weight", self.pixel_weight, 0.0, 1e6, true, "in [0, 1e6]"),
+            (
+                "max-grad-norm",
+                Some(self.max_grad_norm),
+                0.0,
+                1e6,
+                true,
+                "in [0, 1e6] (0: no clipping)",
+            ),
+        ];
+        for (flag, value, lo, hi, zero_ok, range) in floats {
+            let Some(v) = value else { continue };
+            let above_lo = if zero_ok { v >= lo } else { v > lo };
+            let below_hi = if flag == "warmup-ratio" { v < hi } else { v <= hi };
+            if !(v.is_finite() && above_lo && below_hi) {
+                return bad(flag, v.to_string(), range);
+            }
+        }
+        let counts = [
+            ("steps", self.steps.map(|v| v as usize)),
+            ("max-len", self.max_len),
+            ("global-batch", self.global_batch),
+            ("micro-batch", self.micro_batch),
+            ("ranks", Some(self.ranks)),
+            ("checkpoint-every", Some(self.checkpoint_every as usize)),
+            ("keep", Some(self.keep)),
+            ("eval-max-new-tokens", Some(self.eval_max_new_tokens)),
+        ];
+        for (flag, value) in counts {
+            if value == Some(0) {
+                return bad(flag, "0".into(), "a positive count");
+            }
+        }
+        if self.data == "shapes" {
+            if self.shapes_train == 0 {
+                return bad("shapes-train", "0".into(), "a positive count");
+            }
+            let inapplicable = [
+                ("eval-data", self.eval_data.is_some()),
+                ("image-folder", self.image_folder.is_some()),
+                ("images-anywhere", self.images_anywhere),
+                ("skip-bad-samples", self.skip_bad_samples),
+            ];
+            if let Some((flag, _)) = inapplicable.iter().find(|(_, given)| *given) {
+                return Err(TrainError::Options(format!(
+                    "--{flag} applies to LLaVA data, not the built-in shapes set (--data shapes)"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The output directory.

@@ -94,6 +94,7 @@ struct Run<'a> {
 /// Trains as `opts` says (on the CPU or on GPUs, per `--device`) and evaluates on the held-out
 /// data.
 pub fn train(opts: &TrainOptions) -> Result<Summary> {
+    opts.validate()?;
     let mut cfg = EmmaConfig::named(&opts.preset)?;
     cfg.alignment.mff &= !opts.no_mff;
     cfg.alignment.pixel_loss &= !opts.no_pixel_loss;
