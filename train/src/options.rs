@@ -117,10 +117,6 @@ pub struct TrainOptions {
     /// with a notice).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Stop after this many steps of this invocation, as if killed (for tests of --resume).
-    #[arg(long, hide = true)]
-    #[serde(default)]
-    pub stop_after: Option<u64>,
 }
 
 /// The defaults a preset trains with.

@@ -325,43 +325,8 @@ fn initial_state(
 ) -> Result<(BTreeMap<String, Tensor>, Option<TrainState>)> {
     checkpoint::remove_partials(root)?;
     let existing = checkpoint::list(root)?;
-    if let Some((step, dir)) = existing.last().filter(|_| opts.resume) {
-        let state = checkpoint::read_state(dir)?;
-        let identity: Vec<(String, String)> = opts
-            .run_identity()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        let changed: Vec<String> = identity
-            .iter()
-            .filter(|kv| !state.identity.contains(kv))
-            .map(|(k, v)| {
-                let was = state
-                    .identity
-                    .iter()
-                    .find(|(sk, _)| sk == k)
-                    .map_or("unset", |(_, sv)| sv);
-                format!("--{k} {v} (the run used {was})")
-            })
-            .collect();
-        if !changed.is_empty() {
-            return Err(TrainError::Checkpoint {
-                path: dir.clone(),
-                detail: format!("cannot resume with other options: {}", changed.join(", ")),
-            });
-        }
-        let model = emma::checkpoint::load(dir, true, Device::Cpu).map_err(|e| TrainError::Checkpoint {
-            path: dir.clone(),
-            detail: format!("{e:#}"),
-        })?;
-        if model.config() != cfg {
-            return Err(TrainError::Checkpoint {
-                path: dir.clone(),
-                detail: "its model config differs from this run's".to_owned(),
-            });
-        }
-        debug_assert_eq!(*step, state.step);
-        return Ok((model.store().tensors(), Some(state)));
+    if opts.resume && !existing.is_empty() {
+        return resume_from_newest_good(opts, cfg, root, &existing).map(|(t, s)| (t, Some(s)));
     }
     if let Some((step, _)) = existing.last() {
         if !opts.overwrite {
@@ -383,6 +348,123 @@ fn initial_state(
     let model = from_pretrained_parts(cfg, &parts, opts.seed, true)
         .map_err(|e| TrainError::Options(format!("{e:#}")))?;
     Ok((model.store().tensors(), None))
+}
+
+/// Why a checkpoint cannot be resumed from.
+enum Unusable {
+    /// It is damaged or inconsistent: the next older one may be used.
+    Damaged(TrainError),
+    /// This run's options differ from the checkpoint's: an error, whatever older ones hold.
+    OtherOptions(TrainError),
+}
+
+/// The newest checkpoint that passes [`check_checkpoint`]. Damaged newer ones are reported with a
+/// one-line notice each and set aside as `.step-N.rejected` (so that checkpoint rotation never
+/// counts them); none good is an error listing what was found.
+fn resume_from_newest_good(
+    opts: &TrainOptions,
+    cfg: &EmmaConfig,
+    root: &Path,
+    existing: &[(u64, PathBuf)],
+) -> Result<(BTreeMap<String, Tensor>, TrainState)> {
+    let mut rejected: Vec<(PathBuf, u64, String)> = Vec::new();
+    for (step, dir) in existing.iter().rev() {
+        match check_checkpoint(opts, cfg, *step, dir) {
+            Ok(found) => {
+                for (dir, step, why) in &rejected {
+                    let aside = root.join(format!(".step-{step:08}.rejected"));
+                    std::fs::rename(dir, &aside).map_err(io_err(&aside))?;
+                    eprintln!(
+                        "note: checkpoint {} is unusable ({why}); set aside as {}",
+                        dir.display(),
+                        aside.display()
+                    );
+                }
+                if !rejected.is_empty() {
+                    eprintln!(
+                        "note: resuming from the newest good checkpoint, {}",
+                        dir.display()
+                    );
+                }
+                return Ok(found);
+            }
+            Err(Unusable::OtherOptions(e)) => return Err(e),
+            Err(Unusable::Damaged(e)) => rejected.push((dir.clone(), *step, e.to_string())),
+        }
+    }
+    let found: Vec<String> = rejected.iter().map(|(_, _, why)| why.clone()).collect();
+    Err(TrainError::Checkpoint {
+        path: root.to_owned(),
+        detail: format!("no usable checkpoint to resume from: {}", found.join("; ")),
+    })
+}
+
+/// Checks checkpoint `dir` of `step` as a whole before it is trusted: `state.json` parses and
+/// names the folder's step, the run's options match, the model loads with this run's config,
+/// the tokenizer parses, and the optimizer shards of every rank that wrote it hold both moments
+/// of every trainable parameter with its shape. Returns the weights and the state.
+fn check_checkpoint(
+    opts: &TrainOptions,
+    cfg: &EmmaConfig,
+    step: u64,
+    dir: &Path,
+) -> std::result::Result<(BTreeMap<String, Tensor>, TrainState), Unusable> {
+    let damaged = |detail: String| {
+        Unusable::Damaged(TrainError::Checkpoint {
+            path: dir.to_owned(),
+            detail,
+        })
+    };
+    let state = checkpoint::read_state(dir).map_err(Unusable::Damaged)?;
+    if state.step != step {
+        return Err(damaged(format!(
+            "{} says step {}, the folder is step {step}",
+            checkpoint::STATE_FILE,
+            state.step
+        )));
+    }
+    let identity: Vec<(String, String)> = opts
+        .run_identity()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let changed: Vec<String> = identity
+        .iter()
+        .filter(|kv| !state.identity.contains(kv))
+        .map(|(k, v)| {
+            let was = state
+                .identity
+                .iter()
+                .find(|(sk, _)| sk == k)
+                .map_or("unset", |(_, sv)| sv);
+            format!("--{k} {v} (the run used {was})")
+        })
+        .collect();
+    if !changed.is_empty() {
+        return Err(Unusable::OtherOptions(TrainError::Checkpoint {
+            path: dir.to_owned(),
+            detail: format!("cannot resume with other options: {}", changed.join(", ")),
+        }));
+    }
+    let model = emma::checkpoint::load(dir, true, Device::Cpu).map_err(|e| damaged(format!("{e:#}")))?;
+    if model.config() != cfg {
+        return Err(damaged("its model config differs from this run's".to_owned()));
+    }
+    Tokenizer::from_file(dir.join(TOKENIZER_FILE)).map_err(|e| damaged(format!("{e:#}")))?;
+    for rank in 0..state.ranks {
+        let shard = dir.join(format!("optimizer-rank{rank}.safetensors"));
+        if !shard.is_file() {
+            return Err(damaged(format!("{} of rank {rank} is missing", shard.display())));
+        }
+    }
+    let tensors = model.store().tensors();
+    let trainable: BTreeMap<String, Tensor> = tensors
+        .iter()
+        .filter(|(k, _)| !(cfg.vision.frozen && k.starts_with("vision.")))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    load_moments(dir, &trainable, 0, 1).map_err(|e| damaged(e.to_string()))?;
+    Ok((tensors, state))
 }
 
 /// The metrics file, holding the lines of steps up to `start` (a resumed run rewrites the

@@ -70,3 +70,96 @@ fn a_killed_run_resumes_to_the_same_weights_and_losses() {
     assert_eq!(a.lines().count(), 40);
     assert_eq!(a, b, "loss curves differ");
 }
+
+/// Copies a directory tree.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let short = ["--steps", "20", "--keep", "4"];
+    let whole = dir.path().join("whole");
+    assert!(train(&whole, &short).status().unwrap().success());
+    // The run as a kill after step 10 would have left it: checkpoints at steps 5 and 10.
+    let stopped = dir.path().join("stopped");
+    for step in ["00000005", "00000010"] {
+        let ckpt = format!("checkpoints/step-{step}");
+        copy_tree(&whole.join(&ckpt), &stopped.join(&ckpt));
+    }
+    std::fs::copy(whole.join("metrics.jsonl"), stopped.join("metrics.jsonl")).unwrap();
+    let newest = Path::new("checkpoints/step-00000010");
+    assert!(stopped.join(newest).join("state.json").is_file());
+
+    let damages: [(&str, fn(&Path)); 4] = [
+        ("bad state.json", |d| {
+            std::fs::write(d.join("state.json"), "{ not json").unwrap()
+        }),
+        ("step mismatch", |d| {
+            let text = std::fs::read_to_string(d.join("state.json")).unwrap();
+            let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+            state["step"] = 9.into();
+            std::fs::write(d.join("state.json"), state.to_string()).unwrap();
+        }),
+        ("truncated model", |d| {
+            let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
+            std::fs::write(d.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+        }),
+        ("missing optimizer shard", |d| {
+            std::fs::remove_file(d.join("optimizer-rank0.safetensors")).unwrap()
+        }),
+    ];
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    for (i, (what, damage)) in damages.iter().enumerate() {
+        let run = dir.path().join(format!("damaged-{i}"));
+        copy_tree(&stopped, &run);
+        damage(&run.join(newest));
+        let resumed = train(&run, &[&short[..], &["--resume"]].concat())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&resumed.stderr);
+        assert!(resumed.status.success(), "{what}: {stderr}");
+        assert!(
+            stderr.contains("step-00000010 is unusable")
+                && stderr.contains("resuming from the newest good checkpoint"),
+            "{what}: {stderr}"
+        );
+        assert_eq!(
+            read(&whole.join("final/model.safetensors")),
+            read(&run.join("final/model.safetensors")),
+            "{what}: final weights differ from the uninterrupted run's"
+        );
+        assert!(
+            run.join("checkpoints/.step-00000010.rejected").is_dir(),
+            "{what}: not set aside"
+        );
+    }
+
+    // Nothing good at all: an error that says what was found.
+    let run = dir.path().join("none-good");
+    copy_tree(&stopped, &run);
+    for step in ["00000005", "00000010"] {
+        std::fs::write(run.join(format!("checkpoints/step-{step}/state.json")), "{").unwrap();
+    }
+    let out = train(&run, &[&short[..], &["--resume"]].concat())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no usable checkpoint") && stderr.contains("malformed state"),
+        "{stderr}"
+    );
+}
