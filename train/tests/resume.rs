@@ -71,6 +71,9 @@ fn a_killed_run_resumes_to_the_same_weights_and_losses() {
     assert_eq!(a, b, "loss curves differ");
 }
 
+/// Breaks something in a checkpoint folder.
+type Damage = fn(&Path);
+
 /// Copies a directory tree.
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -101,7 +104,7 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one() {
     let newest = Path::new("checkpoints/step-00000010");
     assert!(stopped.join(newest).join("state.json").is_file());
 
-    let damages: [(&str, fn(&Path)); 4] = [
+    let damages: [(&str, Damage); 4] = [
         ("bad state.json", |d| {
             std::fs::write(d.join("state.json"), "{ not json").unwrap()
         }),
