@@ -10,6 +10,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod options;
+pub mod replaced;
 pub mod schedule;
 pub mod shapes;
 pub mod trainer;

@@ -18,6 +18,7 @@ use crate::data::{Dataset, LlavaData, ShapesData, Skipped};
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
 use crate::options::TrainOptions;
+use crate::replaced::Replaced;
 use crate::schedule::learning_rate;
 use crate::shapes::ShapesConfig;
 use crate::zero::{load_moments, ShardedAdamW};
@@ -89,6 +90,8 @@ struct Run<'a> {
     out: PathBuf,
     progress: ProgressBar,
     metrics: Mutex<std::fs::File>,
+    /// An earlier run's outputs set aside by `--overwrite`, until the first checkpoint.
+    replaced: Option<Replaced>,
 }
 
 /// Trains as `opts` says (on the CPU or on GPUs, per `--device`) and evaluates on the held-out
@@ -137,7 +140,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
 
     let out = opts.out_dir();
     let root = out.join("checkpoints");
-    let (params, state) = initial_state(opts, &cfg, &root)?;
+    let (params, state, replaced) = initial_state(opts, &cfg, &out, &root)?;
     let trainable: Vec<String> = params
         .keys()
         .filter(|k| !(cfg.vision.frozen && k.starts_with("vision.")))
@@ -188,6 +191,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         out: out.clone(),
         progress,
         metrics: Mutex::new(metrics),
+        replaced,
     };
     let resume_dir = state.as_ref().map(|s| checkpoint::step_dir(&run.root, s.step));
     let start_loss = state.as_ref().map_or(f64::NAN, |s| s.loss);
@@ -317,17 +321,19 @@ pub fn open_llava(
     Ok(data)
 }
 
-/// The starting weights and, when resuming, the checkpoint's state.
-fn initial_state(
-    opts: &TrainOptions,
-    cfg: &EmmaConfig,
-    root: &Path,
-) -> Result<(BTreeMap<String, Tensor>, Option<TrainState>)> {
+/// Where a run starts: the weights; when resuming, the checkpoint's state; with `--overwrite`,
+/// the earlier run's outputs, set aside.
+type Start = (BTreeMap<String, Tensor>, Option<TrainState>, Option<Replaced>);
+
+/// The starting weights; when resuming, the checkpoint's state; with `--overwrite`, the earlier
+/// run's outputs, set aside.
+fn initial_state(opts: &TrainOptions, cfg: &EmmaConfig, out: &Path, root: &Path) -> Result<Start> {
     checkpoint::remove_partials(root)?;
     let existing = checkpoint::list(root)?;
     if opts.resume && !existing.is_empty() {
-        return resume_from_newest_good(opts, cfg, root, &existing).map(|(t, s)| (t, Some(s)));
+        return resume_from_newest_good(opts, cfg, root, &existing).map(|(t, s)| (t, Some(s), None));
     }
+    let mut replaced = None;
     if let Some((step, _)) = existing.last() {
         if !opts.overwrite {
             return Err(TrainError::Options(format!(
@@ -336,7 +342,8 @@ fn initial_state(
                 root.display()
             )));
         }
-        std::fs::remove_dir_all(root).map_err(io_err(root))?;
+        let dirs: Vec<PathBuf> = existing.iter().map(|(_, dir)| dir.clone()).collect();
+        replaced = Some(Replaced::move_aside(out, &dirs)?);
     } else if opts.resume {
         eprintln!("note: no checkpoint in {}; starting from step 0", root.display());
     }
@@ -347,7 +354,7 @@ fn initial_state(
     };
     let model = from_pretrained_parts(cfg, &parts, opts.seed, true)
         .map_err(|e| TrainError::Options(format!("{e:#}")))?;
-    Ok((model.store().tensors(), None))
+    Ok((model.store().tensors(), None, replaced))
 }
 
 /// Why a checkpoint cannot be resumed from.
@@ -800,6 +807,11 @@ fn save_checkpoint(
             .map_err(TrainError::from)
             .and_then(|model| save_model(&model, &run.tok, &partial))
             .and_then(|()| checkpoint::finish(&run.root, state, run.opts.keep))
+            .and_then(|dir| {
+                // The new run has a checkpoint: the one it replaces may go.
+                run.replaced.as_ref().map_or(Ok(()), Replaced::commit)?;
+                Ok(dir)
+            })
     } else {
         Ok(PathBuf::new())
     };

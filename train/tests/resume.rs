@@ -166,3 +166,72 @@ fn a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one() {
         "{stderr}"
     );
 }
+
+#[test]
+fn overwrite_keeps_the_earlier_run_until_the_new_one_has_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let first = ["--steps", "10"];
+    assert!(train(&out, &first).status().unwrap().success());
+    std::fs::write(out.join("checkpoints/notes.txt"), "mine").unwrap();
+    let snapshot = |out: &Path| {
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut stack = vec![out.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p.strip_prefix(out).unwrap().display().to_string();
+                    files.push((rel, std::fs::read(&p).unwrap()));
+                }
+            }
+        }
+        files.sort();
+        files
+    };
+    let before = snapshot(&out);
+    // A new run that blows up before its first checkpoint leaves the earlier run as it was.
+    let failing = [
+        "--steps",
+        "10",
+        "--overwrite",
+        "--lr",
+        "10",
+        "--max-grad-norm",
+        "0",
+        "--warmup-ratio",
+        "0",
+        "--checkpoint-every",
+        "1000",
+    ];
+    let run = train(&out, &failing).stderr(Stdio::piped()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("earlier run's outputs are back in place"),
+        "{stderr}"
+    );
+    assert_eq!(
+        snapshot(&out),
+        before,
+        "the failed --overwrite run changed the earlier run's files"
+    );
+    // A new run that succeeds replaces the checkpoints, and leaves files it did not write.
+    assert!(train(&out, &["--steps", "5", "--overwrite"])
+        .status()
+        .unwrap()
+        .success());
+    let names: Vec<String> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.contains(&"step-00000005".to_owned()), "{names:?}");
+    assert!(!names.contains(&"step-00000010".to_owned()), "{names:?}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("checkpoints/notes.txt")).unwrap(),
+        "mine"
+    );
+    assert!(!out.join(train::replaced::ASIDE_DIR).exists());
+}
