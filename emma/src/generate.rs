@@ -44,6 +44,19 @@ pub fn generate(
     conversation: &Conversation,
     opts: &GenerateOptions,
 ) -> Result<Generation> {
+    generate_streaming(model, tok, image, conversation, opts, &mut |_| {})
+}
+
+/// [`generate`], handing each new piece of the answer's text to `on_text` as it is decoded
+/// (whole characters only: a token that ends inside a multi-byte character waits for the rest).
+pub fn generate_streaming(
+    model: &Emma,
+    tok: &Tokenizer,
+    image: Option<&RgbImage>,
+    conversation: &Conversation,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation> {
     tok.check_fits(model.config().lm.vocab)?;
     let prompt = conversation.encode_prompt(tok)?;
     let (lm, device) = (model.lm(), model.device());
@@ -68,6 +81,7 @@ pub fn generate(
     let mut rng = tensor::seeded_rng(opts.seed);
     let mut ids = Vec::new();
     let mut finished = false;
+    let mut shown = 0;
     while ids.len() < opts.max_new_tokens {
         let next = pick(&logits.to_vec::<f32>()?, opts.sampling, &mut rng);
         if next == tok.eos_id() {
@@ -75,6 +89,11 @@ pub fn generate(
             break;
         }
         ids.push(next);
+        let so_far = tok.decode(&ids)?;
+        if !so_far.ends_with('\u{fffd}') && so_far.len() > shown && so_far.is_char_boundary(shown) {
+            on_text(&so_far[shown..]);
+            shown = so_far.len();
+        }
         if ids.len() == opts.max_new_tokens {
             break;
         }
@@ -83,9 +102,13 @@ pub fn generate(
         let hidden_size = embed.dim(2);
         logits = lm.step(&embed.reshape(&[1, hidden_size])?, &mut cache)?;
     }
+    let text = tok.decode(&ids)?;
+    if text.len() > shown && text.is_char_boundary(shown) {
+        on_text(&text[shown..]);
+    }
     Ok(Generation {
         prompt_tokens: prompt.len(),
-        text: tok.decode(&ids)?,
+        text,
         ids,
         finished,
     })

@@ -4,9 +4,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use emma::commands::{self, ModelSource};
 use emma::device::{resolve, DeviceChoice};
-use emma::generate::{generate, GenerateOptions};
+use emma::generate::{generate_streaming, GenerateOptions};
 use emma::prompt::Conversation;
 use emma::sampling::Sampling;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -223,14 +224,19 @@ fn run() -> anyhow::Result<()> {
                 sampling,
                 seed,
             };
-            let out = generate(
+            let stdout = std::io::stdout();
+            let out = generate_streaming(
                 &emma,
                 &tok,
                 Some(&img),
                 &Conversation::single(prompt, None),
                 &opts,
+                &mut |piece| {
+                    let mut w = stdout.lock();
+                    let _ = w.write_all(piece.as_bytes()).and_then(|()| w.flush());
+                },
             )?;
-            println!("{}", out.text);
+            println!();
             eprintln!(
                 "{} prompt tokens + {} image tokens; generated {} tokens ({})",
                 out.prompt_tokens,

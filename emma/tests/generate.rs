@@ -3,7 +3,7 @@
 //! and stops at end-of-text; the token limit and the tokenizer's size are honoured.
 
 use emma::config::EmmaConfig;
-use emma::generate::{generate, GenerateOptions};
+use emma::generate::{generate, generate_streaming, GenerateOptions};
 use emma::image::{from_rgb_bytes, pixels_for_both};
 use emma::model::{Batch, Emma};
 use emma::prompt::Conversation;
@@ -136,6 +136,15 @@ fn generation_stops_at_the_token_limit() {
     let a = generate(&model, &tok, Some(&img), &conv, &sampled).unwrap();
     let b = generate(&model, &tok, Some(&img), &conv, &sampled).unwrap();
     assert_eq!(a, b, "sampling with one seed is deterministic");
+    // Streamed, the pieces arrive in order and make up the same answer.
+    let mut pieces = Vec::new();
+    let streamed = generate_streaming(&model, &tok, Some(&img), &conv, &sampled, &mut |p| {
+        pieces.push(p.to_owned())
+    })
+    .unwrap();
+    assert_eq!(streamed, a);
+    assert!(pieces.len() > 1 || a.ids.len() <= 1, "{pieces:?}");
+    assert_eq!(pieces.concat(), a.text);
 }
 
 #[test]
