@@ -156,13 +156,15 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             .progress_chars("=> "),
     );
     eprintln!(
-        "training {} ({} trainable of {} parameters) on {}: {total} steps of {global} examples \
-         ({} rank(s) x {accum} x {micro}), {:?} on {device}{}",
+        "training {} ({} trainable of {} parameters) on {}: {} of {} ({} x {accum} x {micro}), \
+         {:?} on {device}{}",
         cfg.name,
         trainable.iter().map(|k| params[k].numel()).sum::<usize>(),
         params.values().map(Tensor::numel).sum::<usize>(),
         train_data.describe(),
-        opts.ranks,
+        counted(total, "step"),
+        counted(global as u64, "example"),
+        counted(opts.ranks as u64, "rank"),
         compute,
         if start > 0 {
             format!(", resuming at step {start}")
@@ -355,6 +357,15 @@ fn initial_state(opts: &TrainOptions, cfg: &EmmaConfig, out: &Path, root: &Path)
     let model = from_pretrained_parts(cfg, &parts, opts.seed, true)
         .map_err(|e| TrainError::Options(format!("{e:#}")))?;
     Ok((model.store().tensors(), None, replaced))
+}
+
+/// `n` and `noun`, plural unless `n` is 1: "1 step", "2 steps".
+fn counted(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// Why a checkpoint cannot be resumed from.
