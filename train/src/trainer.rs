@@ -163,7 +163,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         params.values().map(Tensor::numel).sum::<usize>(),
         train_data.describe(),
         counted(total, "step"),
-        counted(global as u64, "example"),
+        counted(global, "example"),
         counted(opts.ranks as u64, "rank"),
         compute,
         if start > 0 {
