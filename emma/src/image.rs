@@ -16,6 +16,10 @@ pub const DINOV2_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// Per-channel standard deviation of DINOv2's input normalisation (ImageNet statistics).
 pub const DINOV2_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// The most memory a decoded image may take (RGBA, 4 bytes a pixel): 256 MiB, a 8192 x 8192
+/// image. A larger one is refused before decoding, with its size.
+pub const MAX_DECODED_BYTES: u64 = 256 << 20;
+
 /// Reads a PNG or JPEG file (the format is told by its content) as 8-bit RGB; grey images are
 /// expanded and alpha is dropped.
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
@@ -27,8 +31,20 @@ pub fn load_image(path: impl AsRef<Path>) -> Result<RgbImage> {
     if std::fs::metadata(path).map_err(io_err(path))?.len() == 0 {
         return Err(bad("the file is empty".to_owned()));
     }
-    let img = ImageReader::open(path)
-        .and_then(ImageReader::with_guessed_format)
+    let open = || ImageReader::open(path).and_then(ImageReader::with_guessed_format);
+    let (w, h) = open()
+        .map_err(io_err(path))?
+        .into_dimensions()
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let bytes = u64::from(w) * u64::from(h) * 4;
+    if bytes > MAX_DECODED_BYTES {
+        return Err(bad(format!(
+            "the image is {w}x{h}: decoding it would take {} MiB, more than the {} MiB allowed",
+            bytes >> 20,
+            MAX_DECODED_BYTES >> 20
+        )));
+    }
+    let img = open()
         .map_err(io_err(path))?
         .decode()
         .map_err(|e| bad(format!("cannot decode: {e}")))?;
@@ -267,5 +283,43 @@ mod tests {
         assert!(err.to_string().contains("11 bytes given"), "{err}");
         let err = preprocess(&gradient(2, 2), 0, SIGLIP_MEAN, SIGLIP_STD).unwrap_err();
         assert!(err.to_string().contains("size 0"), "{err}");
+    }
+
+    #[test]
+    fn an_image_too_large_to_decode_is_refused_by_its_header() {
+        // A PNG whose header says 20000 x 20000 (1.5 GiB decoded), with almost no pixel data.
+        fn chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            c.extend(kind);
+            c.extend(data);
+            let mut crc = 0xffff_ffffu32;
+            for &b in kind.iter().chain(data) {
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 != 0 {
+                        (crc >> 1) ^ 0xedb8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            c.extend((!crc).to_be_bytes());
+            c
+        }
+        let mut ihdr = 20_000u32.to_be_bytes().to_vec();
+        ihdr.extend(20_000u32.to_be_bytes());
+        ihdr.extend([8, 2, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &ihdr));
+        png.extend(chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]));
+        png.extend(chunk(b"IEND", &[]));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        std::fs::write(&path, png).unwrap();
+        let err = load_image(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("20000x20000") && err.contains("huge.png") && err.contains("MiB allowed"),
+            "{err}"
+        );
     }
 }
