@@ -314,12 +314,15 @@ impl TrainOptions {
 /// flags placed before the command line's own, so that flags given on the command line win.
 /// `known` lists the long flag names the file may set.
 pub fn expand_config_file(args: Vec<String>, known: &[String]) -> Result<Vec<String>> {
-    let Some(pos) = args
-        .iter()
-        .position(|a| a == "--config" || a.starts_with("--config="))
-    else {
+    let is_config = |a: &String| a == "--config" || a.starts_with("--config=");
+    let Some(pos) = args.iter().position(is_config) else {
         return Ok(args);
     };
+    if args.iter().filter(|a| is_config(a)).count() > 1 {
+        return Err(TrainError::Options(
+            "--config is given more than once; give one file".to_owned(),
+        ));
+    }
     let (path, consumed) = match args[pos].strip_prefix("--config=") {
         Some(p) => (PathBuf::from(p), 1),
         None => match args.get(pos + 1) {
@@ -414,6 +417,8 @@ mod tests {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "learning_rate = 1\n").unwrap();
         let known = args(&["lr"]);
+        let twice = expand_config_file(args(&["train", "--config", "a.toml", "--config=b.toml"]), &known);
+        assert!(twice.unwrap_err().to_string().contains("more than once"));
         let err = expand_config_file(args(&["train", "--config", bad.to_str().unwrap()]), &known)
             .unwrap_err()
             .to_string();
