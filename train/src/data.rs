@@ -132,6 +132,8 @@ pub struct LlavaData {
     records: Vec<Record>,
     /// The records left out as bad (only with `skip_bad_samples`).
     pub skipped: Vec<Skipped>,
+    /// Records that load but look wrong (an `<image>` tag missing or repeated): one line each.
+    pub notes: Vec<String>,
 }
 
 impl LlavaData {
@@ -165,6 +167,7 @@ impl LlavaData {
             .collect();
         let mut records = Vec::with_capacity(checked.len());
         let mut skipped = Vec::new();
+        let notes: Vec<String> = records_notes(json, &items);
         for (index, r) in checked.into_iter().enumerate() {
             match r {
                 Ok(rec) => records.push(rec),
@@ -182,6 +185,7 @@ impl LlavaData {
             path: json.to_owned(),
             records,
             skipped,
+            notes,
         })
     }
 }
@@ -212,6 +216,38 @@ impl Dataset for LlavaData {
     fn describe(&self) -> String {
         format!("{} ({} records)", self.path.display(), self.records.len())
     }
+}
+
+/// A line for each record whose `<image>` tags do not match its image: a record with an image
+/// whose first message has no tag (the image still goes first), one with more than one tag, or
+/// one with a tag and no image (the tag is dropped).
+fn records_notes(json: &Path, items: &[Value]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let has_image = matches!(item.get("image"), Some(Value::String(_)));
+        let messages: Vec<&str> = item
+            .get("conversations")
+            .and_then(Value::as_array)
+            .map(|turns| turns.iter().filter_map(|t| t.get("value")?.as_str()).collect())
+            .unwrap_or_default();
+        let tags: usize = messages.iter().map(|m| m.matches("<image>").count()).sum();
+        let first_tagged = messages.first().is_some_and(|m| m.contains("<image>"));
+        let problem = match (has_image, tags) {
+            (true, 0) => "has an image but no <image> tag (the image goes before the first message)",
+            (true, 1) if !first_tagged => {
+                "has its <image> tag outside the first message (the image goes before it)"
+            }
+            (_, 2..) => "has more than one <image> tag (one image is used, before the first message)",
+            (false, 1..) => "has an <image> tag but no image (the tag is dropped)",
+            _ => continue,
+        };
+        let id = item.get("id").map_or_else(
+            || "?".to_owned(),
+            |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+        );
+        notes.push(format!("{} record {index} (id {id}) {problem}", json.display()));
+    }
+    notes
 }
 
 /// Parses record `index` and decodes its image once to check it; the image path must stay inside

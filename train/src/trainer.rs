@@ -320,6 +320,12 @@ pub fn open_llava(
     for s in &data.skipped {
         eprintln!("skipped: {}", s.reason);
     }
+    for note in data.notes.iter().take(3) {
+        eprintln!("note: {note}");
+    }
+    if data.notes.len() > 3 {
+        eprintln!("note: ... {} more records like these", data.notes.len() - 3);
+    }
     Ok(data)
 }
 

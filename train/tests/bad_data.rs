@@ -191,3 +191,37 @@ fn image_paths_that_leave_the_image_folder_are_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn records_with_odd_image_tags_get_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = write_llava(
+        &ShapesConfig {
+            image_size: 32,
+            seed: 3,
+        },
+        0,
+        2,
+        dir.path(),
+    )
+    .unwrap();
+    let mut records: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let image = records[0]["image"].clone();
+    let turn = |q: &str| json!([{"from": "human", "value": q}, {"from": "gpt", "value": "yes"}]);
+    records.push(json!({"id": "untagged", "image": image, "conversations": turn("What?")}));
+    records.push(json!({"id": "twice", "image": image, "conversations": turn("<image><image>What?")}));
+    records.push(json!({"id": "no-image", "conversations": turn("<image>\nWhat?")}));
+    std::fs::write(&json, serde_json::to_string(&records).unwrap()).unwrap();
+    let data = train::data::LlavaData::load(&json, dir.path(), false, false).unwrap();
+    assert_eq!(data.notes.len(), 3, "{:?}", data.notes);
+    for (note, (id, what)) in data.notes.iter().zip([
+        ("untagged", "no <image> tag"),
+        ("twice", "more than one <image> tag"),
+        ("no-image", "but no image"),
+    ]) {
+        assert!(
+            note.contains(&format!("(id {id})")) && note.contains(what),
+            "{note}"
+        );
+    }
+}
