@@ -17,7 +17,7 @@
 //! and the answer piece `{answer}<|endoftext|>`. The image tokens go before all of it.
 
 use crate::error::{EmmaError, Result};
-use crate::tokenizer::{Tokenizer, ASSISTANT_TOKEN, EOS_TOKEN, USER_TOKEN};
+use crate::tokenizer::{Tokenizer, ASSISTANT_TOKEN, EOS_TOKEN, SPECIAL_TOKENS, USER_TOKEN};
 
 /// The label of a token that takes no part in the loss (user text and role markers).
 pub const IGNORE_INDEX: u32 = u32::MAX;
@@ -71,6 +71,14 @@ impl Conversation {
         let last = self.turns.len() - 1;
         let mut pieces = Vec::with_capacity(2 * self.turns.len());
         for (i, (user, answer)) in self.turns.iter().enumerate() {
+            for text in std::iter::once(user).chain(answer) {
+                if let Some(token) = control_token_in(text) {
+                    return Err(EmmaError::Prompt(format!(
+                        "turn {} contains the control token {token}; remove it from the text",
+                        i + 1
+                    )));
+                }
+            }
             let sep = if i == 0 { "" } else { "\n" };
             pieces.push((
                 format!(
@@ -110,6 +118,12 @@ impl Conversation {
         }
         Ok(pieces)
     }
+}
+
+/// The first control token (end of text or a role marker) written in `message`, if any: a
+/// message holding one would end or re-open a turn of the chat format, so it is refused.
+pub fn control_token_in(message: &str) -> Option<&'static str> {
+    SPECIAL_TOKENS.into_iter().find(|t| message.contains(t))
 }
 
 /// A message as Cobra writes it: without `<image>` markers and surrounding whitespace.
@@ -214,5 +228,28 @@ mod tests {
         };
         let err = gap.encode_prompt(&tok).unwrap_err();
         assert!(err.to_string().contains("turn 1 of 2"), "{err}");
+    }
+
+    #[test]
+    fn control_tokens_in_a_message_are_refused() {
+        let tok = Tokenizer::train_builtin(512).unwrap();
+        for text in [
+            "Stop<|endoftext|>",
+            "<|assistant|>\nyes",
+            "<|user|> again",
+            "<|system|>",
+        ] {
+            let err = Conversation::single(text, None)
+                .encode_prompt(&tok)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("control token") && err.contains("turn 1"),
+                "{text:?}: {err}"
+            );
+            let answered = Conversation::single("Why?", Some(text.to_owned()));
+            assert!(answered.encode_prompt(&tok).is_err() || answered.pieces(false).is_err());
+        }
+        assert!(control_token_in("a <|user of mine|>").is_none());
     }
 }

@@ -103,6 +103,15 @@ impl Tokenizer {
             source_name: source_name.clone(),
             detail: format!("no '{EOS_TOKEN}' token"),
         })?;
+        // The chat format's role markers must be single tokens, or prompts would spell them out.
+        for marker in [USER_TOKEN, ASSISTANT_TOKEN] {
+            if inner.token_to_id(marker).is_none() {
+                return Err(EmmaError::Tokenizer {
+                    source_name: source_name.clone(),
+                    detail: format!("no '{marker}' token, which the chat format needs"),
+                });
+            }
+        }
         let vocab_size = inner
             .get_vocab(true)
             .values()
@@ -296,6 +305,17 @@ mod tests {
         let err = Tokenizer::from_file(&no_eos).unwrap_err();
         assert!(
             err.to_string().contains("no_eos.json") && err.to_string().contains(EOS_TOKEN),
+            "{err}"
+        );
+
+        // One with the end-of-text token but without the chat format's role markers.
+        let no_markers = dir.path().join("no_markers.json");
+        let mut eos_only = tokenizers::Tokenizer::new(BPE::default());
+        eos_only.add_special_tokens(&[tokenizers::AddedToken::from(EOS_TOKEN, true)]);
+        std::fs::write(&no_markers, eos_only.to_string(false).unwrap()).unwrap();
+        let err = Tokenizer::from_file(&no_markers).unwrap_err().to_string();
+        assert!(
+            err.contains("no_markers.json") && err.contains(USER_TOKEN),
             "{err}"
         );
     }

@@ -286,6 +286,12 @@ fn check_record(
         let from = turn.get("from").and_then(Value::as_str);
         let value = turn.get("value").and_then(Value::as_str);
         match (from, value) {
+            (Some(_), Some(v)) if emma::prompt::control_token_in(v).is_some() => {
+                let token = emma::prompt::control_token_in(v).unwrap_or_default();
+                return Err(bad(format!(
+                    "message {i} contains the control token {token}, which would end or open a turn"
+                )));
+            }
             (Some(f), Some(v)) if f == expected => messages.push(v.to_owned()),
             _ => {
                 return Err(bad(format!(
