@@ -66,6 +66,29 @@ pub fn grads(
 /// `device` (the outputs stay there).
 pub fn vision(model_dir: &Path, pixels: &Tensor, device: Device) -> anyhow::Result<(Tensor, Tensor)> {
     let (pre, store) = load(model_dir, false, device)?;
+    if !pixels.dtype().is_float() {
+        bail!(
+            "pixel_values is {:?}; pixels must be a float tensor",
+            pixels.dtype()
+        );
+    }
+    let shape = pixels.shape().to_vec();
+    if shape.len() != 4 || shape[1] != 3 {
+        bail!("pixel_values has shape {shape:?}; expected [batch, 3, height, width]");
+    }
+    let patch = pre.config.usize("patch_size")?;
+    let (h, w) = (shape[2], shape[3]);
+    if h < patch || w < patch {
+        bail!("pixel_values is {h}x{w}, smaller than one {patch}x{patch} patch");
+    }
+    if h % patch != 0 || w % patch != 0 {
+        eprintln!(
+            "note: pixel_values is {h}x{w}, not a multiple of the {patch}-pixel patches: the last {} \
+             rows and {} columns are not seen",
+            h % patch,
+            w % patch
+        );
+    }
     let pixels = pixels.to_dtype(DType::F32)?.to_device(device)?;
     let out = match pre.config.model_type()? {
         "siglip" | "siglip_vision_model" => SiglipVision::new(&pre.config, &store, SiglipHead::Skip)?.forward(&pixels)?,

@@ -242,3 +242,26 @@ fn a_sharded_checkpoint_loads_like_a_single_file() {
         );
     }
 }
+
+#[test]
+fn vision_inputs_of_the_wrong_kind_are_refused() {
+    let dir = fixture("siglip");
+    let ids = Tensor::from_vec(vec![0u32; 3 * 28 * 28], &[1, 3, 28, 28]).unwrap();
+    let err = format!(
+        "{:#}",
+        emma::commands::vision(&dir, &ids, Device::Cpu).unwrap_err()
+    );
+    assert!(err.contains("float"), "{err}");
+    let grey = Tensor::zeros(&[1, 1, 28, 28], tensor::DType::F32);
+    let err = format!(
+        "{:#}",
+        emma::commands::vision(&dir, &grey, Device::Cpu).unwrap_err()
+    );
+    assert!(err.contains("[batch, 3, height, width]"), "{err}");
+    let tiny = Tensor::zeros(&[1, 3, 2, 2], tensor::DType::F32);
+    let err = format!(
+        "{:#}",
+        emma::commands::vision(&dir, &tiny, Device::Cpu).unwrap_err()
+    );
+    assert!(err.contains("smaller than one"), "{err}");
+}
