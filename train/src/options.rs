@@ -247,6 +247,47 @@ impl TrainOptions {
         Ok(())
     }
 
+    /// Refuses an --out whose outputs (`final/`, `checkpoints/`, `metrics.jsonl`) are or hold one
+    /// of the run's inputs (data, image folder, tokenizer, pretrained directories): the run
+    /// would replace them.
+    pub fn check_out_holds_no_input(&self) -> Result<()> {
+        let out = self.out_dir();
+        let outputs = [
+            out.join("final"),
+            out.join("checkpoints"),
+            out.join("metrics.jsonl"),
+        ];
+        let data = (self.data != "shapes").then(|| PathBuf::from(&self.data));
+        let inputs = [
+            data,
+            self.eval_data.as_ref().map(PathBuf::from),
+            self.image_folder.clone(),
+            self.tokenizer.clone(),
+            self.siglip.clone(),
+            self.dinov2.clone(),
+            self.lm.clone(),
+        ];
+        for input in inputs.iter().flatten() {
+            let Ok(real_in) = input.canonicalize() else {
+                continue;
+            };
+            for output in &outputs {
+                if output
+                    .canonicalize()
+                    .is_ok_and(|real_out| real_in.starts_with(real_out))
+                {
+                    return Err(TrainError::Options(format!(
+                        "--out {}: the run writes {}, which holds the input {}; choose another --out",
+                        out.display(),
+                        output.display(),
+                        input.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The output directory.
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {

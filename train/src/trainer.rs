@@ -98,6 +98,7 @@ struct Run<'a> {
 /// data.
 pub fn train(opts: &TrainOptions) -> Result<Summary> {
     opts.validate()?;
+    opts.check_out_holds_no_input()?;
     let mut cfg = EmmaConfig::named(&opts.preset)?;
     cfg.alignment.mff &= !opts.no_mff;
     cfg.alignment.pixel_loss &= !opts.no_pixel_loss;

@@ -65,3 +65,20 @@ fn settings_out_of_range_are_refused_before_any_work() {
         );
     }
 }
+
+#[test]
+fn an_out_that_would_replace_an_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    std::fs::create_dir_all(out.join("final")).unwrap();
+    std::fs::write(out.join("final/tokenizer.json"), "{}").unwrap();
+    let mut o = Wrap::parse_from(["train", "--device", "cpu"]).t;
+    o.out = Some(out.clone());
+    o.tokenizer = Some(out.join("final/tokenizer.json"));
+    let err = train::trainer::train(&o).err().unwrap().to_string();
+    assert!(
+        err.contains("holds the input") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+    assert!(!out.join("checkpoints").exists());
+}
