@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod exit;
 pub mod fsutil;
 pub mod generate;
 pub mod image;

@@ -119,16 +119,9 @@ enum Command {
     },
 }
 
-/// Runs the command; a user error is printed as one message with its causes, without a
-/// backtrace even when `RUST_BACKTRACE` is set (panics, real bugs, keep theirs).
+/// Runs the command (see [`emma::exit::report`]).
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    emma::exit::report(run)
 }
 
 /// The command line's work.
