@@ -21,7 +21,7 @@ use crate::options::TrainOptions;
 use crate::replaced::Replaced;
 use crate::schedule::learning_rate;
 use crate::shapes::ShapesConfig;
-use crate::zero::{load_moments, ShardedAdamW};
+use crate::zero::{check_moments, load_moments, ShardedAdamW};
 use autograd::Var;
 use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
 use emma::config::EmmaConfig;
@@ -142,11 +142,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     let out = opts.out_dir();
     let root = out.join("checkpoints");
     let (params, state, replaced) = initial_state(opts, &cfg, &out, &root)?;
-    let trainable: Vec<String> = params
-        .keys()
-        .filter(|k| !(cfg.vision.frozen && k.starts_with("vision.")))
-        .cloned()
-        .collect();
+    let trainable: Vec<String> = params.keys().filter(|k| is_trainable(&cfg, k)).cloned().collect();
     let start = state.as_ref().map_or(0, |s| s.step);
     std::fs::create_dir_all(&root).map_err(io_err(&root))?;
     let metrics = open_metrics(&out, start)?;
@@ -334,8 +330,7 @@ pub fn open_llava(
 /// the earlier run's outputs, set aside.
 type Start = (BTreeMap<String, Tensor>, Option<TrainState>, Option<Replaced>);
 
-/// The starting weights; when resuming, the checkpoint's state; with `--overwrite`, the earlier
-/// run's outputs, set aside.
+/// Where the run starts (see [`Start`]).
 fn initial_state(opts: &TrainOptions, cfg: &EmmaConfig, out: &Path, root: &Path) -> Result<Start> {
     checkpoint::remove_partials(root)?;
     let existing = checkpoint::list(root)?;
@@ -364,6 +359,12 @@ fn initial_state(opts: &TrainOptions, cfg: &EmmaConfig, out: &Path, root: &Path)
     let model = from_pretrained_parts(cfg, &parts, opts.seed, true)
         .map_err(|e| TrainError::Options(format!("{e:#}")))?;
     Ok((model.store().tensors(), None, replaced))
+}
+
+/// Whether parameter `name` of a model of `cfg` is trained (the vision towers only when not
+/// frozen).
+fn is_trainable(cfg: &EmmaConfig, name: &str) -> bool {
+    !(cfg.vision.frozen && name.starts_with("vision."))
 }
 
 /// `n` and `noun`, plural unless `n` is 1: "1 step", "2 steps".
@@ -485,10 +486,10 @@ fn check_checkpoint(
     let tensors = model.store().tensors();
     let trainable: BTreeMap<String, Tensor> = tensors
         .iter()
-        .filter(|(k, _)| !(cfg.vision.frozen && k.starts_with("vision.")))
+        .filter(|(k, _)| is_trainable(cfg, k))
         .map(|(k, t)| (k.clone(), t.clone()))
         .collect();
-    load_moments(dir, &trainable, 0, 1).map_err(|e| damaged(e.to_string()))?;
+    check_moments(dir, &trainable).map_err(|e| damaged(e.to_string()))?;
     Ok((tensors, state))
 }
 

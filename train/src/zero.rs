@@ -4,10 +4,11 @@
 //! rank under the parameters' names, so a run can resume on any number of ranks.
 
 use crate::collective::Collective;
-use crate::error::{Result, TrainError};
+use crate::error::{io_err, Result, TrainError};
 use nn::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
+use tensor::safetensors::SafetensorsFile;
 use tensor::Tensor;
 
 /// Assigns each named parameter (with its element count) to a rank: largest first, each to the
@@ -108,7 +109,12 @@ impl ShardedAdamW {
             .opt
             .moments()
             .iter()
-            .flat_map(|(k, (m, v))| [(format!("exp_avg.{k}"), m), (format!("exp_avg_sq.{k}"), v)])
+            .flat_map(|(k, (m, v))| {
+                [
+                    (format!("{}.{k}", MOMENTS[0]), m),
+                    (format!("{}.{k}", MOMENTS[1]), v),
+                ]
+            })
             .collect();
         let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, t)| (k.as_str(), *t)).collect();
         tensor::safetensors::save(path, &refs, None)?;
@@ -116,49 +122,83 @@ impl ShardedAdamW {
     }
 }
 
+/// The `optimizer-rank*.safetensors` files of checkpoint `dir`, whatever number of ranks wrote
+/// them, opened (their headers read and checked against their sizes; no tensor data read).
+fn open_shards(dir: &Path) -> Result<Vec<SafetensorsFile>> {
+    let mut shards = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("optimizer-rank") && name.ends_with(".safetensors") {
+            shards.push(SafetensorsFile::open(&path)?);
+        }
+    }
+    Ok(shards)
+}
+
+/// The shard holding optimizer tensor `{prefix}.{name}`, checked to have the shape of the
+/// parameter `name` of `trainable`.
+fn find_moment<'a>(
+    dir: &Path,
+    shards: &'a [SafetensorsFile],
+    trainable: &BTreeMap<String, Tensor>,
+    prefix: &str,
+    name: &str,
+) -> Result<(&'a SafetensorsFile, String)> {
+    let key = format!("{prefix}.{name}");
+    let fail = |detail: String| TrainError::Checkpoint {
+        path: dir.to_owned(),
+        detail,
+    };
+    let shard = shards
+        .iter()
+        .find(|f| f.info(&key).is_ok())
+        .ok_or_else(|| fail(format!("no optimizer tensor {key}")))?;
+    let shape = &shard.info(&key)?.shape;
+    if shape.as_slice() != trainable[name].shape() {
+        return Err(fail(format!(
+            "optimizer tensor {key} has shape {shape:?}, the parameter {:?}",
+            trainable[name].shape()
+        )));
+    }
+    Ok((shard, key))
+}
+
+/// The moments of both kinds, in the order they are saved and loaded.
+const MOMENTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
+
+/// Checks from the files' headers alone that `dir`'s optimizer shards hold both moments of every
+/// parameter of `trainable`, with its shape: what [`load_moments`] will read, on any number of
+/// ranks.
+pub fn check_moments(dir: &Path, trainable: &BTreeMap<String, Tensor>) -> Result<()> {
+    let shards = open_shards(dir)?;
+    for name in trainable.keys() {
+        for prefix in MOMENTS {
+            find_moment(dir, &shards, trainable, prefix, name)?;
+        }
+    }
+    Ok(())
+}
+
 /// The moments of the parameters `rank` owns among `trainable` (for `world` ranks), read from
-/// every `optimizer-rank*.safetensors` file in `dir`, whatever number of ranks wrote them. Each
-/// owned parameter must have both moments, with its shape.
+/// the `optimizer-rank*.safetensors` files in `dir`, whatever number of ranks wrote them; only
+/// the owned tensors are read. Each owned parameter must have both moments, with its shape.
 pub fn load_moments(
     dir: &Path,
     trainable: &BTreeMap<String, Tensor>,
     rank: usize,
     world: usize,
 ) -> Result<BTreeMap<String, (Tensor, Tensor)>> {
-    let mut found = BTreeMap::new();
-    let entries = std::fs::read_dir(dir).map_err(crate::error::io_err(dir))?;
-    for entry in entries {
-        let path = entry.map_err(crate::error::io_err(dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        if name.starts_with("optimizer-rank") && name.ends_with(".safetensors") {
-            found.extend(tensor::safetensors::load(&path)?);
-        }
-    }
+    let shards = open_shards(dir)?;
     let sizes = trainable.iter().map(|(k, t)| (k.clone(), t.numel())).collect();
     let owner = partition(&sizes, world);
     let mut moments = BTreeMap::new();
     for (name, _) in owner.iter().filter(|(_, &r)| r == rank) {
-        let mut take = |prefix: &str| {
-            let key = format!("{prefix}.{name}");
-            match found.remove(&key) {
-                Some(t) if t.shape() == trainable[name].shape() => Ok(t),
-                Some(t) => Err(TrainError::Checkpoint {
-                    path: dir.to_owned(),
-                    detail: format!(
-                        "optimizer tensor {key} has shape {:?}, the parameter {:?}",
-                        t.shape(),
-                        trainable[name].shape()
-                    ),
-                }),
-                None => Err(TrainError::Checkpoint {
-                    path: dir.to_owned(),
-                    detail: format!("no optimizer tensor {key}"),
-                }),
-            }
-        };
-        let m = take("exp_avg")?;
-        let v = take("exp_avg_sq")?;
-        moments.insert(name.clone(), (m, v));
+        let [m, v] = MOMENTS.map(|prefix| {
+            let (shard, key) = find_moment(dir, &shards, trainable, prefix, name)?;
+            Ok::<_, TrainError>(shard.get(&key)?)
+        });
+        moments.insert(name.clone(), (m?, v?));
     }
     Ok(moments)
 }
