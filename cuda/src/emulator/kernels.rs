@@ -279,7 +279,7 @@ pub(crate) fn launch(
     let shared = SharedLaunch(&desc);
     let run = |b: u32| -> std::result::Result<(), String> {
         let shared = &shared;
-        let mut err = vec![0u8; 1024];
+        let mut err = [0u8; 1024];
         // SAFETY: the description is valid for the call (see SharedLaunch); `err` has the length
         // passed.
         let status = unsafe { (rt.run_block)(shared.0, b, 0, 0, err.as_mut_ptr().cast(), err.len() as u64) };
