@@ -604,7 +604,6 @@ int run_block(const Launch *l, Dim bid, char *err, size_t err_len) {
         f.stack_lo = ws->stacks + (size_t)i * STACK_BYTES;
         f.sp = fiber_init(f.stack_lo);
     }
-    Block *outer = tl_block;
     tl_block = &b;
     for (;;) {
         bool ran = false;
@@ -632,7 +631,7 @@ int run_block(const Launch *l, Dim bid, char *err, size_t err_len) {
         break;
     }
     ws->epoch = b.epoch;
-    tl_block = outer;
+    tl_block = nullptr;
     return b.failed ? 1 : 0;
 }
 
