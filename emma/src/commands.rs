@@ -113,16 +113,9 @@ pub fn read_tensor(path: &Path, name: &str) -> anyhow::Result<Tensor> {
 /// existing file inside an input directory (a model's own `model.safetensors`, say). Links are
 /// followed; an output that does not exist yet outside the inputs is fine.
 pub fn check_output(out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
-    let resolved = match (out.canonicalize(), out.parent(), out.file_name()) {
-        (Ok(real), _, _) => real,
-        (Err(_), Some(parent), Some(name)) => match parent
-            .canonicalize()
-            .or_else(|_| Path::new(".").canonicalize().map(|cwd| cwd.join(parent)))
-        {
-            Ok(dir) => dir.join(name),
-            Err(_) => return Ok(()),
-        },
-        _ => return Ok(()),
+    // An output that does not exist yet cannot be an existing input.
+    let Ok(resolved) = out.canonicalize() else {
+        return Ok(());
     };
     for input in inputs {
         let Ok(real) = input.canonicalize() else {
@@ -135,7 +128,7 @@ pub fn check_output(out: &Path, inputs: &[&Path]) -> anyhow::Result<()> {
                 input.display()
             );
         }
-        if real.is_dir() && resolved.starts_with(&real) && resolved.exists() {
+        if real.is_dir() && resolved.starts_with(&real) {
             bail!(
                 "--out {} is a file of the input directory {}; refusing to overwrite it",
                 out.display(),
