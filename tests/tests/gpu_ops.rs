@@ -521,6 +521,10 @@ fn residual_add_fused_into_the_norms() {
         let r = input(&s, range(-2.0, 2.0), dtype, vr, seed ^ 1)?;
         let w = input(&[d], range(0.5, 1.5), dtype, View::Contiguous, seed ^ 2)?;
         let b = input(&[d], range(-1.0, 1.0), dtype, View::Contiguous, seed ^ 3)?;
+        // A sum constant along the features has a LayerNorm output of zero up to the rounding of
+        // the mean (see `rms_norm_and_layer_norm_with_backward`): its relative error measures noise.
+        let last = s.len() - 1;
+        let sum_varies = !(constant_along(vx, last) && constant_along(vr, last));
         for part in 0..2 {
             same(
                 |t| {
@@ -529,6 +533,9 @@ fn residual_add_fused_into_the_norms() {
                 },
                 &[&x, &r, &w],
             )?;
+            if part == 0 && !sum_varies {
+                continue;
+            }
             same(
                 |t| {
                     let (y, sum) = t[0].add_layer_norm(t[1], t[2], Some(t[3]), 1e-5)?;
