@@ -182,7 +182,8 @@ impl EmmaConfig {
                     patch: 8,
                     siglip: vit(32, 2, 2, 64, 0),
                     dinov2: vit(32, 2, 2, 64, 1),
-                    frozen: true,
+                    // Random towers are trained: frozen, they would be random projections.
+                    frozen: false,
                 },
                 LmConfig {
                     kind: LmKind::Mamba1,

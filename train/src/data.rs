@@ -1,5 +1,6 @@
-//! Training and evaluation examples and where they come from: the built-in "shapes" set
-//! (generated on the fly from a seed) or a LLaVA-format JSON file with an image folder.
+//! Training and evaluation examples and where they come from: easy-VQA ([`crate::easy_vqa`]), the
+//! built-in "shapes" set (generated on the fly from a seed) or a LLaVA-format JSON file with an
+//! image folder.
 //!
 //! A LLaVA file is a JSON list of records `{"id", "image"?, "conversations": [{"from": "human",
 //! "value": "<image>\n..."}, {"from": "gpt", "value": "..."}, ...]}`: turns alternate, starting
@@ -23,6 +24,8 @@ pub struct Example {
     pub image: Option<RgbImage>,
     /// The conversation; every turn answered.
     pub conversation: Conversation,
+    /// The question type the evaluation groups answers by (none: by the question's first words).
+    pub kind: Option<String>,
 }
 
 /// A data set problem, naming the file, record index, id and image path at fault.
@@ -59,6 +62,27 @@ pub enum DataError {
     /// The data set has no usable examples.
     #[error("{0}: no usable examples")]
     Empty(String),
+    /// An image cannot be decoded.
+    #[error("{}: {detail} (--skip-bad-samples leaves its questions out)", path.display())]
+    BadImage {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A downloaded file is not the published one.
+    #[error("{}: sha256 {got}, expected {expected}; delete it to download it again", path.display())]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// The published digest.
+        expected: String,
+        /// The file's digest.
+        got: String,
+    },
+    /// A data set cannot be fetched or is not where it was said to be.
+    #[error("{0}")]
+    Fetch(String),
 }
 
 /// A source of examples, indexed from 0.
@@ -96,6 +120,7 @@ impl Dataset for ShapesData {
             id: format!("shapes-{}", ex.index),
             image: Some(ex.image),
             conversation: Conversation::single(ex.question, Some(ex.answer)),
+            kind: None,
         })
     }
 
@@ -210,6 +235,7 @@ impl Dataset for LlavaData {
             id: r.id.clone(),
             image,
             conversation: r.conversation.clone(),
+            kind: None,
         })
     }
 

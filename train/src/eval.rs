@@ -11,12 +11,40 @@ use emma::prompt::Conversation;
 use emma::sampling::Sampling;
 use emma::tokenizer::Tokenizer;
 use indicatif::ProgressBar;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
+/// The answers of one question type.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TypeScore {
+    /// Answers equal to the reference.
+    pub correct: usize,
+    /// Questions of this type.
+    pub examples: usize,
+    /// The most common reference answer of this type.
+    pub majority_answer: String,
+    /// How many references of this type equal it.
+    pub majority_count: usize,
+}
+
+impl TypeScore {
+    /// `correct / examples`.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.examples.max(1) as f64
+    }
+
+    /// The accuracy of always giving this type's majority answer.
+    pub fn majority_accuracy(&self) -> f64 {
+        self.majority_count as f64 / self.examples.max(1) as f64
+    }
+}
+
 /// The outcome of an evaluation.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct EvalReport {
-    /// Examples evaluated (text-only ones included).
+    /// What was evaluated.
+    pub data: String,
+    /// Examples evaluated.
     pub examples: usize,
     /// Answers equal to the reference.
     pub correct: usize,
@@ -26,11 +54,8 @@ pub struct EvalReport {
     pub majority_count: usize,
     /// A few `(question, reference, answer)` triples, for a look.
     pub samples: Vec<(String, String, String)>,
-    /// `(correct, examples)` by the question's first two words (a rough question type).
-    pub by_question_start: BTreeMap<String, (usize, usize)>,
-    /// How many questions the best constant answer per question type gets right: what a model
-    /// that reads the question but not the image can reach.
-    pub type_majority_count: usize,
+    /// Scores by question type (the data set's own types, else the question's first two words).
+    pub by_type: BTreeMap<String, TypeScore>,
 }
 
 impl EvalReport {
@@ -44,35 +69,62 @@ impl EvalReport {
         self.majority_count as f64 / self.examples.max(1) as f64
     }
 
-    /// The accuracy of the best constant answer per question type.
+    /// The accuracy of the best constant answer per question type: what a model that reads the
+    /// question's type but not the image can reach.
     pub fn type_majority_accuracy(&self) -> f64 {
-        self.type_majority_count as f64 / self.examples.max(1) as f64
+        let count: usize = self.by_type.values().map(|t| t.majority_count).sum();
+        count as f64 / self.examples.max(1) as f64
     }
 
-    /// One line per question start: `  what colour: 41/120 (34.2%)`.
+    /// One line per question type: `  colour: 41/120 (34.2%; majority "red" 15.0%)`.
     pub fn breakdown(&self) -> String {
-        self.by_question_start
+        self.by_type
             .iter()
-            .map(|(k, (c, n))| {
+            .map(|(k, t)| {
                 format!(
-                    "  {k}: {c}/{n} ({:.1}%)\n",
-                    100.0 * *c as f64 / (*n).max(1) as f64
+                    "  {k}: {}/{} ({:.1}%; majority \"{}\" {:.1}%)\n",
+                    t.correct,
+                    t.examples,
+                    100.0 * t.accuracy(),
+                    t.majority_answer,
+                    100.0 * t.majority_accuracy()
                 )
             })
             .collect()
     }
 
-    /// The one-line summary `held-out accuracy 83.1% (majority baseline 24.0%)`.
+    /// The one-line summary `accuracy 83.1% on ... (majority baseline 24.0%: ...)`.
     pub fn summary(&self) -> String {
         format!(
-            "held-out accuracy {:.1}% (majority baseline {:.1}%: always \"{}\"; per-question-type \
+            "accuracy {:.1}% on {} (majority baseline {:.1}%: always \"{}\"; per-question-type \
              majority {:.1}%; {} examples)",
             100.0 * self.accuracy(),
+            self.data,
             100.0 * self.majority_accuracy(),
             self.majority_answer,
             100.0 * self.type_majority_accuracy(),
             self.examples
         )
+    }
+
+    /// The report as JSON (accuracies included), for a file in the run folder.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("accuracy".into(), self.accuracy().into());
+            obj.insert("majority_accuracy".into(), self.majority_accuracy().into());
+            obj.insert(
+                "type_majority_accuracy".into(),
+                self.type_majority_accuracy().into(),
+            );
+            for (k, t) in &self.by_type {
+                if let Some(entry) = obj.get_mut("by_type").and_then(|b| b.get_mut(k)) {
+                    entry["accuracy"] = t.accuracy().into();
+                    entry["majority_accuracy"] = t.majority_accuracy().into();
+                }
+            }
+        }
+        v
     }
 }
 
@@ -88,7 +140,56 @@ pub fn normalise(answer: &str) -> String {
         .join(" ")
 }
 
-/// Evaluates `model` on every example of `data`; `progress` (if any) advances per example.
+/// The most common key of `counts` and its count (ties: the first in order).
+fn majority(counts: &BTreeMap<String, usize>) -> (String, usize) {
+    counts
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(k, &n)| (k.clone(), n))
+        .unwrap_or_default()
+}
+
+/// One answered question: its text, type, the normalised reference and answer.
+struct Answered {
+    question: String,
+    kind: String,
+    want: String,
+    got: String,
+}
+
+/// Answers the last question of example `i` of `data` by greedy generation.
+fn answer(
+    model: &Emma,
+    tok: &Tokenizer,
+    data: &dyn Dataset,
+    i: usize,
+    opts: &GenerateOptions,
+) -> Result<Option<Answered>> {
+    let ex = data.get(i)?;
+    let mut turns = ex.conversation.turns.clone();
+    let Some((question, Some(reference))) = turns.pop() else {
+        return Ok(None);
+    };
+    turns.push((question.clone(), None));
+    let conversation = Conversation { turns };
+    let out = generate(model, tok, ex.image.as_ref(), &conversation, opts)?;
+    let kind = ex.kind.unwrap_or_else(|| {
+        normalise(&question.replace("<image>", ""))
+            .split(' ')
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+    Ok(Some(Answered {
+        question,
+        kind,
+        want: normalise(&reference),
+        got: normalise(&out.text),
+    }))
+}
+
+/// Evaluates `model` on every example of `data` (examples answered in parallel); `progress` (if
+/// any) advances per example.
 pub fn evaluate(
     model: &Emma,
     tok: &Tokenizer,
@@ -101,59 +202,53 @@ pub fn evaluate(
         sampling: Sampling::Greedy,
         seed: 0,
     };
+    let answered: Vec<Option<Answered>> = (0..data.len())
+        .into_par_iter()
+        .map(|i| {
+            let a = answer(model, tok, data, i, &opts);
+            if let Some(p) = progress {
+                p.inc(1);
+            }
+            a
+        })
+        .collect::<Result<_>>()?;
     let mut correct = 0;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut samples = Vec::new();
-    let mut by_question_start: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    let mut answers_by_type: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-    for i in 0..data.len() {
-        let ex = data.get(i)?;
-        let mut turns = ex.conversation.turns.clone();
-        let Some((question, Some(reference))) = turns.pop() else {
-            continue;
-        };
-        turns.push((question.clone(), None));
-        let conversation = Conversation { turns };
-        let out = generate(model, tok, ex.image.as_ref(), &conversation, &opts)?;
-        let (want, got) = (normalise(&reference), normalise(&out.text));
-        correct += usize::from(want == got);
-        let start = normalise(&question.replace("<image>", ""))
-            .split(' ')
-            .take(2)
-            .collect::<Vec<_>>()
-            .join(" ");
-        *answers_by_type
-            .entry(start.clone())
-            .or_default()
-            .entry(want.clone())
-            .or_default() += 1;
-        let kind = by_question_start.entry(start).or_default();
-        kind.0 += usize::from(want == got);
-        kind.1 += 1;
+    let mut by_type: BTreeMap<String, (usize, usize, BTreeMap<String, usize>)> = BTreeMap::new();
+    for a in answered.into_iter().flatten() {
+        let right = usize::from(a.want == a.got);
+        correct += right;
+        let t = by_type.entry(a.kind).or_default();
+        t.0 += right;
+        t.1 += 1;
+        *t.2.entry(a.want.clone()).or_default() += 1;
+        *counts.entry(a.want.clone()).or_default() += 1;
         if samples.len() < 8 {
-            samples.push((question, want.clone(), got));
-        }
-        *counts.entry(want).or_default() += 1;
-        if let Some(p) = progress {
-            p.inc(1);
+            samples.push((a.question, a.want, a.got));
         }
     }
-    let (majority_answer, majority_count) = counts
-        .iter()
-        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
-        .map(|(k, &n)| (k.clone(), n))
-        .unwrap_or_default();
+    let (majority_answer, majority_count) = majority(&counts);
     Ok(EvalReport {
+        data: data.describe(),
         examples: counts.values().sum(),
         correct,
         majority_answer,
         majority_count,
         samples,
-        by_question_start,
-        type_majority_count: answers_by_type
-            .values()
-            .map(|answers| answers.values().max().copied().unwrap_or(0))
-            .sum(),
+        by_type: by_type
+            .into_iter()
+            .map(|(k, (correct, examples, answers))| {
+                let (majority_answer, majority_count) = majority(&answers);
+                let score = TypeScore {
+                    correct,
+                    examples,
+                    majority_answer,
+                    majority_count,
+                };
+                (k, score)
+            })
+            .collect(),
     })
 }
 

@@ -1,5 +1,5 @@
-//! `train`: trains EMMA. The default job trains the `tiny` preset on the built-in "shapes"
-//! visual-question set and reports held-out answer accuracy; the same loop takes LLaVA-format
+//! `train`: trains EMMA. The default job trains the `tiny` preset on easy-VQA and reports its
+//! test accuracy per question type; the same loop takes LLaVA-format
 //! data and the paper's presets, runs R data-parallel ranks with a sharded optimizer, and
 //! resumes a killed run exactly from its last checkpoint.
 
@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod collate;
 pub mod collective;
 pub mod data;
+pub mod easy_vqa;
 pub mod error;
 pub mod eval;
 pub mod options;

@@ -1,11 +1,12 @@
-//! `train`: trains EMMA. With no arguments, the `tiny` preset on the built-in shapes data set,
-//! ending with its held-out answer accuracy; see `train --help`.
+//! `train`: trains EMMA. With no arguments, the `tiny` preset on easy-VQA (fetched on first use),
+//! ending with its test accuracy per question type; see `train --help`.
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use emma::device::{resolve, DeviceChoice};
 use std::path::{Path, PathBuf};
 use train::data::{Dataset, ShapesData};
+use train::easy_vqa::{self, EasyVqaData, Split};
 use train::options::{expand_config_file, TrainOptions};
 use train::shapes::{write_llava, ShapesConfig};
 
@@ -13,7 +14,7 @@ use train::shapes::{write_llava, ShapesConfig};
 #[command(
     name = "train",
     version,
-    about = "Train EMMA (default: the tiny preset on the built-in shapes visual-question set)",
+    about = "Train EMMA (default: the tiny preset on the easy-VQA visual-question set)",
     args_override_self = true,
     args_conflicts_with_subcommands = true
 )]
@@ -34,9 +35,22 @@ enum Command {
         /// A model directory (`OUT/final` or a checkpoint `OUT/checkpoints/step-N`).
         #[arg(long)]
         checkpoint: PathBuf,
-        /// `shapes` (the held-out split of the built-in set) or a LLaVA-format JSON file.
-        #[arg(long, default_value = "shapes")]
+        /// `easy-vqa`, `shapes` (the held-out split of the built-in set) or a LLaVA-format JSON
+        /// file.
+        #[arg(long, default_value = "easy-vqa")]
         data: String,
+        /// The easy-VQA split: `test` or `validation` (the training split's held-out images).
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// An existing easy-VQA data folder instead of the cached download.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// easy-VQA training images held out as the validation split (as trained with).
+        #[arg(long, default_value_t = 500)]
+        val_images: usize,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        report: Option<PathBuf>,
         /// Folder of the LLaVA images (default: the JSON file's folder).
         #[arg(long)]
         image_folder: Option<PathBuf>,
@@ -95,6 +109,10 @@ fn run() -> anyhow::Result<()> {
         Some(Command::Eval {
             checkpoint,
             data,
+            split,
+            data_dir,
+            val_images,
+            report,
             image_folder,
             images_anywhere,
             shapes_eval,
@@ -103,11 +121,22 @@ fn run() -> anyhow::Result<()> {
             max_new_tokens,
             device,
         }) => {
+            if let Some(file) = &report {
+                emma::commands::check_output(file, &[checkpoint.as_path()])?;
+            }
             let model = emma::checkpoint::load(&checkpoint, false, resolve(device)?)?;
             let source = emma::commands::ModelSource::Dir(&checkpoint);
             let (tok, which) = emma::commands::tokenizer_for(&source, None, model.config().lm.vocab)?;
             eprintln!("using the {which}");
-            let dataset: Box<dyn Dataset> = if data == "shapes" {
+            let dataset: Box<dyn Dataset> = if data == "easy-vqa" {
+                let split: Split = split.parse().map_err(anyhow::Error::msg)?;
+                let dir = easy_vqa::locate(data_dir.as_deref())?;
+                let d = EasyVqaData::load(&dir, split, val_images, skip_bad_samples)?;
+                for s in &d.skipped {
+                    eprintln!("skipped: {}", s.reason);
+                }
+                Box::new(d)
+            } else if data == "shapes" {
                 Box::new(ShapesData {
                     config: ShapesConfig { image_size: 32, seed },
                     first: train::trainer::SHAPES_EVAL_FIRST,
@@ -119,13 +148,18 @@ fn run() -> anyhow::Result<()> {
                 Box::new(d)
             };
             let bar = indicatif::ProgressBar::new(dataset.len() as u64);
-            let report = train::eval::evaluate(&model, &tok, dataset.as_ref(), max_new_tokens, Some(&bar))?;
+            let result = train::eval::evaluate(&model, &tok, dataset.as_ref(), max_new_tokens, Some(&bar))?;
             bar.finish_and_clear();
-            for (q, want, got) in &report.samples {
+            for (q, want, got) in &result.samples {
                 println!("  {q:?}: expected {want:?}, answered {got:?}");
             }
-            print!("{}", report.breakdown());
-            println!("{}", report.summary());
+            print!("{}", result.breakdown());
+            println!("{}", result.summary());
+            if let Some(file) = &report {
+                let json = serde_json::to_vec_pretty(&result.to_json())?;
+                emma::fsutil::write_atomic(file, &json)?;
+                println!("report written to {}", file.display());
+            }
             Ok(())
         }
         Some(Command::Shapes {
@@ -155,12 +189,13 @@ fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
         summary.final_loss,
         summary.final_model.display()
     );
-    if let Some(report) = &summary.eval {
+    if let Some((report, file)) = &summary.eval {
         for (q, want, got) in &report.samples {
             println!("  {q:?}: expected {want:?}, answered {got:?}");
         }
         print!("{}", report.breakdown());
         println!("{}", report.summary());
+        println!("report written to {}", file.display());
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! JSON, keys spelled like the flags, `-` or `_`). Flags given on the command line override the
 //! file. Options left unset take the defaults of the preset ([`Recipe`]).
 
+use crate::easy_vqa::Split;
 use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -13,9 +14,21 @@ pub struct TrainOptions {
     /// Model preset: tiny, small, emma-v1-2.8b or emma-v2-2.7b.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
-    /// Training data: `shapes` (built in) or a LLaVA-format JSON file.
-    #[arg(long, default_value = "shapes")]
+    /// Training data: `easy-vqa` (fetched on first use), `shapes` (built in) or a LLaVA-format
+    /// JSON file.
+    #[arg(long, default_value = "easy-vqa")]
     pub data: String,
+    /// An existing easy-VQA data folder (`answers.txt`, `train/`, `test/`) instead of the cached
+    /// download.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// easy-VQA training images held out as the validation split (the last image ids).
+    #[arg(long, default_value_t = 500)]
+    pub val_images: usize,
+    /// The easy-VQA split evaluated at the end: `validation` (for choosing settings) or `test`
+    /// (the final report).
+    #[arg(long, default_value = "test")]
+    pub eval_split: String,
     /// Folder the LLaVA records' image paths are relative to (default: the JSON file's folder).
     #[arg(long)]
     pub image_folder: Option<PathBuf>,
@@ -107,9 +120,12 @@ pub struct TrainOptions {
     /// Weight of the pixel loss (default: the preset's).
     #[arg(long, allow_hyphen_values = true)]
     pub pixel_weight: Option<f64>,
-    /// Train the vision towers too (frozen by default, as in the paper).
+    /// Train the vision towers (the tiny preset's default: its towers start random).
     #[arg(long)]
     pub train_vision: bool,
+    /// Freeze the vision towers (the paper presets' default, as in the paper).
+    #[arg(long, conflicts_with = "train_vision")]
+    pub freeze_vision: bool,
     /// Most tokens generated per held-out answer.
     #[arg(long, default_value_t = 16)]
     pub eval_max_new_tokens: usize,
@@ -228,6 +244,38 @@ impl TrainOptions {
                 return bad(flag, "0".into(), "a positive count");
             }
         }
+        if self.data != "easy-vqa" {
+            let inapplicable = [
+                ("data-dir", self.data_dir.is_some()),
+                ("val-images", self.val_images != 500),
+                ("eval-split", self.eval_split != "test"),
+            ];
+            if let Some((flag, _)) = inapplicable.iter().find(|(_, given)| *given) {
+                return Err(TrainError::Options(format!(
+                    "--{flag} applies to easy-VQA (--data easy-vqa), not --data {}",
+                    self.data
+                )));
+            }
+        } else {
+            self.eval_split().map_err(TrainError::Options)?;
+            if self.val_images == 0 && self.eval_split() == Ok(Split::Validation) {
+                return bad(
+                    "val-images",
+                    "0".into(),
+                    "positive to evaluate the validation split",
+                );
+            }
+            let inapplicable = [
+                ("eval-data", self.eval_data.is_some()),
+                ("image-folder", self.image_folder.is_some()),
+                ("images-anywhere", self.images_anywhere),
+            ];
+            if let Some((flag, _)) = inapplicable.iter().find(|(_, given)| *given) {
+                return Err(TrainError::Options(format!(
+                    "--{flag} applies to LLaVA data, not easy-VQA (--data easy-vqa)"
+                )));
+            }
+        }
         if self.data == "shapes" {
             if self.shapes_train == 0 {
                 return bad("shapes-train", "0".into(), "a positive count");
@@ -257,9 +305,10 @@ impl TrainOptions {
             out.join("checkpoints"),
             out.join("metrics.jsonl"),
         ];
-        let data = (self.data != "shapes").then(|| PathBuf::from(&self.data));
+        let data = (!matches!(self.data.as_str(), "shapes" | "easy-vqa")).then(|| PathBuf::from(&self.data));
         let inputs = [
             data,
+            self.data_dir.clone(),
             self.eval_data.as_ref().map(PathBuf::from),
             self.image_folder.clone(),
             self.tokenizer.clone(),
@@ -286,6 +335,20 @@ impl TrainOptions {
             }
         }
         Ok(())
+    }
+
+    /// The easy-VQA split evaluated at the end.
+    pub fn eval_split(&self) -> std::result::Result<Split, String> {
+        match self.eval_split.parse() {
+            Ok(Split::Train) => Err("--eval-split train: use validation or test".to_owned()),
+            Ok(split) => Ok(split),
+            Err(e) => Err(format!("--eval-split: {e}")),
+        }
+    }
+
+    /// Whether the vision towers are frozen: as the flags say, else as the preset has it.
+    pub fn vision_frozen(&self, preset_frozen: bool) -> bool {
+        !self.train_vision && (self.freeze_vision || preset_frozen)
     }
 
     /// The output directory.
@@ -346,6 +409,8 @@ impl TrainOptions {
             ("no-pixel-loss", self.no_pixel_loss.to_string()),
             ("pixel-weight", format!("{:?}", self.pixel_weight)),
             ("train-vision", self.train_vision.to_string()),
+            ("freeze-vision", self.freeze_vision.to_string()),
+            ("val-images", self.val_images.to_string()),
             ("precision", self.precision.clone()),
         ]
     }

@@ -15,6 +15,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::collate::{collate, MicroBatch};
 use crate::collective::{Collective, ThreadGroup};
 use crate::data::{Dataset, LlavaData, ShapesData, Skipped};
+use crate::easy_vqa::{self, EasyVqaData, Split};
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
 use crate::options::TrainOptions;
@@ -55,8 +56,8 @@ pub struct Summary {
     pub final_model: PathBuf,
     /// Training samples left out as bad.
     pub skipped: Vec<Skipped>,
-    /// Held-out accuracy, when there is held-out data.
-    pub eval: Option<EvalReport>,
+    /// Held-out accuracy, when there is held-out data, and the JSON file it was written to.
+    pub eval: Option<(EvalReport, PathBuf)>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -105,7 +106,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     if let Some(w) = opts.pixel_weight {
         cfg.alignment.weight = w;
     }
-    cfg.vision.frozen = !opts.train_vision;
+    cfg.vision.frozen = opts.vision_frozen(cfg.vision.frozen);
     let choice: DeviceChoice = opts.device.parse().map_err(TrainError::Options)?;
     let device = resolve(choice).map_err(|e| TrainError::Device(format!("{e:#}")))?;
     let compute = match opts.precision.as_str() {
@@ -243,7 +244,13 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
                 Some(&bar),
             )?;
             bar.finish_and_clear();
-            Some(report)
+            let file = out.join("eval.json");
+            let json = serde_json::to_vec_pretty(&report.to_json()).unwrap_or_default();
+            emma::fsutil::write_atomic(&file, &json).map_err(|e| TrainError::Checkpoint {
+                path: file.clone(),
+                detail: format!("{e:#}"),
+            })?;
+            Some((report, file))
         }
         None => None,
     };
@@ -271,6 +278,17 @@ type Datasets = (Box<dyn Dataset>, Option<Box<dyn Dataset>>, Vec<Skipped>);
 
 /// The training data, the held-out data and the training samples skipped as bad.
 fn datasets(opts: &TrainOptions) -> Result<Datasets> {
+    if opts.data == "easy-vqa" {
+        let dir = easy_vqa::locate(opts.data_dir.as_deref())?;
+        let split = opts.eval_split().map_err(TrainError::Options)?;
+        let load = |split| EasyVqaData::load(&dir, split, opts.val_images, opts.skip_bad_samples);
+        let (train, eval) = (load(Split::Train)?, load(split)?);
+        for s in train.skipped.iter().chain(&eval.skipped) {
+            eprintln!("skipped: {}", s.reason);
+        }
+        let skipped = train.skipped.clone();
+        return Ok((Box::new(train), Some(Box::new(eval)), skipped));
+    }
     if opts.data == "shapes" {
         let config = ShapesConfig {
             image_size: 32,

@@ -8,11 +8,20 @@ use std::process::Command;
 /// emulator has no C++ compiler.
 fn losses(device: &str, out: &Path) -> Option<Vec<f64>> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.args(["--device", device, "--precision", "f32", "--steps", "2"])
-        .args(["--shapes-train", "8", "--shapes-eval", "0", "--global-batch", "4"])
-        .arg("--out")
-        .arg(out)
-        .env("EMMA_GPU", "emulate");
+    cmd.args([
+        "--data",
+        "shapes",
+        "--device",
+        device,
+        "--precision",
+        "f32",
+        "--steps",
+        "2",
+    ])
+    .args(["--shapes-train", "8", "--shapes-eval", "0", "--global-batch", "4"])
+    .arg("--out")
+    .arg(out)
+    .env("EMMA_GPU", "emulate");
     let run = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     if !run.status.success() {

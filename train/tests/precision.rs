@@ -12,7 +12,7 @@ struct Wrap {
 
 fn first_losses(precision: &str) -> Vec<f64> {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = Wrap::parse_from(["train", "--device", "cpu"]).t;
+    let mut o = Wrap::parse_from(["train", "--data", "shapes", "--device", "cpu"]).t;
     o.shapes_train = 16;
     o.shapes_eval = 0;
     o.global_batch = Some(8);

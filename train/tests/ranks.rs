@@ -13,7 +13,7 @@ fn options(out: &std::path::Path, ranks: usize, micro: usize) -> TrainOptions {
         #[command(flatten)]
         t: TrainOptions,
     }
-    let mut o = Wrap::parse_from(["train", "--device", "cpu"]).t;
+    let mut o = Wrap::parse_from(["train", "--data", "shapes", "--device", "cpu"]).t;
     o.shapes_train = 64;
     o.shapes_eval = 0;
     o.global_batch = Some(8);

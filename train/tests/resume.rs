@@ -6,6 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ARGS: &[&str] = &[
+    "--data",
+    "shapes",
     "--shapes-train",
     "96",
     "--shapes-eval",

@@ -5,6 +5,7 @@ use clap::Parser;
 use train::options::TrainOptions;
 
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct Wrap {
     #[command(flatten)]
     t: TrainOptions,
@@ -46,11 +47,28 @@ fn settings_out_of_range_are_refused_before_any_work() {
             &["--skip-bad-samples"],
             "--skip-bad-samples applies to LLaVA data",
         ),
+        (&["--data-dir", "evqa"], "--data-dir applies to easy-VQA"),
+        (
+            &["--eval-split", "validation"],
+            "--eval-split applies to easy-VQA",
+        ),
+        (
+            &["--data", "easy-vqa", "--eval-split", "train"],
+            "--eval-split train: use validation or test",
+        ),
+        (
+            &["--data", "easy-vqa", "--eval-split", "dev"],
+            "unknown split 'dev'",
+        ),
+        (
+            &["--data", "easy-vqa", "--image-folder", "imgs"],
+            "--image-folder applies to LLaVA data, not easy-VQA",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     for (args, expected) in cases {
         let out = dir.path().join("run");
-        let argv = [&["train", "--device", "cpu"][..], args].concat();
+        let argv = [&["train", "--data", "shapes", "--device", "cpu"][..], args].concat();
         let mut o = Wrap::try_parse_from(&argv)
             .unwrap_or_else(|e| panic!("{args:?} must parse, then be refused: {e}"))
             .t;
@@ -72,7 +90,7 @@ fn an_out_that_would_replace_an_input_is_refused() {
     let out = dir.path().join("run");
     std::fs::create_dir_all(out.join("final")).unwrap();
     std::fs::write(out.join("final/tokenizer.json"), "{}").unwrap();
-    let mut o = Wrap::parse_from(["train", "--device", "cpu"]).t;
+    let mut o = Wrap::parse_from(["train", "--data", "shapes", "--device", "cpu"]).t;
     o.out = Some(out.clone());
     o.tokenizer = Some(out.join("final/tokenizer.json"));
     let err = train::trainer::train(&o).err().unwrap().to_string();

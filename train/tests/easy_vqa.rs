@@ -1,0 +1,182 @@
+//! easy-VQA from a data folder laid out like the published one (`answers.txt`, `train/` and
+//! `test/` with `questions.json` and `images/N.png`), written here: the splits, the checks of
+//! bad data (a corrupt PNG, a malformed or inconsistent questions.json, a wrong checksum, a
+//! folder that is not easy-VQA), and a short run whose report lands in the run folder.
+
+use clap::Parser;
+use serde_json::{json, Value};
+use std::path::Path;
+use train::data::Dataset;
+use train::easy_vqa::{check_sha256, locate, EasyVqaData, Split};
+use train::options::TrainOptions;
+
+const ANSWERS: [&str; 13] = [
+    "circle",
+    "green",
+    "red",
+    "gray",
+    "yes",
+    "teal",
+    "black",
+    "rectangle",
+    "yellow",
+    "triangle",
+    "brown",
+    "blue",
+    "no",
+];
+
+/// Writes a split of `images` images with three questions each (a colour, a shape and a yes/no
+/// question).
+fn write_split(dir: &Path, images: u64) {
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    let mut questions = Vec::new();
+    for id in 0..images {
+        let colour = ["red", "blue", "green"][id as usize % 3];
+        let shape = ["circle", "rectangle", "triangle"][id as usize % 3];
+        let rgb = [[200, 30, 30], [30, 30, 200], [30, 200, 30]][id as usize % 3];
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            if (16..48).contains(&x) && (16..48).contains(&y) {
+                image::Rgb(rgb)
+            } else {
+                image::Rgb([250, 245, 240])
+            }
+        });
+        img.save(dir.join(format!("images/{id}.png"))).unwrap();
+        questions.push(json!(["what color is the shape?", colour, id]));
+        questions.push(json!(["what shape is in the image?", shape, id]));
+        questions.push(json!([format!("is there a {shape}?"), "yes", id]));
+    }
+    std::fs::write(dir.join("questions.json"), Value::Array(questions).to_string()).unwrap();
+}
+
+/// A complete data folder: 12 training and 6 test images.
+fn data_folder(root: &Path) -> std::path::PathBuf {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("answers.txt"), ANSWERS.join("\n") + "\n").unwrap();
+    write_split(&data.join("train"), 12);
+    write_split(&data.join("test"), 6);
+    data
+}
+
+#[test]
+fn splits_hold_out_whole_images_and_carry_question_types() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = locate(Some(&data_folder(dir.path()))).unwrap();
+    let train = EasyVqaData::load(&data, Split::Train, 4, false).unwrap();
+    let val = EasyVqaData::load(&data, Split::Validation, 4, false).unwrap();
+    let test = EasyVqaData::load(&data, Split::Test, 4, false).unwrap();
+    assert_eq!((train.len(), val.len(), test.len()), (24, 12, 18));
+    assert!(val.describe().contains("on 4 images"), "{}", val.describe());
+    assert!(train.describe().contains("on 8 images"), "{}", train.describe());
+    // The validation images are the last ids (8..12), and no training question is about them.
+    let image_of = |d: &EasyVqaData, i: usize| -> u64 {
+        let id = d.get(i).unwrap().id;
+        id.rsplit("image-").next().unwrap().parse().unwrap()
+    };
+    let val_ids: std::collections::BTreeSet<u64> = (0..val.len()).map(|i| image_of(&val, i)).collect();
+    assert_eq!(val_ids, (8..12).collect());
+    assert!((0..train.len()).all(|i| image_of(&train, i) < 8));
+    let first = val.get(0).unwrap();
+    assert_eq!(first.conversation.turns[0].1.as_deref(), Some("green"));
+    let kinds: Vec<String> = (0..3).map(|i| val.get(i).unwrap().kind.unwrap()).collect();
+    assert_eq!(kinds, ["colour", "shape", "yes/no"]);
+}
+
+#[test]
+fn bad_data_is_an_error_naming_the_file_or_a_counted_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_folder(dir.path());
+    std::fs::write(data.join("train/images/2.png"), b"not a png").unwrap();
+    let err = EasyVqaData::load(&data, Split::Train, 4, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("train/images/2.png"), "{err}");
+    let skipping = EasyVqaData::load(&data, Split::Train, 4, true).unwrap();
+    assert_eq!(skipping.len(), 21);
+    assert_eq!(skipping.skipped.len(), 3);
+    assert!(
+        skipping.skipped[0].reason.contains("image 2"),
+        "{}",
+        skipping.skipped[0].reason
+    );
+
+    std::fs::write(data.join("test/questions.json"), r#"[["what?", "red"]]"#).unwrap();
+    let err = EasyVqaData::load(&data, Split::Test, 4, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("test/questions.json") && err.contains("image id"),
+        "{err}"
+    );
+
+    std::fs::write(
+        data.join("test/questions.json"),
+        r#"[["what?", "red", 0], ["what?", "purple", 1]]"#,
+    )
+    .unwrap();
+    let err = EasyVqaData::load(&data, Split::Test, 4, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("record 1") && err.contains("purple") && err.contains("answers.txt"),
+        "{err}"
+    );
+
+    std::fs::remove_dir_all(data.join("test/images")).unwrap();
+    let err = locate(Some(&data)).err().unwrap().to_string();
+    assert!(
+        err.contains("test/images is missing") && err.contains("pip download"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_wheel_with_the_wrong_checksum_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let wheel = dir.path().join(train::easy_vqa::WHEEL);
+    std::fs::write(&wheel, b"not the published wheel").unwrap();
+    let err = check_sha256(&wheel).err().unwrap().to_string();
+    assert!(err.contains(&wheel.display().to_string()), "{err}");
+    assert!(err.contains(train::easy_vqa::WHEEL_SHA256), "{err}");
+}
+
+#[derive(Parser)]
+struct Wrap {
+    #[command(flatten)]
+    t: TrainOptions,
+}
+
+#[test]
+fn a_short_run_writes_its_test_report_by_question_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_folder(dir.path());
+    let out = dir.path().join("run");
+    let mut o = Wrap::parse_from(["train", "--device", "cpu", "--val-images", "4"]).t;
+    o.data_dir = Some(data);
+    o.global_batch = Some(4);
+    o.steps = Some(2);
+    o.eval_max_new_tokens = 3;
+    o.out = Some(out.clone());
+    let summary = train::trainer::train(&o).unwrap();
+    let (report, file) = summary.eval.unwrap();
+    assert_eq!(file, out.join("eval.json"));
+    assert_eq!(report.examples, 18);
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert!(json["data"].as_str().unwrap().contains("test"), "{json}");
+    for kind in ["colour", "shape", "yes/no"] {
+        let t = &json["by_type"][kind];
+        assert_eq!(t["examples"], 6, "{json}");
+        // Each colour and shape answer occurs twice in six questions; "yes" six times.
+        let majority = if kind == "yes/no" { 1.0 } else { 1.0 / 3.0 };
+        assert!(
+            (t["majority_accuracy"].as_f64().unwrap() - majority).abs() < 1e-9,
+            "{json}"
+        );
+    }
+    assert_eq!(json["majority_answer"], "yes");
+}
