@@ -11,7 +11,13 @@ use tensor::{DType, Rng, Tensor};
 /// - the weights of the multimodal projector (`projector.*.weight`): uniform in ±1/√fan_in,
 ///   PyTorch's `nn.Linear` default that Cobra's projector keeps, so that image tokens reach the
 ///   LM at the scale of the vision features rather than shrunk by each layer;
-/// - everything else (projections, embeddings, tokens): normal with std 0.02.
+/// - the Mamba mixers' projections and depthwise convolution (`*.mixer.{in_proj, x_proj,
+///   out_proj, conv1d}.weight`): the same PyTorch default, ±1/√fan_in (the convolution's fan-in
+///   is its kernel width), as `mamba_ssm` keeps them; `dt_proj.weight`: ±1/√dt_rank, as
+///   `mamba_ssm` sets it. (`mamba_ssm` also divides `out_proj` by √layers, which a name cannot
+///   tell.) At std 0.02 these would shrink the scan's input, B and C about a hundredfold, and a
+///   model trained from scratch would barely carry anything across positions;
+/// - everything else (other projections, embeddings, tokens): normal with std 0.02.
 pub fn initial_value(name: &str, shape: &[usize], dtype: DType, rng: &mut Rng) -> Result<Tensor> {
     let leaf = name.rsplit('.').next().unwrap_or(name);
     let is_norm = [
@@ -46,12 +52,26 @@ pub fn initial_value(name: &str, shape: &[usize], dtype: DType, rng: &mut Rng) -
         "bias" if name.ends_with("dt_proj.bias") => inverse_softplus_dt(shape, dtype, rng)?,
         "bias" => Tensor::zeros(shape, dtype),
         "weight" if shape.len() == 1 && is_norm => Tensor::ones(shape, dtype),
-        "weight" if name.starts_with("projector.") && shape.len() == 2 => {
+        "weight" if name.ends_with("mixer.dt_proj.weight") && shape.len() == 2 => {
             let bound = 1.0 / (shape[1] as f64).sqrt();
+            Tensor::rand_uniform(shape, dtype, -bound, bound, rng)?
+        }
+        "weight" if pytorch_default(name) && shape.len() >= 2 => {
+            let fan_in: usize = shape[1..].iter().product();
+            let bound = 1.0 / (fan_in as f64).sqrt();
             Tensor::rand_uniform(shape, dtype, -bound, bound, rng)?
         }
         _ => Tensor::randn(shape, dtype, 0.0, 0.02, rng)?,
     })
+}
+
+/// Whether `name` is a weight that keeps PyTorch's default initialisation: the multimodal
+/// projector's and the Mamba mixers' projections and convolution.
+fn pytorch_default(name: &str) -> bool {
+    name.starts_with("projector.")
+        || ["in_proj", "x_proj", "out_proj", "conv1d"]
+            .iter()
+            .any(|layer| name.ends_with(&format!("mixer.{layer}.weight")))
 }
 
 /// `softplus⁻¹(dt)` with dt log-uniform in [1e-3, 0.1], as Mamba initialises its dt bias.
@@ -65,4 +85,53 @@ fn inverse_softplus_dt(shape: &[usize], dtype: DType, rng: &mut Rng) -> Result<T
         })
         .collect();
     Ok(Tensor::from_vec(data, shape)?.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::initial_value;
+    use tensor::{seeded_rng, DType};
+
+    /// The largest magnitude and the standard deviation of a drawn tensor.
+    fn spread(name: &str, shape: &[usize]) -> (f64, f64) {
+        let v = initial_value(name, shape, DType::F64, &mut seeded_rng(7))
+            .unwrap()
+            .to_vec_f64();
+        let max = v.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        let std = (v.iter().map(|x| x * x).sum::<f64>() / v.len() as f64).sqrt();
+        (max, std)
+    }
+
+    #[test]
+    fn mixer_weights_keep_pytorch_defaults_and_the_rest_std_002() {
+        // (name, shape, bound): uniform in ±bound has std bound/√3.
+        let cases = [
+            (
+                "lm.backbone.layers.0.mixer.in_proj.weight",
+                vec![256, 64],
+                1.0 / 8.0,
+            ),
+            (
+                "lm.backbone.layers.3.mixer.x_proj.weight",
+                vec![20, 128],
+                1.0 / 128f64.sqrt(),
+            ),
+            (
+                "lm.backbone.layers.1.mixer.out_proj.weight",
+                vec![64, 128],
+                1.0 / 128f64.sqrt(),
+            ),
+            ("lm.backbone.layers.0.mixer.conv1d.weight", vec![128, 1, 4], 0.5),
+            ("lm.backbone.layers.0.mixer.dt_proj.weight", vec![128, 4], 0.5),
+            ("projector.fc1.weight", vec![256, 64], 1.0 / 8.0),
+        ];
+        for (name, shape, bound) in cases {
+            let (max, std) = spread(name, &shape);
+            assert!(max <= bound, "{name}: {max} > {bound}");
+            let want = bound / 3f64.sqrt();
+            assert!((std / want - 1.0).abs() < 0.1, "{name}: std {std}, want {want}");
+        }
+        let (_, std) = spread("vision.siglip.encoder.layers.0.mlp.fc1.weight", &[64, 32]);
+        assert!((std / 0.02 - 1.0).abs() < 0.1, "std {std}");
+    }
 }
