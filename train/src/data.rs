@@ -85,6 +85,12 @@ pub enum DataError {
     Fetch(String),
 }
 
+/// A [`DataError::Read`] for `path`, to pass to `map_err`.
+pub(crate) fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError {
+    let path = path.to_owned();
+    move |source| DataError::Read { path, source }
+}
+
 /// A source of examples, indexed from 0.
 pub trait Dataset: Send + Sync {
     /// Number of examples.
@@ -171,10 +177,7 @@ impl LlavaData {
         skip_bad_samples: bool,
         images_anywhere: bool,
     ) -> Result<Self, DataError> {
-        let text = std::fs::read_to_string(json).map_err(|source| DataError::Read {
-            path: json.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(json).map_err(read_err(json))?;
         let value: Value = serde_json::from_str(&text).map_err(|e| DataError::NotAList {
             path: json.to_owned(),
             detail: e.to_string(),

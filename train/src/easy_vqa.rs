@@ -9,7 +9,7 @@
 //! The validation split is the training split's last `val_images` image ids with their
 //! questions: those images are never trained on. The official test split is for the final report.
 
-use crate::data::{DataError, Dataset, Example, Skipped};
+use crate::data::{read_err, DataError, Dataset, Example, Skipped};
 use emma::prompt::Conversation;
 use image::RgbImage;
 use rayon::prelude::*;
@@ -97,10 +97,7 @@ pub fn locate(data_dir: Option<&Path>) -> Result<PathBuf, DataError> {
         check_layout(&data)?;
         return Ok(data);
     }
-    std::fs::create_dir_all(&home).map_err(|source| DataError::Read {
-        path: home.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&home).map_err(read_err(&home))?;
     let wheel = home.join(WHEEL);
     if !wheel.is_file() {
         download(&home)?;
@@ -158,10 +155,7 @@ fn download(home: &Path) -> Result<(), DataError> {
 
 /// Fails unless `wheel` has the published sha256.
 pub fn check_sha256(wheel: &Path) -> Result<(), DataError> {
-    let bytes = std::fs::read(wheel).map_err(|source| DataError::Read {
-        path: wheel.to_owned(),
-        source,
-    })?;
+    let bytes = std::fs::read(wheel).map_err(read_err(wheel))?;
     let got: String = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -179,18 +173,11 @@ pub fn check_sha256(wheel: &Path) -> Result<(), DataError> {
 /// Unpacks the wheel's data folder into `data` (through a temporary sibling folder).
 fn unpack(wheel: &Path, data: &Path) -> Result<(), DataError> {
     let bad = |detail: String| DataError::Fetch(format!("{}: {detail}", wheel.display()));
-    let file = std::fs::File::open(wheel).map_err(|source| DataError::Read {
-        path: wheel.to_owned(),
-        source,
-    })?;
+    let file = std::fs::File::open(wheel).map_err(read_err(wheel))?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip archive: {e}")))?;
     let tmp = data.with_extension("partial");
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DataError::Read { path, source }
-    };
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::remove_dir_all(&tmp).map_err(read_err(&tmp))?;
     }
     for i in 0..archive.len() {
         let mut entry = archive.by_index(i).map_err(|e| bad(format!("entry {i}: {e}")))?;
@@ -205,12 +192,12 @@ fn unpack(wheel: &Path, data: &Path) -> Result<(), DataError> {
         }
         let target = tmp.join(rel);
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
+            std::fs::create_dir_all(parent).map_err(read_err(parent))?;
         }
-        let mut out = std::fs::File::create(&target).map_err(io(&target))?;
-        std::io::copy(&mut entry, &mut out).map_err(io(&target))?;
+        let mut out = std::fs::File::create(&target).map_err(read_err(&target))?;
+        std::io::copy(&mut entry, &mut out).map_err(read_err(&target))?;
     }
-    std::fs::rename(&tmp, data).map_err(io(data))?;
+    std::fs::rename(&tmp, data).map_err(read_err(data))?;
     Ok(())
 }
 
@@ -267,10 +254,7 @@ impl EasyVqaData {
     ) -> Result<Self, DataError> {
         let answers_path = dir.join("answers.txt");
         let answers: BTreeSet<String> = std::fs::read_to_string(&answers_path)
-            .map_err(|source| DataError::Read {
-                path: answers_path.clone(),
-                source,
-            })?
+            .map_err(read_err(&answers_path))?
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
@@ -278,10 +262,7 @@ impl EasyVqaData {
             .collect();
         let folder = dir.join(if split == Split::Test { "test" } else { "train" });
         let json = folder.join("questions.json");
-        let text = std::fs::read_to_string(&json).map_err(|source| DataError::Read {
-            path: json.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&json).map_err(read_err(&json))?;
         let raw: Vec<(String, String, u64)> =
             serde_json::from_str(&text).map_err(|e| DataError::NotAList {
                 path: json.clone(),
