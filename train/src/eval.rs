@@ -4,7 +4,7 @@
 //! the same examples, given to every question.
 
 use crate::data::Dataset;
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use emma::generate::{generate, GenerateOptions};
 use emma::model::Emma;
 use emma::prompt::Conversation;
@@ -13,6 +13,7 @@ use emma::tokenizer::Tokenizer;
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
+use std::path::Path;
 
 /// The answers of one question type.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -107,24 +108,23 @@ impl EvalReport {
         )
     }
 
-    /// The report as JSON (accuracies included), for a file in the run folder.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("accuracy".into(), self.accuracy().into());
-            obj.insert("majority_accuracy".into(), self.majority_accuracy().into());
-            obj.insert(
-                "type_majority_accuracy".into(),
-                self.type_majority_accuracy().into(),
-            );
-            for (k, t) in &self.by_type {
-                if let Some(entry) = obj.get_mut("by_type").and_then(|b| b.get_mut(k)) {
-                    entry["accuracy"] = t.accuracy().into();
-                    entry["majority_accuracy"] = t.majority_accuracy().into();
-                }
-            }
+    /// Writes the report as JSON (accuracies included) to `path`, atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json_err = |e: serde_json::Error| TrainError::Io {
+            path: path.to_owned(),
+            source: e.into(),
+        };
+        let mut v = serde_json::to_value(self).map_err(json_err)?;
+        v["accuracy"] = self.accuracy().into();
+        v["majority_accuracy"] = self.majority_accuracy().into();
+        v["type_majority_accuracy"] = self.type_majority_accuracy().into();
+        for (k, t) in &self.by_type {
+            v["by_type"][k]["accuracy"] = t.accuracy().into();
+            v["by_type"][k]["majority_accuracy"] = t.majority_accuracy().into();
         }
-        v
+        let bytes = serde_json::to_vec_pretty(&v).map_err(json_err)?;
+        emma::fsutil::write_atomic(path, &bytes)?;
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use emma::device::{resolve, DeviceChoice};
 use std::path::{Path, PathBuf};
 use train::data::{Dataset, ShapesData};
-use train::easy_vqa::{self, EasyVqaData, Split};
+use train::easy_vqa::Split;
 use train::options::{expand_config_file, TrainOptions};
 use train::shapes::{write_llava, ShapesConfig};
 
@@ -130,11 +130,8 @@ fn run() -> anyhow::Result<()> {
             eprintln!("using the {which}");
             let dataset: Box<dyn Dataset> = if data == "easy-vqa" {
                 let split: Split = split.parse().map_err(anyhow::Error::msg)?;
-                let dir = easy_vqa::locate(data_dir.as_deref())?;
-                let d = EasyVqaData::load(&dir, split, val_images, skip_bad_samples)?;
-                for s in &d.skipped {
-                    eprintln!("skipped: {}", s.reason);
-                }
+                let d =
+                    train::trainer::open_easy_vqa(data_dir.as_deref(), split, val_images, skip_bad_samples)?;
                 Box::new(d)
             } else if data == "shapes" {
                 Box::new(ShapesData {
@@ -156,8 +153,7 @@ fn run() -> anyhow::Result<()> {
             print!("{}", result.breakdown());
             println!("{}", result.summary());
             if let Some(file) = &report {
-                let json = serde_json::to_vec_pretty(&result.to_json())?;
-                emma::fsutil::write_atomic(file, &json)?;
+                result.save(file)?;
                 println!("report written to {}", file.display());
             }
             Ok(())

@@ -245,11 +245,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             )?;
             bar.finish_and_clear();
             let file = out.join("eval.json");
-            let json = serde_json::to_vec_pretty(&report.to_json()).unwrap_or_default();
-            emma::fsutil::write_atomic(&file, &json).map_err(|e| TrainError::Checkpoint {
-                path: file.clone(),
-                detail: format!("{e:#}"),
-            })?;
+            report.save(&file)?;
             Some((report, file))
         }
         None => None,
@@ -279,13 +275,16 @@ type Datasets = (Box<dyn Dataset>, Option<Box<dyn Dataset>>, Vec<Skipped>);
 /// The training data, the held-out data and the training samples skipped as bad.
 fn datasets(opts: &TrainOptions) -> Result<Datasets> {
     if opts.data == "easy-vqa" {
-        let dir = easy_vqa::locate(opts.data_dir.as_deref())?;
         let split = opts.eval_split().map_err(TrainError::Options)?;
-        let load = |split| EasyVqaData::load(&dir, split, opts.val_images, opts.skip_bad_samples);
+        let load = |split| {
+            open_easy_vqa(
+                opts.data_dir.as_deref(),
+                split,
+                opts.val_images,
+                opts.skip_bad_samples,
+            )
+        };
         let (train, eval) = (load(Split::Train)?, load(split)?);
-        for s in train.skipped.iter().chain(&eval.skipped) {
-            eprintln!("skipped: {}", s.reason);
-        }
         let skipped = train.skipped.clone();
         return Ok((Box::new(train), Some(Box::new(eval)), skipped));
     }
@@ -318,6 +317,22 @@ fn datasets(opts: &TrainOptions) -> Result<Datasets> {
         None => None,
     };
     Ok((Box::new(train), eval, skipped))
+}
+
+/// Loads `split` of easy-VQA (from `data_dir`, else the cached download, fetched if missing),
+/// holding out `val_images` training images, printing each question skipped as bad.
+pub fn open_easy_vqa(
+    data_dir: Option<&Path>,
+    split: Split,
+    val_images: usize,
+    skip_bad_samples: bool,
+) -> Result<EasyVqaData> {
+    let dir = easy_vqa::locate(data_dir)?;
+    let data = EasyVqaData::load(&dir, split, val_images, skip_bad_samples)?;
+    for s in &data.skipped {
+        eprintln!("skipped: {}", s.reason);
+    }
+    Ok(data)
 }
 
 /// Loads a LLaVA file whose images are relative to `image_folder` (default: the file's folder)
