@@ -25,6 +25,8 @@ pub const REQUIREMENT: &str = "easy-vqa==1.0";
 pub const WHEEL: &str = "easy_vqa-1.0-py3-none-any.whl";
 /// The sha256 of that wheel as published on PyPI.
 pub const WHEEL_SHA256: &str = "fcb51b309b78c7b00f97b64cdbcbcf5c105f94da1b39c0796cee5a787c4f650f";
+/// Training images held out as the validation split unless said otherwise.
+pub const DEFAULT_VAL_IMAGES: usize = 500;
 /// The folder inside the wheel that holds the data.
 const DATA_PREFIX: &str = "easy_vqa/data/";
 

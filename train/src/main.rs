@@ -46,7 +46,7 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// easy-VQA training images held out as the validation split (as trained with).
-        #[arg(long, default_value_t = 500)]
+        #[arg(long, default_value_t = train::easy_vqa::DEFAULT_VAL_IMAGES)]
         val_images: usize,
         /// Also write the report as JSON to this file.
         #[arg(long)]

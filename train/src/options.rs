@@ -2,7 +2,7 @@
 //! JSON, keys spelled like the flags, `-` or `_`). Flags given on the command line override the
 //! file. Options left unset take the defaults of the preset ([`Recipe`]).
 
-use crate::easy_vqa::Split;
+use crate::easy_vqa::{Split, DEFAULT_VAL_IMAGES};
 use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ pub struct TrainOptions {
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// easy-VQA training images held out as the validation split (the last image ids).
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = DEFAULT_VAL_IMAGES)]
     pub val_images: usize,
     /// The easy-VQA split evaluated at the end: `validation` (for choosing settings) or `test`
     /// (the final report).
@@ -245,17 +245,14 @@ impl TrainOptions {
             }
         }
         if self.data != "easy-vqa" {
-            let inapplicable = [
-                ("data-dir", self.data_dir.is_some()),
-                ("val-images", self.val_images != 500),
-                ("eval-split", self.eval_split != "test"),
-            ];
-            if let Some((flag, _)) = inapplicable.iter().find(|(_, given)| *given) {
-                return Err(TrainError::Options(format!(
-                    "--{flag} applies to easy-VQA (--data easy-vqa), not --data {}",
-                    self.data
-                )));
-            }
+            refuse_given(
+                &[
+                    ("data-dir", self.data_dir.is_some()),
+                    ("val-images", self.val_images != DEFAULT_VAL_IMAGES),
+                    ("eval-split", self.eval_split != "test"),
+                ],
+                &format!("easy-VQA (--data easy-vqa), not --data {}", self.data),
+            )?;
         } else {
             self.eval_split().map_err(TrainError::Options)?;
             if self.val_images == 0 && self.eval_split() == Ok(Split::Validation) {
@@ -265,32 +262,28 @@ impl TrainOptions {
                     "positive to evaluate the validation split",
                 );
             }
-            let inapplicable = [
-                ("eval-data", self.eval_data.is_some()),
-                ("image-folder", self.image_folder.is_some()),
-                ("images-anywhere", self.images_anywhere),
-            ];
-            if let Some((flag, _)) = inapplicable.iter().find(|(_, given)| *given) {
-                return Err(TrainError::Options(format!(
-                    "--{flag} applies to LLaVA data, not easy-VQA (--data easy-vqa)"
-                )));
-            }
+            refuse_given(
+                &[
+                    ("eval-data", self.eval_data.is_some()),
+                    ("image-folder", self.image_folder.is_some()),
+                    ("images-anywhere", self.images_anywhere),
+                ],
+                "LLaVA data, not easy-VQA (--data easy-vqa)",
+            )?;
         }
         if self.data == "shapes" {
             if self.shapes_train == 0 {
                 return bad("shapes-train", "0".into(), "a positive count");
             }
-            let inapplicable = [
-                ("eval-data", self.eval_data.is_some()),
-                ("image-folder", self.image_folder.is_some()),
-                ("images-anywhere", self.images_anywhere),
-                ("skip-bad-samples", self.skip_bad_samples),
-            ];
-            if let Some((flag, _)) = inapplicable.iter().find(|(_, given)| *given) {
-                return Err(TrainError::Options(format!(
-                    "--{flag} applies to LLaVA data, not the built-in shapes set (--data shapes)"
-                )));
-            }
+            refuse_given(
+                &[
+                    ("eval-data", self.eval_data.is_some()),
+                    ("image-folder", self.image_folder.is_some()),
+                    ("images-anywhere", self.images_anywhere),
+                    ("skip-bad-samples", self.skip_bad_samples),
+                ],
+                "LLaVA data, not the built-in shapes set (--data shapes)",
+            )?;
         }
         Ok(())
     }
@@ -413,6 +406,14 @@ impl TrainOptions {
             ("val-images", self.val_images.to_string()),
             ("precision", self.precision.clone()),
         ]
+    }
+}
+
+/// Refuses the first of `flags` that was given (`(name, given)`): it applies to `applies_to` only.
+fn refuse_given(flags: &[(&str, bool)], applies_to: &str) -> Result<()> {
+    match flags.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(TrainError::Options(format!("--{flag} applies to {applies_to}"))),
+        None => Ok(()),
     }
 }
 
