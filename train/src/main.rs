@@ -147,11 +147,7 @@ fn run() -> anyhow::Result<()> {
             let bar = indicatif::ProgressBar::new(dataset.len() as u64);
             let result = train::eval::evaluate(&model, &tok, dataset.as_ref(), max_new_tokens, Some(&bar))?;
             bar.finish_and_clear();
-            for (q, want, got) in &result.samples {
-                println!("  {q:?}: expected {want:?}, answered {got:?}");
-            }
-            print!("{}", result.breakdown());
-            println!("{}", result.summary());
+            print_report(&result);
             if let Some(file) = &report {
                 result.save(file)?;
                 println!("report written to {}", file.display());
@@ -186,12 +182,17 @@ fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
         summary.final_model.display()
     );
     if let Some((report, file)) = &summary.eval {
-        for (q, want, got) in &report.samples {
-            println!("  {q:?}: expected {want:?}, answered {got:?}");
-        }
-        print!("{}", report.breakdown());
-        println!("{}", report.summary());
+        print_report(report);
         println!("report written to {}", file.display());
     }
     Ok(())
+}
+
+/// Prints a few sample answers, the accuracy per question type and the summary line.
+fn print_report(report: &train::eval::EvalReport) {
+    for (q, want, got) in &report.samples {
+        println!("  {q:?}: expected {want:?}, answered {got:?}");
+    }
+    print!("{}", report.breakdown());
+    println!("{}", report.summary());
 }
