@@ -17,6 +17,12 @@ use tensor::{DType, Rng, Tensor};
 ///   `mamba_ssm` sets it. (`mamba_ssm` also divides `out_proj` by √layers, which a name cannot
 ///   tell.) At std 0.02 these would shrink the scan's input, B and C about a hundredfold, and a
 ///   model trained from scratch would barely carry anything across positions;
+/// - SigLIP's weights as `transformers` initialises `SiglipVisionModel`: the attention and MLP
+///   projections (`encoder.layers.N.{self_attn.*_proj, mlp.fc1, mlp.fc2}.weight`) Xavier-uniform,
+///   the position embedding normal with std 1/√width, the patch convolution LeCun-normal (std
+///   1/√fan_in; `transformers` truncates it at two deviations). At std 0.02 a narrow tower's
+///   attention would pass on about 1% of its input, and each patch would start blind to the rest
+///   of the image;
 /// - everything else (other projections, embeddings, tokens): normal with std 0.02.
 pub fn initial_value(name: &str, shape: &[usize], dtype: DType, rng: &mut Rng) -> Result<Tensor> {
     let leaf = name.rsplit('.').next().unwrap_or(name);
@@ -56,6 +62,17 @@ pub fn initial_value(name: &str, shape: &[usize], dtype: DType, rng: &mut Rng) -
             let bound = 1.0 / (shape[1] as f64).sqrt();
             Tensor::rand_uniform(shape, dtype, -bound, bound, rng)?
         }
+        "weight" if siglip_xavier(name) && shape.len() == 2 => {
+            let bound = (6.0 / (shape[0] + shape[1]) as f64).sqrt();
+            Tensor::rand_uniform(shape, dtype, -bound, bound, rng)?
+        }
+        "weight" if name.ends_with("embeddings.position_embedding.weight") && shape.len() == 2 => {
+            Tensor::randn(shape, dtype, 0.0, 1.0 / (shape[1] as f64).sqrt(), rng)?
+        }
+        "weight" if name.ends_with("embeddings.patch_embedding.weight") && shape.len() >= 2 => {
+            let fan_in: usize = shape[1..].iter().product();
+            Tensor::randn(shape, dtype, 0.0, 1.0 / (fan_in as f64).sqrt(), rng)?
+        }
         "weight" if pytorch_default(name) && shape.len() >= 2 => {
             let fan_in: usize = shape[1..].iter().product();
             let bound = 1.0 / (fan_in as f64).sqrt();
@@ -72,6 +89,16 @@ fn pytorch_default(name: &str) -> bool {
         || ["in_proj", "x_proj", "out_proj", "conv1d"]
             .iter()
             .any(|layer| name.ends_with(&format!("mixer.{layer}.weight")))
+}
+
+/// Whether `name` is a SigLIP attention or MLP projection (SigLIP's `encoder.layers.N` naming;
+/// DINOv2's blocks are `encoder.layer.N`), which `transformers` initialises Xavier-uniform.
+fn siglip_xavier(name: &str) -> bool {
+    name.contains("encoder.layers.")
+        && ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+            .iter()
+            .any(|layer| name.ends_with(&format!(".{layer}.weight")))
+        && (name.contains(".self_attn.") || name.contains(".mlp."))
 }
 
 /// `softplus⁻¹(dt)` with dt log-uniform in [1e-3, 0.1], as Mamba initialises its dt bias.
@@ -131,7 +158,33 @@ mod tests {
             let want = bound / 3f64.sqrt();
             assert!((std / want - 1.0).abs() < 0.1, "{name}: std {std}, want {want}");
         }
-        let (_, std) = spread("vision.siglip.encoder.layers.0.mlp.fc1.weight", &[64, 32]);
+        let (_, std) = spread("vision.dinov2.encoder.layer.0.mlp.fc1.weight", &[64, 32]);
         assert!((std / 0.02 - 1.0).abs() < 0.1, "std {std}");
+    }
+
+    #[test]
+    fn siglip_weights_start_as_transformers_initialises_them() {
+        // Xavier-uniform: bound √(6 / (fan_in + fan_out)).
+        for name in [
+            "vision.siglip.encoder.layers.1.self_attn.q_proj.weight",
+            "vision.siglip.encoder.layers.0.self_attn.out_proj.weight",
+            "vision.siglip.encoder.layers.0.mlp.fc2.weight",
+        ] {
+            let (max, std) = spread(name, &[48, 32]);
+            let bound = (6.0f64 / 80.0).sqrt();
+            assert!(max <= bound, "{name}: {max} > {bound}");
+            let want = bound / 3f64.sqrt();
+            assert!((std / want - 1.0).abs() < 0.1, "{name}: std {std}, want {want}");
+        }
+        // (name, shape, std): normal with std 1/√width and LeCun-normal 1/√fan_in.
+        let normal = [
+            ("vision.siglip.embeddings.position_embedding.weight", vec![64, 32], 32f64),
+            ("vision.siglip.embeddings.patch_embedding.weight", vec![32, 3, 8, 8], 192f64),
+        ];
+        for (name, shape, n) in normal {
+            let (_, std) = spread(name, &shape);
+            let want = 1.0 / n.sqrt();
+            assert!((std / want - 1.0).abs() < 0.1, "{name}: std {std}, want {want}");
+        }
     }
 }
