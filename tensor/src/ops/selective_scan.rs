@@ -186,18 +186,22 @@ impl<A: Real> Scan<A> {
         })
     }
 
-    /// Row `row` (= b·D + d) at time `t`: delta + delta_bias, and the step dt (its softplus when
-    /// asked for).
-    fn step(&self, row: usize, t: usize) -> (A, A) {
+    /// Row `row` (= b·D + d) at every time step: delta + delta_bias, and the step dt (its
+    /// softplus when asked for), as two vectors of length L.
+    fn steps(&self, row: usize) -> (Vec<A>, Vec<A>) {
+        let len = self.dims.len;
         let bias = self
             .delta_bias
             .as_ref()
             .map_or(A::zero(), |bias| bias[row % self.dims.dim]);
-        let raw = self.delta[row * self.dims.len + t] + bias;
+        let raw: Vec<A> = self.delta[row * len..][..len]
+            .iter()
+            .map(|&d| d + bias)
+            .collect();
         let dt = if self.softplus {
-            UnaryOp::Softplus.apply(raw)
+            raw.iter().map(|&r| UnaryOp::Softplus.apply(r)).collect()
         } else {
-            raw
+            raw.clone()
         };
         (raw, dt)
     }
@@ -210,9 +214,10 @@ impl<A: Real> Scan<A> {
             .map_or_else(|| vec![A::zero(); n], |s| s[row * n..][..n].to_vec())
     }
 
-    /// Runs the recurrence of row `row`, writing the ungated output `Σ_n C h_t + D u_t` into `y`
-    /// (L) and, when given, every state h_t into `states` (`[L, N]`); returns the last state.
-    fn scan_row(&self, row: usize, y: &mut [A], mut states: Option<&mut [A]>) -> Vec<A> {
+    /// Runs the recurrence of row `row` with steps `dts` (L), writing the ungated output
+    /// `Σ_n C h_t + D u_t` into `y` (L) and, when given, every state h_t and every decay
+    /// exp(dt A) into `record` (`[L, N]` each); returns the last state.
+    fn scan_row(&self, row: usize, dts: &[A], y: &mut [A], mut record: Option<(&mut [A], &mut [A])>) -> Vec<A> {
         let Dims {
             dim, len, state: n, ..
         } = self.dims;
@@ -220,19 +225,23 @@ impl<A: Real> Scan<A> {
         let a = &self.a[ch * n..][..n];
         let skip = self.d_skip.as_ref().map_or(A::zero(), |d| d[ch]);
         let mut h = self.initial_state(row);
-        for (t, yt) in y.iter_mut().enumerate() {
-            let dt = self.step(row, t).1;
+        let mut decay = vec![A::zero(); n];
+        for (t, (yt, &dt)) in y.iter_mut().zip(dts).enumerate() {
             let ut = self.u[row * len + t];
             let at = (bi * len + t) * n;
             let (bt, ct) = (&self.b[at..][..n], &self.c[at..][..n]);
-            let mut acc = A::zero();
-            for (((hk, &ak), &bk), &ck) in h.iter_mut().zip(a).zip(bt).zip(ct) {
-                *hk = (dt * ak).exp() * *hk + dt * bk * ut;
-                acc += ck * *hk;
+            // Three separate loops: the first two vectorise, the sum keeps its order.
+            for (dk, &ak) in decay.iter_mut().zip(a) {
+                *dk = (dt * ak).exp_fast();
             }
+            for ((hk, &dk), &bk) in h.iter_mut().zip(&decay).zip(bt) {
+                *hk = dk * *hk + dt * bk * ut;
+            }
+            let acc = h.iter().zip(ct).fold(A::zero(), |acc, (&hk, &ck)| acc + ck * hk);
             *yt = acc + skip * ut;
-            if let Some(s) = states.as_deref_mut() {
-                s[t * n..][..n].copy_from_slice(&h);
+            if let Some((states, decays)) = record.as_mut() {
+                states[t * n..][..n].copy_from_slice(&h);
+                decays[t * n..][..n].copy_from_slice(&decay);
             }
         }
         h
@@ -242,7 +251,7 @@ impl<A: Real> Scan<A> {
     fn forward_row(&self, row: usize) -> (Vec<A>, Vec<A>) {
         let len = self.dims.len;
         let mut y = vec![A::zero(); len];
-        let h = self.scan_row(row, &mut y, None);
+        let h = self.scan_row(row, &self.steps(row).1, &mut y, None);
         if let Some(z) = &self.z {
             for (yt, &zt) in y.iter_mut().zip(&z[row * len..]) {
                 *yt = *yt * UnaryOp::Silu.apply(zt);
@@ -266,21 +275,27 @@ impl<A: Real> Scan<A> {
             db: vec![A::zero(); len * n],
             dc: vec![A::zero(); len * n],
         };
-        let (mut y0, mut states) = (vec![A::zero(); len], vec![A::zero(); len * n]);
+        let mut scratch = RowScratch {
+            y0: vec![A::zero(); len],
+            states: vec![A::zero(); len * n],
+            decays: vec![A::zero(); len * n],
+        };
         for ch in channels {
-            self.backward_row(bi * dim + ch, grad, &mut y0, &mut states, &mut out);
+            self.backward_row(bi * dim + ch, grad, &mut scratch, &mut out);
         }
         out
     }
 
-    /// Appends row `row`'s gradients to `out` (and adds its dB, dC shares), using `y0` (L) and
-    /// `states` (`[L, N]`) as scratch for the recomputed forward pass.
-    fn backward_row(&self, row: usize, grad: &[A], y0: &mut [A], states: &mut [A], out: &mut BlockGrads<A>) {
+    /// Appends row `row`'s gradients to `out` (and adds its dB, dC shares), recomputing the
+    /// forward pass into `scratch`.
+    fn backward_row(&self, row: usize, grad: &[A], scratch: &mut RowScratch<A>, out: &mut BlockGrads<A>) {
         let Dims {
             dim, len, state: n, ..
         } = self.dims;
         let (bi, ch) = (row / dim, row % dim);
-        self.scan_row(row, y0, Some(states));
+        let (raws, dts) = self.steps(row);
+        let RowScratch { y0, states, decays } = scratch;
+        self.scan_row(row, &dts, y0, Some((states, decays)));
         let h0 = self.initial_state(row);
         let (u, gy) = (&self.u[row * len..][..len], &grad[row * len..][..len]);
         // Through the gate y = y0 · silu(z).
@@ -305,8 +320,9 @@ impl<A: Real> Scan<A> {
         let (mut dh, mut da, mut dd) = (vec![A::zero(); n], vec![A::zero(); n], A::zero());
         let (mut du, mut ddelta) = (vec![A::zero(); len], vec![A::zero(); len]);
         for t in (0..len).rev() {
-            let (raw, dt) = self.step(row, t);
+            let (raw, dt) = (raws[t], dts[t]);
             let (g, ut) = (g0[t], u[t]);
+            let decay = &decays[t * n..][..n];
             let at = (bi * len + t) * n;
             let (bt, ct) = (&self.b[at..][..n], &self.c[at..][..n]);
             let h = &states[t * n..][..n];
@@ -323,12 +339,11 @@ impl<A: Real> Scan<A> {
                 dc[k] += g * h[k];
                 dh[k] += g * ct[k];
                 // h_t[k] = exp(dt A_k) h_{t-1}[k] + dt B_k u_t.
-                let decay = (dt * a[k]).exp();
-                ddt += dh[k] * (a[k] * decay * prev[k] + bt[k] * ut);
-                da[k] += dh[k] * dt * decay * prev[k];
+                ddt += dh[k] * (a[k] * decay[k] * prev[k] + bt[k] * ut);
+                da[k] += dh[k] * dt * decay[k] * prev[k];
                 db[k] += dh[k] * dt * ut;
                 dut += dh[k] * dt * bt[k];
-                dh[k] = dh[k] * decay;
+                dh[k] = dh[k] * decay[k];
             }
             du[t] = dut;
             ddelta[t] = if self.softplus {
@@ -343,6 +358,16 @@ impl<A: Real> Scan<A> {
         out.da.extend(da);
         out.dd.push(dd);
     }
+}
+
+/// Per-task buffers of the recomputed forward pass of one row.
+struct RowScratch<A> {
+    /// The ungated output (L).
+    y0: Vec<A>,
+    /// Every state h_t (`[L, N]`).
+    states: Vec<A>,
+    /// Every decay exp(dt A) (`[L, N]`).
+    decays: Vec<A>,
 }
 
 /// One backward task's share of the gradients: a block of channels of one sequence.
