@@ -178,8 +178,16 @@ mod tests {
         }
         // (name, shape, std): normal with std 1/√width and LeCun-normal 1/√fan_in.
         let normal = [
-            ("vision.siglip.embeddings.position_embedding.weight", vec![64, 32], 32f64),
-            ("vision.siglip.embeddings.patch_embedding.weight", vec![32, 3, 8, 8], 192f64),
+            (
+                "vision.siglip.embeddings.position_embedding.weight",
+                vec![64, 32],
+                32f64,
+            ),
+            (
+                "vision.siglip.embeddings.patch_embedding.weight",
+                vec![32, 3, 8, 8],
+                192f64,
+            ),
         ];
         for (name, shape, n) in normal {
             let (_, std) = spread(name, &shape);

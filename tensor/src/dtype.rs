@@ -109,7 +109,7 @@ impl Real for f32 {
         let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
             + 1.666_666_5e-1)
             * r
-            + 5.000_000_1e-1;
+            + 0.5;
         let e_r = p * (r * r) + r + 1.0;
         // 2^k as two factors, each a normal number for every k in [-126, 128].
         let half = k_int >> 1;

@@ -194,10 +194,7 @@ impl<A: Real> Scan<A> {
             .delta_bias
             .as_ref()
             .map_or(A::zero(), |bias| bias[row % self.dims.dim]);
-        let raw: Vec<A> = self.delta[row * len..][..len]
-            .iter()
-            .map(|&d| d + bias)
-            .collect();
+        let raw: Vec<A> = self.delta[row * len..][..len].iter().map(|&d| d + bias).collect();
         let dt = if self.softplus {
             raw.iter().map(|&r| UnaryOp::Softplus.apply(r)).collect()
         } else {
@@ -217,7 +214,13 @@ impl<A: Real> Scan<A> {
     /// Runs the recurrence of row `row` with steps `dts` (L), writing the ungated output
     /// `Σ_n C h_t + D u_t` into `y` (L) and, when given, every state h_t and every decay
     /// exp(dt A) into `record` (`[L, N]` each); returns the last state.
-    fn scan_row(&self, row: usize, dts: &[A], y: &mut [A], mut record: Option<(&mut [A], &mut [A])>) -> Vec<A> {
+    fn scan_row(
+        &self,
+        row: usize,
+        dts: &[A],
+        y: &mut [A],
+        mut record: Option<(&mut [A], &mut [A])>,
+    ) -> Vec<A> {
         let Dims {
             dim, len, state: n, ..
         } = self.dims;

@@ -67,7 +67,7 @@ impl UnaryOp {
                 half * x * (one + (A::lit(SQRT_2_OVER_PI) * (x + A::lit(GELU_CUBIC) * x * x * x)).tanh())
             }
             UnaryOp::GeluErf => half * x * (one + (x * A::lit(std::f64::consts::FRAC_1_SQRT_2)).erf()),
-            UnaryOp::Softplus => x.max(A::zero()) + (-x.abs()).exp().ln_1p(),
+            UnaryOp::Softplus => x.max(A::zero()) + (-x.abs()).exp_fast().ln_1p(),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Sqr => x * x,
             UnaryOp::Recip => one / x,
@@ -126,15 +126,10 @@ impl UnaryOp {
     }
 }
 
-/// The logistic function 1 / (1 + e^-x).
+/// The logistic function 1 / (1 + e^-x), without a branch or a library call so that loops of
+/// it vectorise; e^-x overflowing to infinity gives the right limit, 0.
 pub(crate) fn sigmoid<A: Real>(x: A) -> A {
-    // Two branches so that exp never overflows.
-    if x >= A::zero() {
-        A::one() / (A::one() + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (A::one() + e)
-    }
+    A::one() / (A::one() + (-x).exp_fast())
 }
 
 impl UnaryOp {
