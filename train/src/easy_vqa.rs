@@ -371,6 +371,14 @@ impl Dataset for EasyVqaData {
         })
     }
 
+    fn open_questions(&self) -> Option<Vec<usize>> {
+        Some(
+            (0..self.questions.len())
+                .filter(|&i| question_type(&self.questions[i].answer) != "yes/no")
+                .collect(),
+        )
+    }
+
     fn describe(&self) -> String {
         format!(
             "easy-VQA {} ({} questions on {} images)",

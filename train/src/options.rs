@@ -126,6 +126,13 @@ pub struct TrainOptions {
     /// Freeze the vision towers (the paper presets' default, as in the paper).
     #[arg(long, conflicts_with = "train_vision")]
     pub freeze_vision: bool,
+    /// Begin with one pass over the open questions (colour, shape) before the epochs over all
+    /// questions (easy-VQA; the tiny preset's default there).
+    #[arg(long)]
+    pub open_first: bool,
+    /// Train on all questions from the first step.
+    #[arg(long, conflicts_with = "open_first")]
+    pub no_open_first: bool,
     /// Most tokens generated per held-out answer.
     #[arg(long, default_value_t = 16)]
     pub eval_max_new_tokens: usize,
@@ -159,7 +166,7 @@ impl Recipe {
     pub fn of(preset: &str) -> Recipe {
         match preset {
             "tiny" => Recipe {
-                lr: 3e-3,
+                lr: 1e-3,
                 global_batch: 32,
                 warmup_ratio: 0.03,
                 weight_decay: 0.01,
@@ -250,6 +257,7 @@ impl TrainOptions {
                     ("data-dir", self.data_dir.is_some()),
                     ("val-images", self.val_images != DEFAULT_VAL_IMAGES),
                     ("eval-split", self.eval_split != "test"),
+                    ("open-first", self.open_first),
                 ],
                 &format!("easy-VQA (--data easy-vqa), not --data {}", self.data),
             )?;
@@ -339,6 +347,12 @@ impl TrainOptions {
         }
     }
 
+    /// Whether training begins with a pass over the open questions: as the flags say, else for
+    /// the tiny preset on easy-VQA.
+    pub fn open_first(&self) -> bool {
+        self.open_first || (!self.no_open_first && self.preset == "tiny" && self.data == "easy-vqa")
+    }
+
     /// Whether the vision towers are frozen: as the flags say, else as the preset has it.
     pub fn vision_frozen(&self, preset_frozen: bool) -> bool {
         !self.train_vision && (self.freeze_vision || preset_frozen)
@@ -404,6 +418,7 @@ impl TrainOptions {
             ("train-vision", self.train_vision.to_string()),
             ("freeze-vision", self.freeze_vision.to_string()),
             ("val-images", self.val_images.to_string()),
+            ("open-first", self.open_first().to_string()),
             ("precision", self.precision.clone()),
         ]
     }

@@ -84,6 +84,9 @@ struct Run<'a> {
     device: Device,
     adamw: AdamWConfig,
     total: u64,
+    /// The open questions in their (seeded) order, a whole number of global batches, trained
+    /// on before the epochs (`--open-first`; empty without it).
+    open_first: Vec<usize>,
     steps_per_epoch: u64,
     micro: usize,
     accum: usize,
@@ -136,9 +139,24 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         )));
     }
     let steps_per_epoch = n / global;
+    let open_first = match opts.open_first() {
+        true => {
+            let mut open = train_data.open_questions().ok_or_else(|| {
+                TrainError::Options(format!(
+                    "--open-first: {} does not tell question types",
+                    train_data.describe()
+                ))
+            })?;
+            open.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed));
+            open.truncate(open.len() / global as usize * global as usize);
+            open
+        }
+        false => Vec::new(),
+    };
+    let open_steps = (open_first.len() / global as usize) as u64;
     let total = opts
         .steps
-        .unwrap_or_else(|| ((recipe.epochs * n as f64) / global as f64).ceil().max(1.0) as u64);
+        .unwrap_or_else(|| open_steps + ((recipe.epochs * n as f64) / global as f64).ceil().max(1.0) as u64);
 
     let out = opts.out_dir();
     let root = out.join("checkpoints");
@@ -184,6 +202,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             ..Default::default()
         },
         total,
+        open_first,
         steps_per_epoch,
         micro,
         accum,
@@ -586,18 +605,24 @@ fn rank_loop(
     let mut order: Option<(u64, Vec<usize>)> = None;
     let mut last_loss = start_loss;
     let mut last_checkpoint = resume_dir.map(Path::to_path_buf);
+    let open_steps = (run.open_first.len() / global) as u64;
     for step in start..run.total {
         let timer = Instant::now();
-        let epoch = step / run.steps_per_epoch;
-        if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            order = Some((epoch, shuffled(run.data.len(), run.opts.seed, epoch)));
-        }
-        let epoch_order = order.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
-        let first = (step % run.steps_per_epoch) as usize * global;
+        let (step_order, first) = match step.checked_sub(open_steps) {
+            None => (run.open_first.as_slice(), step as usize * global),
+            Some(epoch_step) => {
+                let epoch = epoch_step / run.steps_per_epoch;
+                if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    order = Some((epoch, shuffled(run.data.len(), run.opts.seed, epoch)));
+                }
+                let epoch_order = order.as_ref().map_or(&[][..], |(_, o)| o.as_slice());
+                (epoch_order, (epoch_step % run.steps_per_epoch) as usize * global)
+            }
+        };
         let mine: Vec<usize> = (0..run.accum)
             .flat_map(|a| {
                 let at = first + (a * world + rank) * run.micro;
-                epoch_order[at..at + run.micro].iter().copied()
+                step_order[at..at + run.micro].iter().copied()
             })
             .collect();
         let batches = agree(coll, load_micro_batches(run, &mine))?;
@@ -657,8 +682,8 @@ fn rank_loop(
             let state = TrainState {
                 step: done,
                 total_steps: run.total,
-                epoch: done / run.steps_per_epoch,
-                position: (done % run.steps_per_epoch) * global as u64,
+                epoch: done.saturating_sub(open_steps) / run.steps_per_epoch,
+                position: (done.saturating_sub(open_steps) % run.steps_per_epoch) * global as u64,
                 data_seed: run.opts.seed,
                 ranks: world,
                 loss,

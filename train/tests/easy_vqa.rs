@@ -180,3 +180,31 @@ fn a_short_run_writes_its_test_report_by_question_type() {
     }
     assert_eq!(json["majority_answer"], "yes");
 }
+
+#[test]
+fn the_tiny_preset_begins_with_one_pass_over_the_open_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_folder(dir.path());
+    let train = EasyVqaData::load(&data, Split::Train, 4, false).unwrap();
+    let open = train.open_questions().unwrap();
+    // Each image has a colour, a shape and a yes/no question.
+    assert_eq!(open.len(), 16);
+    assert!(open
+        .iter()
+        .all(|&i| train.get(i).unwrap().kind.as_deref() != Some("yes/no")));
+    let steps = |extra: &[&str]| {
+        let args = ["train", "--device", "cpu", "--val-images", "4", "--epochs", "1"];
+        let mut o = Wrap::parse_from(args.iter().chain(extra)).t;
+        o.data_dir = Some(data.clone());
+        o.global_batch = Some(4);
+        o.eval_max_new_tokens = 2;
+        o.out = Some(dir.path().join(format!("run{}", extra.len())));
+        train::trainer::train(&o).unwrap().steps
+    };
+    // 24 training questions in batches of 4: 4 steps on the 16 open ones, then an epoch of 6.
+    assert_eq!(steps(&[]), 10);
+    assert_eq!(steps(&["--no-open-first"]), 6);
+    let shapes = Wrap::parse_from(["train", "--data", "shapes", "--open-first"]).t;
+    let err = shapes.validate().unwrap_err().to_string();
+    assert!(err.contains("--open-first applies to easy-VQA"), "{err}");
+}
