@@ -157,6 +157,8 @@ pub struct Recipe {
     pub epochs: f64,
     /// Text tokens kept per example.
     pub max_len: usize,
+    /// On easy-VQA, begin with one pass over the open questions (`--open-first`).
+    pub open_first: bool,
 }
 
 impl Recipe {
@@ -172,6 +174,7 @@ impl Recipe {
                 weight_decay: 0.01,
                 epochs: 2.0,
                 max_len: 64,
+                open_first: true,
             },
             "small" => Recipe {
                 lr: 1e-3,
@@ -180,6 +183,7 @@ impl Recipe {
                 weight_decay: 0.05,
                 epochs: 2.0,
                 max_len: 256,
+                open_first: false,
             },
             _ => Recipe {
                 lr: 2e-5,
@@ -188,6 +192,7 @@ impl Recipe {
                 weight_decay: 0.1,
                 epochs: 2.0,
                 max_len: 2048,
+                open_first: false,
             },
         }
     }
@@ -204,6 +209,7 @@ impl TrainOptions {
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             epochs: self.epochs.unwrap_or(d.epochs),
             max_len: self.max_len.unwrap_or(d.max_len),
+            open_first: self.open_first || (!self.no_open_first && d.open_first && self.data == "easy-vqa"),
         }
     }
 
@@ -347,12 +353,6 @@ impl TrainOptions {
         }
     }
 
-    /// Whether training begins with a pass over the open questions: as the flags say, else for
-    /// the tiny preset on easy-VQA.
-    pub fn open_first(&self) -> bool {
-        self.open_first || (!self.no_open_first && self.preset == "tiny" && self.data == "easy-vqa")
-    }
-
     /// Whether the vision towers are frozen: as the flags say, else as the preset has it.
     pub fn vision_frozen(&self, preset_frozen: bool) -> bool {
         !self.train_vision && (self.freeze_vision || preset_frozen)
@@ -418,7 +418,7 @@ impl TrainOptions {
             ("train-vision", self.train_vision.to_string()),
             ("freeze-vision", self.freeze_vision.to_string()),
             ("val-images", self.val_images.to_string()),
-            ("open-first", self.open_first().to_string()),
+            ("open-first", r.open_first.to_string()),
             ("precision", self.precision.clone()),
         ]
     }

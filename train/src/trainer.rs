@@ -139,19 +139,18 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         )));
     }
     let steps_per_epoch = n / global;
-    let open_first = match opts.open_first() {
-        true => {
-            let mut open = train_data.open_questions().ok_or_else(|| {
-                TrainError::Options(format!(
-                    "--open-first: {} does not tell question types",
-                    train_data.describe()
-                ))
-            })?;
-            open.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed));
-            open.truncate(open.len() / global as usize * global as usize);
-            open
-        }
-        false => Vec::new(),
+    let open_first = if recipe.open_first {
+        let mut open = train_data.open_questions().ok_or_else(|| {
+            TrainError::Options(format!(
+                "--open-first: {} does not tell question types",
+                train_data.describe()
+            ))
+        })?;
+        open.shuffle(&mut rand::rngs::StdRng::seed_from_u64(opts.seed));
+        open.truncate(open.len() / global as usize * global as usize);
+        open
+    } else {
+        Vec::new()
     };
     let open_steps = (open_first.len() / global as usize) as u64;
     let total = opts

@@ -186,21 +186,23 @@ impl<A: Real> Scan<A> {
         })
     }
 
-    /// Row `row` (= b·D + d) at every time step: delta + delta_bias, and the step dt (its
-    /// softplus when asked for), as two vectors of length L.
-    fn steps(&self, row: usize) -> (Vec<A>, Vec<A>) {
+    /// Row `row` (= b·D + d) at every time step: delta + delta_bias (L values).
+    fn raw_steps(&self, row: usize) -> Vec<A> {
         let len = self.dims.len;
         let bias = self
             .delta_bias
             .as_ref()
             .map_or(A::zero(), |bias| bias[row % self.dims.dim]);
-        let raw: Vec<A> = self.delta[row * len..][..len].iter().map(|&d| d + bias).collect();
-        let dt = if self.softplus {
-            raw.iter().map(|&r| UnaryOp::Softplus.apply(r)).collect()
+        self.delta[row * len..][..len].iter().map(|&d| d + bias).collect()
+    }
+
+    /// The step dt of a raw step: its softplus when asked for.
+    fn dt(&self, raw: A) -> A {
+        if self.softplus {
+            UnaryOp::Softplus.apply(raw)
         } else {
-            raw.clone()
-        };
-        (raw, dt)
+            raw
+        }
     }
 
     /// The state of row `row` before the first step.
@@ -254,7 +256,8 @@ impl<A: Real> Scan<A> {
     fn forward_row(&self, row: usize) -> (Vec<A>, Vec<A>) {
         let len = self.dims.len;
         let mut y = vec![A::zero(); len];
-        let h = self.scan_row(row, &self.steps(row).1, &mut y, None);
+        let dts: Vec<A> = self.raw_steps(row).into_iter().map(|r| self.dt(r)).collect();
+        let h = self.scan_row(row, &dts, &mut y, None);
         if let Some(z) = &self.z {
             for (yt, &zt) in y.iter_mut().zip(&z[row * len..]) {
                 *yt = *yt * UnaryOp::Silu.apply(zt);
@@ -296,7 +299,8 @@ impl<A: Real> Scan<A> {
             dim, len, state: n, ..
         } = self.dims;
         let (bi, ch) = (row / dim, row % dim);
-        let (raws, dts) = self.steps(row);
+        let raws = self.raw_steps(row);
+        let dts: Vec<A> = raws.iter().map(|&r| self.dt(r)).collect();
         let RowScratch { y0, states, decays } = scratch;
         self.scan_row(row, &dts, y0, Some((states, decays)));
         let h0 = self.initial_state(row);
