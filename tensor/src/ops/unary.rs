@@ -51,6 +51,7 @@ const GELU_CUBIC: f64 = 0.044_715;
 
 impl UnaryOp {
     /// f(x).
+    #[inline(always)]
     pub fn apply<A: Real>(self, x: A) -> A {
         let one = A::one();
         let half = A::lit(0.5);
@@ -60,14 +61,14 @@ impl UnaryOp {
             UnaryOp::Log => x.ln(),
             UnaryOp::Sqrt => x.sqrt(),
             UnaryOp::Rsqrt => one / x.sqrt(),
-            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Tanh => x.tanh_fast(),
             UnaryOp::Sigmoid => sigmoid(x),
             UnaryOp::Silu => x * sigmoid(x),
             UnaryOp::GeluTanh => {
-                half * x * (one + (A::lit(SQRT_2_OVER_PI) * (x + A::lit(GELU_CUBIC) * x * x * x)).tanh())
+                half * x * (one + (A::lit(SQRT_2_OVER_PI) * (x + A::lit(GELU_CUBIC) * x * x * x)).tanh_fast())
             }
             UnaryOp::GeluErf => half * x * (one + (x * A::lit(std::f64::consts::FRAC_1_SQRT_2)).erf()),
-            UnaryOp::Softplus => x.max(A::zero()) + (-x.abs()).exp_fast().ln_1p(),
+            UnaryOp::Softplus => x.max(A::zero()) + (-x.abs()).exp_fast().ln_1p_unit(),
             UnaryOp::Abs => x.abs(),
             UnaryOp::Sqr => x * x,
             UnaryOp::Recip => one / x,
@@ -78,6 +79,7 @@ impl UnaryOp {
     }
 
     /// f'(x). Clamp's derivative is 1 strictly inside its range and 0 outside; |x|' is sign(x) (0 at 0).
+    #[inline(always)]
     pub fn derivative<A: Real>(self, x: A) -> A {
         let one = A::one();
         let half = A::lit(0.5);
@@ -87,7 +89,10 @@ impl UnaryOp {
             UnaryOp::Log => one / x,
             UnaryOp::Sqrt => half / x.sqrt(),
             UnaryOp::Rsqrt => -half / (x * x.sqrt()),
-            UnaryOp::Tanh => one - x.tanh() * x.tanh(),
+            UnaryOp::Tanh => {
+                let t = x.tanh_fast();
+                one - t * t
+            }
             UnaryOp::Sigmoid => sigmoid(x) * (one - sigmoid(x)),
             UnaryOp::Silu => {
                 let s = sigmoid(x);
@@ -96,11 +101,11 @@ impl UnaryOp {
             UnaryOp::GeluTanh => {
                 let c = A::lit(SQRT_2_OVER_PI);
                 let k = A::lit(GELU_CUBIC);
-                let t = (c * (x + k * x * x * x)).tanh();
+                let t = (c * (x + k * x * x * x)).tanh_fast();
                 half * (one + t) + half * x * (one - t * t) * c * (one + A::lit(3.0) * k * x * x)
             }
             UnaryOp::GeluErf => {
-                let pdf = (-half * x * x).exp() * A::lit(0.398_942_280_401_432_7);
+                let pdf = (-half * x * x).exp_fast() * A::lit(0.398_942_280_401_432_7);
                 half * (one + (x * A::lit(std::f64::consts::FRAC_1_SQRT_2)).erf()) + x * pdf
             }
             UnaryOp::Softplus => sigmoid(x),
@@ -216,12 +221,28 @@ impl Tensor {
         if let Some(gpu) = Gpu::of("unary_backward", &[self, grad])? {
             return unary_backward_cuda(&gpu, self, op, grad);
         }
-        float_dispatch!("unary_backward", self.dtype(), T => {
-            let (out, shape) = crate::ops::elementwise::zip_map::<T, T, T>("unary_backward", self, grad, |x, g| {
-                T::from_acc(g.to_acc() * op.derivative(x.to_acc()))
-            })?;
+        fn run<T: FloatElement>(
+            x: &Tensor,
+            g: &Tensor,
+            d: impl Fn(T::Acc) -> T::Acc + Sync,
+        ) -> Result<Tensor> {
+            let (out, shape) =
+                crate::ops::elementwise::zip_map::<T, T, T>("unary_backward", x, g, |x, g| {
+                    T::from_acc(g.to_acc() * d(x.to_acc()))
+                })?;
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), &shape))
-        })
+        }
+        // As in `unary`: a loop per constant op.
+        macro_rules! specialised {
+            ($T:ty; $($v:ident),*) => {
+                match op {
+                    $(UnaryOp::$v => run::<$T>(self, grad, |x| UnaryOp::$v.derivative(x)),)*
+                    _ => run::<$T>(self, grad, |x| op.derivative(x)),
+                }
+            };
+        }
+        float_dispatch!("unary_backward", self.dtype(), T => specialised!(T; Neg, Exp, Log, Sqrt, Rsqrt, Tanh,
+            Sigmoid, Silu, GeluTanh, GeluErf, Softplus, Abs, Sqr, Recip))
     }
 }
 
