@@ -1,7 +1,7 @@
 //! The differentiable ops: each computes its value with the tensor op and records its backward rule.
 
 use crate::{Result, Var};
-use tensor::{BinaryOp, DType, Tensor, UnaryOp};
+use tensor::{AttentionSpec, BinaryOp, DType, Tensor, UnaryOp};
 
 /// The gradient of a broadcast operand: `grad` summed back down to `shape`.
 fn unbroadcast(grad: &Tensor, shape: &[usize]) -> tensor::Result<Tensor> {
@@ -238,6 +238,25 @@ impl Var {
         Ok(Var::record(y, &[self, z, weight], move |g, _| {
             let (dx, dz, dw) = x.gated_rms_norm_backward(&zv, &w, g, group, eps)?;
             Ok(vec![Some(dx), Some(dz), Some(dw)])
+        }))
+    }
+
+    /// Fused attention of queries `self` `[B, H, Tq, D]` over keys `k` and values `v`
+    /// `[B, Hk, Tk, D]` ([`Tensor::attention`]); the backward pass recomputes the
+    /// probabilities from the saved log-sum-exp instead of keeping the score matrix.
+    pub fn attention(
+        &self,
+        k: &Var,
+        v: &Var,
+        spec: &AttentionSpec,
+        key_padding: Option<&Tensor>,
+    ) -> Result<Var> {
+        let (q, kt, vt) = (self.value().clone(), k.value().clone(), v.value().clone());
+        let (out, lse) = q.attention(&kt, &vt, spec, key_padding)?;
+        let (saved, spec, keep) = (out.clone(), *spec, key_padding.cloned());
+        Ok(Var::record(out, &[self, k, v], move |g, _| {
+            let (dq, dk, dv) = q.attention_backward(&kt, &vt, &saved, &lse, g, &spec, keep.as_ref())?;
+            Ok(vec![Some(dq), Some(dk), Some(dv)])
         }))
     }
 

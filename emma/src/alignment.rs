@@ -9,7 +9,7 @@ use autograd::Var;
 use nn::mamba2::{Mamba2Dims, Mamba2Mixer};
 use nn::vit::PatchEmbed;
 use nn::{Attention, AttentionNames, LayerNorm, Linear, ParamStore};
-use tensor::{DType, Tensor};
+use tensor::{AttentionMask, DType, Tensor};
 
 /// One decoder block: `q += CrossAttn(LN(q), LN(kv), mask)`, then `q += Mamba(LN(q))`.
 struct DecoderBlock {
@@ -34,7 +34,8 @@ pub struct Alignment {
     weight: f64,
     grid: usize,
     patch: usize,
-    mask: Tensor,
+    /// The decoder's block-causal mask over the patch raster.
+    mask: AttentionMask,
 }
 
 /// Fixed 2-D sine-cosine position embeddings `[grid², dim]` (MAE style): half the channels
@@ -55,16 +56,6 @@ pub fn position_embeddings_2d(grid: usize, dim: usize, dtype: DType) -> tensor::
         }
     }
     Tensor::from_vec(data, &[grid * grid, dim])?.to_dtype(dtype)
-}
-
-/// A u32 mask `[n, n]` over a `grid x grid` raster: query i sees key j when j's row <= i's row.
-pub fn block_causal_mask(grid: usize) -> tensor::Result<Tensor> {
-    let n = grid * grid;
-    let rows = |shape: &[usize]| -> tensor::Result<Tensor> {
-        let r: Vec<u32> = (0..n).map(|i| (i / grid) as u32).collect();
-        Tensor::from_vec(r, shape)
-    };
-    rows(&[1, n])?.le(&rows(&[n, 1])?)
 }
 
 impl Alignment {
@@ -163,7 +154,9 @@ impl Alignment {
             weight: a.weight,
             grid: cfg.vision.grid(),
             patch,
-            mask: block_causal_mask(cfg.vision.grid())?,
+            mask: AttentionMask::BlockCausal {
+                width: cfg.vision.grid(),
+            },
         })
     }
 
@@ -226,7 +219,7 @@ impl Alignment {
             let attended = block.cross_attn.forward(
                 &block.norm_q.forward(&q)?,
                 &block.norm_kv.forward(kv)?,
-                Some(&self.mask),
+                self.mask,
             )?;
             q = q.add(&attended)?;
             q = q.add(&block.mixer.forward(&block.norm_mamba.forward(&q)?)?)?;

@@ -1,8 +1,10 @@
-//! Multi-head attention (self or cross) built from tensor ops, with an optional mask.
+//! Multi-head attention (self or cross) with a mask kind: the fused attention op on the CPU,
+//! the unfused composition of tensor ops (scores, mask, softmax, product) on a CUDA device
+//! until the fused CUDA kernel exists.
 
 use crate::{Linear, ParamStore, Result};
 use autograd::Var;
-use tensor::{DType, Tensor};
+use tensor::{AttentionMask, AttentionSpec, Device, Tensor};
 
 /// The parameter-name prefixes of the four projections (they differ between model families).
 pub struct AttentionNames {
@@ -26,11 +28,19 @@ pub struct Attention {
     head_dim: usize,
 }
 
-/// A u32 mask `[t, t]` that lets query i see keys 0..=i.
-pub fn causal_mask(t: usize) -> Result<Tensor> {
-    let rows = Tensor::arange(t, DType::U32).reshape(&[t, 1])?;
-    let cols = Tensor::arange(t, DType::U32).reshape(&[1, t])?;
-    Ok(cols.le(&rows)?)
+/// The u32 mask `[tq, tk]` of `mask` (1 where query i may see key j), for the unfused path;
+/// `None` for a full mask.
+pub fn dense_mask(mask: AttentionMask, tq: usize, tk: usize) -> Result<Option<Tensor>> {
+    let allowed = |i: usize, j: usize| match mask {
+        AttentionMask::Full => true,
+        AttentionMask::Causal => j + tq <= i + tk,
+        AttentionMask::BlockCausal { width } => j / width.max(1) <= i / width.max(1),
+    };
+    if mask == AttentionMask::Full {
+        return Ok(None);
+    }
+    let v: Vec<u32> = (0..tq * tk).map(|n| u32::from(allowed(n / tk, n % tk))).collect();
+    Ok(Some(Tensor::from_vec(v, &[tq, tk])?))
 }
 
 impl Attention {
@@ -66,22 +76,27 @@ impl Attention {
     }
 
     /// Queries from `x [B, Tq, dim]`, keys and values from `kv [B, Tk, dim]` (pass `x` for
-    /// self-attention). `mask` (u32, broadcastable to `[B, heads, Tq, Tk]`) marks allowed
-    /// pairs; a mask on another device is copied to the queries' one.
-    pub fn forward(&self, x: &Var, kv: &Var, mask: Option<&Tensor>) -> Result<Var> {
-        let (b, tq) = (x.value().dim(0), x.value().dim(1));
+    /// self-attention); `mask` says which keys each query sees.
+    pub fn forward(&self, x: &Var, kv: &Var, mask: AttentionMask) -> Result<Var> {
+        let (b, tq, tk) = (x.value().dim(0), x.value().dim(1), kv.value().dim(1));
         let q = self.split_heads(&self.q.forward(x)?)?;
         let k = self.split_heads(&self.k.forward(kv)?)?;
         let v = self.split_heads(&self.v.forward(kv)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.0)?;
-        if let Some(mask) = mask {
-            let (dtype, device) = (scores.value().dtype(), scores.value().device());
-            let blocked = Var::constant(Tensor::full_on(&[], f64::NEG_INFINITY, dtype, device)?);
-            scores = Var::where_(&mask.to_device(device)?, &scores, &blocked)?;
-        }
-        let ctx = scores.softmax(3)?.matmul(&v)?.permute(&[0, 2, 1, 3])?;
-        self.out
-            .forward(&ctx.reshape(&[b, tq, self.heads * self.head_dim])?)
+        let ctx = if q.value().device() == Device::Cpu {
+            q.attention(&k, &v, &AttentionSpec { scale, mask }, None)?
+        } else {
+            let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.0)?;
+            if let Some(allowed) = dense_mask(mask, tq, tk)? {
+                let (dtype, device) = (scores.value().dtype(), scores.value().device());
+                let blocked = Var::constant(Tensor::full_on(&[], f64::NEG_INFINITY, dtype, device)?);
+                scores = Var::where_(&allowed.to_device(device)?, &scores, &blocked)?;
+            }
+            scores.softmax(3)?.matmul(&v)?
+        };
+        self.out.forward(
+            &ctx.permute(&[0, 2, 1, 3])?
+                .reshape(&[b, tq, self.heads * self.head_dim])?,
+        )
     }
 }

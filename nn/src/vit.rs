@@ -115,7 +115,10 @@ impl VitBlock {
             })
         };
         let h = self.norm1.forward(x)?;
-        let x = x.add(&scaled(self.attn.forward(&h, &h, None)?, &self.scale1)?)?;
+        let x = x.add(&scaled(
+            self.attn.forward(&h, &h, tensor::AttentionMask::Full)?,
+            &self.scale1,
+        )?)?;
         let h = self.norm2.forward(&x)?;
         Ok(x.add(&scaled(self.mlp.forward(&h)?, &self.scale2)?)?)
     }

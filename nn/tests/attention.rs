@@ -1,10 +1,10 @@
 //! Attention against a plain per-head softmax(QKᵀ/√d)V written out in loops, for self and
-//! cross attention, with and without a causal mask.
+//! cross attention, with and without a causal mask, and the dense masks of the unfused path.
 
 use autograd::Var;
-use nn::{causal_mask, Attention, AttentionNames, ParamStore};
+use nn::{dense_mask, Attention, AttentionNames, ParamStore};
 use std::collections::BTreeMap;
-use tensor::{seeded_rng, DType, Tensor};
+use tensor::{seeded_rng, AttentionMask, DType, Tensor};
 
 const DIM: usize = 8;
 const HEADS: usize = 2;
@@ -89,15 +89,22 @@ fn self_attention_causal_and_not() {
     let t = 5;
     let x = Tensor::randn(&[1, t, DIM], DType::F64, 0.0, 1.0, &mut seeded_rng(2)).unwrap();
     let xv = Var::constant(x.clone());
-    let full = attn.forward(&xv, &xv, None).unwrap().value().to_vec_f64();
+    let full = attn
+        .forward(&xv, &xv, AttentionMask::Full)
+        .unwrap()
+        .value()
+        .to_vec_f64();
     assert!(
         max_abs_diff(
             &full,
             &reference(&params, &x.to_vec_f64(), t, &x.to_vec_f64(), t, false)
         ) < 1e-12
     );
-    let mask = causal_mask(t).unwrap();
-    let causal = attn.forward(&xv, &xv, Some(&mask)).unwrap().value().to_vec_f64();
+    let causal = attn
+        .forward(&xv, &xv, AttentionMask::Causal)
+        .unwrap()
+        .value()
+        .to_vec_f64();
     assert!(
         max_abs_diff(
             &causal,
@@ -113,9 +120,31 @@ fn cross_attention_over_another_sequence() {
     let x = Tensor::randn(&[1, tq, DIM], DType::F64, 0.0, 1.0, &mut seeded_rng(4)).unwrap();
     let kv = Tensor::randn(&[1, tk, DIM], DType::F64, 0.0, 1.0, &mut seeded_rng(5)).unwrap();
     let out = attn
-        .forward(&Var::constant(x.clone()), &Var::constant(kv.clone()), None)
+        .forward(
+            &Var::constant(x.clone()),
+            &Var::constant(kv.clone()),
+            AttentionMask::Full,
+        )
         .unwrap();
     assert_eq!(out.value().shape(), &[1, tq, DIM]);
     let expected = reference(&params, &x.to_vec_f64(), tq, &kv.to_vec_f64(), tk, false);
     assert!(max_abs_diff(&out.value().to_vec_f64(), &expected) < 1e-12);
+}
+
+#[test]
+fn dense_masks_spell_out_each_kind() {
+    let rows = |m: AttentionMask, tq, tk| dense_mask(m, tq, tk).unwrap().map(|t| t.to_vec_f64());
+    assert_eq!(rows(AttentionMask::Full, 2, 3), None);
+    // Causal, aligned to the end of the keys: 2 queries over 3 keys.
+    assert_eq!(
+        rows(AttentionMask::Causal, 2, 3),
+        Some(vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    );
+    // A 2-wide raster of 4 positions: rows {0, 1} and {2, 3}.
+    assert_eq!(
+        rows(AttentionMask::BlockCausal { width: 2 }, 4, 4),
+        Some(vec![
+            1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0
+        ])
+    );
 }

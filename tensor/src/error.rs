@@ -51,7 +51,7 @@ pub enum TensorError {
         rhs: Device,
     },
     /// The op has no CUDA kernel yet and was given a tensor on a CUDA device.
-    #[error("op {op} has no CUDA kernel yet (issue 7)")]
+    #[error("op {op} has no CUDA kernel yet")]
     NoCudaKernel {
         /// The operation.
         op: &'static str,

@@ -24,6 +24,7 @@ pub use error::{Result, TensorError};
 pub use gpu::{cuda_device, CudaBuffer, CudaStorage};
 pub use half::{bf16, f16};
 pub use layout::Layout;
+pub use ops::attention::{AttentionMask, AttentionSpec};
 pub use ops::binary::{BinaryOp, CmpOp};
 pub use ops::random::{seeded_rng, Rng};
 pub use ops::unary::UnaryOp;

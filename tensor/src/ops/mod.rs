@@ -1,6 +1,7 @@
 //! Tensor operations: each file defines one family's shapes, checks and CPU kernel.
 
 pub mod adamw;
+pub mod attention;
 pub mod binary;
 pub mod conv;
 pub(crate) mod elementwise;
