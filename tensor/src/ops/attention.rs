@@ -15,8 +15,8 @@ use crate::{DType, FloatElement, Real, Result, Tensor, TensorError};
 use num_traits::{Float, ToPrimitive, Zero};
 use rayon::prelude::*;
 
-/// Keys per tile of the forward pass's online softmax.
-const KEY_TILE: usize = 64;
+/// Queries and keys per tile: each (query tile, key tile) pair is a few small GEMMs.
+const TILE: usize = 64;
 
 /// Which keys each query may see (before the key-padding mask).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,31 +163,85 @@ fn keep_flags(keep: Option<&Tensor>, dims: &Dims) -> Vec<bool> {
     }
 }
 
-/// Σ a·b with eight partial sums in a fixed order, so that the loop vectorises and the result
-/// does not depend on the thread count.
-#[inline(always)]
-fn dot<A: Real>(a: &[A], b: &[A]) -> A {
-    let mut lanes = [A::zero(); 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    let mut tail = A::zero();
-    for (&x, &y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+/// A row-major matrix view: `data[i·rs + j·cs]` is element (i, j) of a `rows x cols` matrix.
+#[derive(Clone, Copy)]
+struct Mat<'a, A> {
+    data: &'a [A],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
 }
 
-/// `acc += w · x` elementwise.
-#[inline(always)]
-fn axpy<A: Real>(acc: &mut [A], w: A, x: &[A]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += w * v;
+impl<'a, A> Mat<'a, A> {
+    /// `rows x cols` rows of `data`, each `cols` long.
+    fn rows(data: &'a [A], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
+
+    /// The transpose (no copy).
+    fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
+/// `dst (a.rows x b.cols, rows `b.cols` apart) = [dst +] a · b` by the `gemm` crate on this
+/// thread.
+fn matmul_into<A: Real>(dst: &mut [A], accumulate: bool, a: Mat<'_, A>, b: Mat<'_, A>) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert_eq!(k, b.rows, "attention tile product: inner sizes differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].iter_mut().for_each(|x| *x = A::zero());
+        }
+        return;
+    }
+    let last = |v: Mat<'_, A>| (v.rows - 1) * v.rs + (v.cols - 1) * v.cs;
+    assert!(last(a) < a.data.len() && last(b) < b.data.len() && m * n <= dst.len());
+    // SAFETY: the asserts above keep every element the product reads or writes in bounds.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            A::one(),
+            A::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Σ a·b.
+fn dot<A: Real>(a: &[A], b: &[A]) -> A {
+    a.iter().zip(b).fold(A::zero(), |s, (&x, &y)| s + x * y)
 }
 
 /// A tensor's values in the compute type, row-major.
@@ -199,8 +253,77 @@ fn widen<T: FloatElement>(t: &Tensor) -> Vec<T::Acc> {
         .collect()
 }
 
+/// The forward pass of one tile of `rows` queries `qt` (starting at query `i0` of a head
+/// whose keys and values are `kh`, `vh` and key flags `keys`), into `out` and `lse`.
+#[allow(clippy::too_many_arguments)]
+fn forward_tile<T: FloatElement>(
+    qt: &[T::Acc],
+    i0: usize,
+    kh: &[T::Acc],
+    vh: &[T::Acc],
+    keys: &[bool],
+    dims: Dims,
+    spec: &AttentionSpec,
+    out: &mut [T],
+    lse: &mut [T::Acc],
+) {
+    let (tq, tk, d) = (dims.tq, dims.tk, dims.d);
+    let rows = lse.len();
+    let scale = T::Acc::lit(spec.scale);
+    let ninf = T::Acc::neg_infinity();
+    let ends: Vec<usize> = (i0..i0 + rows).map(|i| spec.mask.key_end(i, tq, tk)).collect();
+    let reach = ends.iter().copied().max().unwrap_or(0);
+    let mut acc = vec![T::Acc::zero(); rows * d];
+    let (mut m, mut sum) = (vec![ninf; rows], vec![T::Acc::zero(); rows]);
+    let mut s = vec![T::Acc::zero(); rows * TILE];
+    let q = Mat::rows(qt, rows, d);
+    for j0 in (0..reach).step_by(TILE) {
+        let n = TILE.min(reach - j0);
+        let (kt, vt) = (
+            Mat::rows(&kh[j0 * d..][..n * d], n, d),
+            Mat::rows(&vh[j0 * d..][..n * d], n, d),
+        );
+        let s = &mut s[..rows * n];
+        matmul_into(s, false, q, kt.t());
+        for r in 0..rows {
+            let sr = &mut s[r * n..][..n];
+            let mut tile_max = ninf;
+            for (jj, x) in sr.iter_mut().enumerate() {
+                let j = j0 + jj;
+                *x = if j < ends[r] && keys[j] { *x * scale } else { ninf };
+                tile_max = tile_max.max(*x);
+            }
+            if tile_max == ninf {
+                sr.iter_mut().for_each(|x| *x = T::Acc::zero());
+                continue;
+            }
+            let m_new = m[r].max(tile_max);
+            let rescale = (m[r] - m_new).exp_fast();
+            acc[r * d..][..d].iter_mut().for_each(|a| *a = *a * rescale);
+            let mut tile_sum = T::Acc::zero();
+            for x in sr.iter_mut() {
+                *x = (*x - m_new).exp_fast();
+                tile_sum += *x;
+            }
+            sum[r] = sum[r] * rescale + tile_sum;
+            m[r] = m_new;
+        }
+        matmul_into(&mut acc, true, Mat::rows(s, rows, n), vt);
+    }
+    for r in 0..rows {
+        if sum[r] > T::Acc::zero() {
+            for (o, &a) in out[r * d..][..d].iter_mut().zip(&acc[r * d..][..d]) {
+                *o = T::from_acc(a / sum[r]);
+            }
+            lse[r] = m[r] + sum[r].ln();
+        } else {
+            lse[r] = ninf;
+        }
+    }
+}
+
 /// The forward pass: the output `[B, H, Tq, D]` and the log-sum-exp `[B, H, Tq]` (-inf for a
-/// query that sees no key; its output row is zero).
+/// query that sees no key; its output row is zero). Tasks are (batch row, head, query tile).
 fn forward<T: FloatElement>(
     q: &Tensor,
     k: &Tensor,
@@ -211,58 +334,27 @@ fn forward<T: FloatElement>(
 ) -> (Vec<T>, Vec<T::Acc>) {
     let Dims { h, tq, tk, d, .. } = dims;
     let (qw, kw, vw) = (widen::<T>(q), widen::<T>(k), widen::<T>(v));
-    let scale = T::Acc::lit(spec.scale);
     let mut out = vec![T::from_acc(T::Acc::zero()); qw.len()];
     let mut lse = vec![T::Acc::zero(); dims.b * h * tq];
-    out.par_chunks_mut(d.max(1))
-        .zip(lse.par_iter_mut())
+    if tq == 0 || d == 0 {
+        return (out, lse);
+    }
+    out.par_chunks_mut(tq * d)
+        .zip(lse.par_chunks_mut(tq))
         .enumerate()
-        .for_each(|(row, (o, l))| {
-            let (bh, i) = (row / tq, row % tq);
+        .for_each(|(bh, (out, lse))| {
             let (bi, hi) = (bh / h, bh % h);
             let kv = (bi * dims.hk + hi / dims.group()) * tk * d;
-            let qi = &qw[row * d..][..d];
-            let keys = &keep[bi * tk..][..tk];
-            let end = spec.mask.key_end(i, tq, tk);
-            let mut acc = vec![T::Acc::zero(); d];
-            let (mut m, mut sum) = (T::Acc::neg_infinity(), T::Acc::zero());
-            let mut scores = [T::Acc::zero(); KEY_TILE];
-            for j0 in (0..end).step_by(KEY_TILE) {
-                let j1 = (j0 + KEY_TILE).min(end);
-                let mut tile_max = T::Acc::neg_infinity();
-                for j in j0..j1 {
-                    let s = if keys[j] {
-                        dot(qi, &kw[kv + j * d..][..d]) * scale
-                    } else {
-                        T::Acc::neg_infinity()
-                    };
-                    scores[j - j0] = s;
-                    tile_max = tile_max.max(s);
-                }
-                if tile_max == T::Acc::neg_infinity() {
-                    continue;
-                }
-                let m_new = m.max(tile_max);
-                let rescale = (m - m_new).exp_fast();
-                acc.iter_mut().for_each(|a| *a = *a * rescale);
-                sum = sum * rescale;
-                for j in j0..j1 {
-                    let p = (scores[j - j0] - m_new).exp_fast();
-                    if p != T::Acc::zero() {
-                        sum += p;
-                        axpy(&mut acc, p, &vw[kv + j * d..][..d]);
-                    }
-                }
-                m = m_new;
-            }
-            if sum > T::Acc::zero() {
-                for (ov, &a) in o.iter_mut().zip(&acc) {
-                    *ov = T::from_acc(a / sum);
-                }
-                *l = m + sum.ln();
-            } else {
-                *l = T::Acc::neg_infinity();
-            }
+            let (kh, vh) = (&kw[kv..][..tk * d], &vw[kv..][..tk * d]);
+            let qh = &qw[bh * tq * d..][..tq * d];
+            out.par_chunks_mut(TILE * d)
+                .zip(lse.par_chunks_mut(TILE))
+                .enumerate()
+                .for_each(|(tile, (out, lse))| {
+                    let i0 = tile * TILE;
+                    let qt = &qh[i0 * d..][..lse.len() * d];
+                    forward_tile::<T>(qt, i0, kh, vh, &keep[bi * tk..][..tk], dims, spec, out, lse);
+                });
         });
     (out, lse)
 }
@@ -271,7 +363,9 @@ fn forward<T: FloatElement>(
 type Grads<A> = (Vec<A>, Vec<A>, Vec<A>);
 
 /// The backward pass given the forward's output, log-sum-exp and dL/d(out): one task per
-/// (batch row, key/value head), which owns that head's dk and dv and its query heads' dq.
+/// (batch row, key/value head), which owns that head's dk and dv and its query heads' dq; per
+/// (query tile, key tile) the probabilities are recomputed from the log-sum-exp and every
+/// product is a tile GEMM.
 #[allow(clippy::too_many_arguments)]
 fn backward<T: FloatElement>(
     q: &Tensor,
@@ -291,38 +385,68 @@ fn backward<T: FloatElement>(
     let lw: Vec<T::Acc> = lse.to_vec_f64().iter().map(|&x| T::Acc::lit(x)).collect();
     let scale = T::Acc::lit(spec.scale);
     let zero = T::Acc::zero();
+    let ninf = T::Acc::neg_infinity();
     let (mut dq, mut dk, mut dv) = (vec![zero; qw.len()], vec![zero; kw.len()], vec![zero; vw.len()]);
-    dq.par_chunks_mut((g * tq * d).max(1))
-        .zip(dk.par_chunks_mut((tk * d).max(1)))
-        .zip(dv.par_chunks_mut((tk * d).max(1)))
+    if tq == 0 || tk == 0 || d == 0 {
+        return (dq, dk, dv);
+    }
+    dq.par_chunks_mut(g * tq * d)
+        .zip(dk.par_chunks_mut(tk * d))
+        .zip(dv.par_chunks_mut(tk * d))
         .enumerate()
         .for_each(|(task, ((dq, dk), dv))| {
             let bi = task / hk;
             let kv = task * tk * d;
             let (kh, vh) = (&kw[kv..][..tk * d], &vw[kv..][..tk * d]);
             let keys = &keep[bi * tk..][..tk];
-            // The query heads of this key head are consecutive: rows task·g·tq ...
-            for local in 0..g * tq {
-                let row = task * g * tq + local;
-                let i = local % tq;
-                let lse_i = lw[row];
-                if lse_i == T::Acc::neg_infinity() {
-                    continue;
-                }
-                let (qi, oi, gi) = (&qw[row * d..][..d], &ow[row * d..][..d], &gw[row * d..][..d]);
-                // D_i = rowsum(dO ∘ O) = Σ_j P_ij (dO_i · v_j).
-                let delta = dot(gi, oi);
-                let dqi = &mut dq[local * d..][..d];
-                for j in 0..spec.mask.key_end(i, tq, tk) {
-                    if !keys[j] {
-                        continue;
+            let mut p = [zero; TILE * TILE];
+            let mut dp = [zero; TILE * TILE];
+            // The query heads of this key head are consecutive: rows task·g·tq onwards.
+            for head in 0..g {
+                for i0 in (0..tq).step_by(TILE) {
+                    let rows = TILE.min(tq - i0);
+                    let first = (task * g + head) * tq + i0;
+                    let span = first * d..(first + rows) * d;
+                    let qt = Mat::rows(&qw[span.clone()], rows, d);
+                    let ot = Mat::rows(&ow[span.clone()], rows, d);
+                    let gt = Mat::rows(&gw[span], rows, d);
+                    let lse_t = &lw[first..][..rows];
+                    let ends: Vec<usize> = (i0..i0 + rows).map(|i| spec.mask.key_end(i, tq, tk)).collect();
+                    let reach = ends.iter().copied().max().unwrap_or(0);
+                    // D_i = rowsum(dO ∘ O).
+                    let delta: Vec<T::Acc> = (0..rows)
+                        .map(|r| dot(&gt.data[r * d..][..d], &ot.data[r * d..][..d]))
+                        .collect();
+                    let dq_t = &mut dq[(head * tq + i0) * d..][..rows * d];
+                    for j0 in (0..reach).step_by(TILE) {
+                        let n = TILE.min(reach - j0);
+                        let kt = Mat::rows(&kh[j0 * d..][..n * d], n, d);
+                        let vt = Mat::rows(&vh[j0 * d..][..n * d], n, d);
+                        let (p, dp) = (&mut p[..rows * n], &mut dp[..rows * n]);
+                        matmul_into(p, false, qt, kt.t());
+                        for r in 0..rows {
+                            for (jj, x) in p[r * n..][..n].iter_mut().enumerate() {
+                                let j = j0 + jj;
+                                *x = if j < ends[r] && keys[j] && lse_t[r] != ninf {
+                                    (*x * scale - lse_t[r]).exp_fast()
+                                } else {
+                                    zero
+                                };
+                            }
+                        }
+                        // dV += Pᵀ dO; dP = dO Vᵀ; dS = P ∘ (dP − D) · scale.
+                        matmul_into(&mut dv[j0 * d..][..n * d], true, Mat::rows(p, rows, n).t(), gt);
+                        matmul_into(dp, false, gt, vt.t());
+                        for r in 0..rows {
+                            for (x, &pv) in dp[r * n..][..n].iter_mut().zip(&p[r * n..][..n]) {
+                                *x = pv * (*x - delta[r]) * scale;
+                            }
+                        }
+                        // dQ += dS K; dK += dSᵀ Q.
+                        let ds = Mat::rows(&dp[..], rows, n);
+                        matmul_into(dq_t, true, ds, kt);
+                        matmul_into(&mut dk[j0 * d..][..n * d], true, ds.t(), qt);
                     }
-                    let (kj, vj) = (&kh[j * d..][..d], &vh[j * d..][..d]);
-                    let p = (dot(qi, kj) * scale - lse_i).exp_fast();
-                    axpy(&mut dv[j * d..][..d], p, gi);
-                    let ds = p * (dot(gi, vj) - delta) * scale;
-                    axpy(dqi, ds, kj);
-                    axpy(&mut dk[j * d..][..d], ds, qi);
                 }
             }
         });
