@@ -57,7 +57,7 @@ struct Shape {
 fn unfused(q: &Var, k: &Var, v: &Var, spec: &AttentionSpec) -> BenchResult<Var> {
     let (tq, tk) = (q.value().dim(2), k.value().dim(2));
     let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(spec.scale, 0.0)?;
-    if let Some(allowed) = nn::dense_mask(spec.mask, tq, tk)? {
+    if let Some(allowed) = spec.mask.dense(tq, tk)? {
         let blocked = Var::constant(Tensor::full(&[], f64::NEG_INFINITY, DType::F32));
         scores = Var::where_(&allowed, &scores, &blocked)?;
     }

@@ -28,21 +28,6 @@ pub struct Attention {
     head_dim: usize,
 }
 
-/// The u32 mask `[tq, tk]` of `mask` (1 where query i may see key j), for the unfused path;
-/// `None` for a full mask.
-pub fn dense_mask(mask: AttentionMask, tq: usize, tk: usize) -> Result<Option<Tensor>> {
-    let allowed = |i: usize, j: usize| match mask {
-        AttentionMask::Full => true,
-        AttentionMask::Causal => j + tq <= i + tk,
-        AttentionMask::BlockCausal { width } => j / width.max(1) <= i / width.max(1),
-    };
-    if mask == AttentionMask::Full {
-        return Ok(None);
-    }
-    let v: Vec<u32> = (0..tq * tk).map(|n| u32::from(allowed(n / tk, n % tk))).collect();
-    Ok(Some(Tensor::from_vec(v, &[tq, tk])?))
-}
-
 impl Attention {
     /// Projections `dim -> dim` (with biases when `bias`) named by `names`.
     pub fn new(
@@ -87,7 +72,7 @@ impl Attention {
             q.attention(&k, &v, &AttentionSpec { scale, mask }, None)?
         } else {
             let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.0)?;
-            if let Some(allowed) = dense_mask(mask, tq, tk)? {
+            if let Some(allowed) = mask.dense(tq, tk)? {
                 let (dtype, device) = (scores.value().dtype(), scores.value().device());
                 let blocked = Var::constant(Tensor::full_on(&[], f64::NEG_INFINITY, dtype, device)?);
                 scores = Var::where_(&allowed.to_device(device)?, &scores, &blocked)?;

@@ -27,7 +27,7 @@ mod store;
 pub mod vit;
 
 pub use adamw::{AdamW, AdamWConfig};
-pub use attention::{dense_mask, Attention, AttentionNames};
+pub use attention::{Attention, AttentionNames};
 pub use cache::{Cache, LayerCache};
 pub use conv1d::CausalConv1d;
 pub use dinov2::Dinov2;

@@ -2,7 +2,7 @@
 //! cross attention, with and without a causal mask, and the dense masks of the unfused path.
 
 use autograd::Var;
-use nn::{dense_mask, Attention, AttentionNames, ParamStore};
+use nn::{Attention, AttentionNames, ParamStore};
 use std::collections::BTreeMap;
 use tensor::{seeded_rng, AttentionMask, DType, Tensor};
 
@@ -133,7 +133,7 @@ fn cross_attention_over_another_sequence() {
 
 #[test]
 fn dense_masks_spell_out_each_kind() {
-    let rows = |m: AttentionMask, tq, tk| dense_mask(m, tq, tk).unwrap().map(|t| t.to_vec_f64());
+    let rows = |m: AttentionMask, tq, tk| m.dense(tq, tk).unwrap().map(|t| t.to_vec_f64());
     assert_eq!(rows(AttentionMask::Full, 2, 3), None);
     // Causal, aligned to the end of the keys: 2 queries over 3 keys.
     assert_eq!(

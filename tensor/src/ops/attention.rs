@@ -35,12 +35,29 @@ pub enum AttentionMask {
 }
 
 impl AttentionMask {
+    /// Whether query `i` of `tq` may see key `j` of `tk`.
+    pub fn allows(self, i: usize, j: usize, tq: usize, tk: usize) -> bool {
+        j < self.key_end(i, tq, tk)
+    }
+
+    /// The u32 mask `[tq, tk]` (1 where query i may see key j), for paths that build the score
+    /// matrix; `None` for [`AttentionMask::Full`].
+    pub fn dense(self, tq: usize, tk: usize) -> Result<Option<Tensor>> {
+        if self == AttentionMask::Full {
+            return Ok(None);
+        }
+        let v: Vec<u32> = (0..tq * tk)
+            .map(|n| u32::from(self.allows(n / tk, n % tk, tq, tk)))
+            .collect();
+        Ok(Some(Tensor::from_vec(v, &[tq, tk])?))
+    }
+
     /// The number of leading keys query `i` may see: it sees keys `0..end`.
     fn key_end(self, i: usize, tq: usize, tk: usize) -> usize {
         match self {
             AttentionMask::Full => tk,
             AttentionMask::Causal => (i + tk + 1).saturating_sub(tq).min(tk),
-            AttentionMask::BlockCausal { width } => ((i / width + 1) * width).min(tk),
+            AttentionMask::BlockCausal { width } => ((i / width.max(1) + 1) * width.max(1)).min(tk),
         }
     }
 }
