@@ -48,6 +48,7 @@ void emu_syncwarp(unsigned mask);
 unsigned long long emu_shfl(unsigned mask, unsigned long long value, int kind, int arg, int width);
 unsigned emu_vote(unsigned mask, int kind, int pred);
 void emu_mma_bf16_16816(float *d, const unsigned *a, const unsigned *b);
+void emu_mma_f32frag_16816(float *d, const float *a, const float *b);
 void *emu_dynamic_shared();
 void emu_trap(const char *what);
 float emu_atomic_add_f32(float *p, float v);
@@ -210,6 +211,14 @@ inline unsigned short cvt_rn_f16_f32(float f) {
 // lane's fragments (the PTX ISA's layout) and accumulates in f32.
 inline void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
     emu_mma_bf16_16816(d, a, b);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: the f16 halves are widened exactly here.
+inline void mma_f16_16816(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    float af[8], bf[4];
+    for (int i = 0; i < 8; ++i) af[i] = cvt_f32_f16((unsigned short)(a[i / 2] >> (16 * (i & 1))));
+    for (int i = 0; i < 4; ++i) bf[i] = cvt_f32_f16((unsigned short)(b[i / 2] >> (16 * (i & 1))));
+    emu_mma_f32frag_16816(d, af, bf);
 }
 
 // ---- kernel entry points -----------------------------------------------------------------------

@@ -94,8 +94,10 @@ struct Fiber {
     u64 value; // shuffle value, or the vote predicate
     u64 result;
     float *mma_d;
-    const u32 *mma_a;
+    const u32 *mma_a;     // bf16 fragments, or null when the operands come widened to f32:
     const u32 *mma_b;
+    const float *mma_af;  // the A fragment's 8 values (a[0] lo, a[0] hi, a[1] lo, ...)
+    const float *mma_bf;  // the B fragment's 4 values
     char *stack_lo;
 };
 
@@ -475,8 +477,8 @@ void try_release(Block *b, u32 warp, Fiber *arrived) {
         break;
     }
     case C_MMA: {
-        // mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32, fragments as the PTX ISA lays them out
-        // (see mma_bf16_16816 in common.cuh).
+        // mma.sync.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, fragments as the PTX ISA lays
+        // them out (see mma_bf16_16816 in common.cuh); f16 operands arrive widened to f32.
         float A[16][16], Bm[16][8], D[16][8];
         auto lo = [](u32 w) { u32 x = w << 16; float f; memcpy(&f, &x, 4); return f; };
         auto hi = [](u32 w) { u32 x = w & 0xffff0000u; float f; memcpy(&f, &x, 4); return f; };
@@ -484,12 +486,15 @@ void try_release(Block *b, u32 warp, Fiber *arrived) {
             const u32 g = l >> 2, t = l & 3;
             const u32 *a = lanes[l].mma_a, *bb = lanes[l].mma_b;
             const float *d = lanes[l].mma_d;
-            A[g][2 * t] = lo(a[0]), A[g][2 * t + 1] = hi(a[0]);
-            A[g + 8][2 * t] = lo(a[1]), A[g + 8][2 * t + 1] = hi(a[1]);
-            A[g][2 * t + 8] = lo(a[2]), A[g][2 * t + 9] = hi(a[2]);
-            A[g + 8][2 * t + 8] = lo(a[3]), A[g + 8][2 * t + 9] = hi(a[3]);
-            Bm[2 * t][g] = lo(bb[0]), Bm[2 * t + 1][g] = hi(bb[0]);
-            Bm[2 * t + 8][g] = lo(bb[1]), Bm[2 * t + 9][g] = hi(bb[1]);
+            float av[8], bv[4];
+            for (int i = 0; i < 8; ++i) av[i] = a ? (i & 1 ? hi(a[i / 2]) : lo(a[i / 2])) : lanes[l].mma_af[i];
+            for (int i = 0; i < 4; ++i) bv[i] = a ? (i & 1 ? hi(bb[i / 2]) : lo(bb[i / 2])) : lanes[l].mma_bf[i];
+            A[g][2 * t] = av[0], A[g][2 * t + 1] = av[1];
+            A[g + 8][2 * t] = av[2], A[g + 8][2 * t + 1] = av[3];
+            A[g][2 * t + 8] = av[4], A[g][2 * t + 9] = av[5];
+            A[g + 8][2 * t + 8] = av[6], A[g + 8][2 * t + 9] = av[7];
+            Bm[2 * t][g] = bv[0], Bm[2 * t + 1][g] = bv[1];
+            Bm[2 * t + 8][g] = bv[2], Bm[2 * t + 9][g] = bv[3];
             D[g][2 * t] = d[0], D[g][2 * t + 1] = d[1];
             D[g + 8][2 * t] = d[2], D[g + 8][2 * t + 1] = d[3];
         }
@@ -685,6 +690,17 @@ EMU_EXPORT void emu_mma_bf16_16816(float *d, const u32 *a, const u32 *bfrag) {
     b->cur->mma_d = d;
     b->cur->mma_a = a;
     b->cur->mma_b = bfrag;
+    warp_collective(b, C_MMA, 0xffffffffu);
+}
+
+// The same product with operands already widened to f32 (the f16 mma: the header widens them).
+EMU_EXPORT void emu_mma_f32frag_16816(float *d, const float *a, const float *bfrag) {
+    Block *b = current();
+    b->cur->mma_d = d;
+    b->cur->mma_a = nullptr;
+    b->cur->mma_b = nullptr;
+    b->cur->mma_af = a;
+    b->cur->mma_bf = bfrag;
     warp_collective(b, C_MMA, 0xffffffffu);
 }
 

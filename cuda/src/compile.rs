@@ -59,6 +59,7 @@ kernel_files! {
     ADAMW => "adamw.cu": "The fused AdamW step.",
     SELECTIVE_SCAN => "selective_scan.cu": "Mamba-1 fused selective scan, forward, backward and the decoding step.",
     SSD => "ssd.cu": "Mamba-2 SSD chunk scan, forward, backward and the decoding step.",
+    ATTENTION => "attention.cu": "Fused scaled dot-product attention (FlashAttention-2's schedule).",
 }
 
 /// The architecture name NVRTC takes for compute capability `(major, minor)`, e.g. `sm_90`.

@@ -108,6 +108,43 @@ pub trait Dataset: Send + Sync {
     fn open_questions(&self) -> Option<Vec<usize>> {
         None
     }
+    /// The images with the classes their questions name, when the data set has such labels;
+    /// the vision warm-up ([`crate::vision_warmup`]) trains on them.
+    fn labelled_images(&self) -> Option<LabelledImages> {
+        None
+    }
+}
+
+/// Images with class labels per label set, for the vision warm-up.
+pub struct LabelledImages {
+    /// The label sets (`colour`, `shape`), each with its class names in a fixed order.
+    pub tasks: Vec<(String, Vec<String>)>,
+    /// Every image with its class per label set (`None` where no question names one).
+    pub images: Vec<(RgbImage, Vec<Option<usize>>)>,
+}
+
+impl LabelledImages {
+    /// The same images with only the label sets `names` (in that order), or an error naming the
+    /// first unknown one and the known ones.
+    pub fn select(self, names: &[&str]) -> Result<LabelledImages, String> {
+        let picks: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                self.tasks.iter().position(|(t, _)| t == n).ok_or_else(|| {
+                    let known: Vec<&str> = self.tasks.iter().map(|(t, _)| t.as_str()).collect();
+                    format!("no label set '{n}' (the data has {})", known.join(", "))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(LabelledImages {
+            tasks: picks.iter().map(|&i| self.tasks[i].clone()).collect(),
+            images: self
+                .images
+                .into_iter()
+                .map(|(img, labels)| (img, picks.iter().map(|&i| labels[i]).collect()))
+                .collect(),
+        })
+    }
 }
 
 /// `count` examples of the shapes set starting at example `first`.

@@ -9,7 +9,7 @@
 //! The validation split is the training split's last `val_images` image ids with their
 //! questions: those images are never trained on. The official test split is for the final report.
 
-use crate::data::{read_err, DataError, Dataset, Example, Skipped};
+use crate::data::{read_err, DataError, Dataset, Example, LabelledImages, Skipped};
 use emma::prompt::Conversation;
 use image::RgbImage;
 use rayon::prelude::*;
@@ -377,6 +377,34 @@ impl Dataset for EasyVqaData {
                 .filter(|&i| question_type(&self.questions[i].answer) != "yes/no")
                 .collect(),
         )
+    }
+
+    /// Each image's colour and shape, read from the answers of its open questions.
+    fn labelled_images(&self) -> Option<LabelledImages> {
+        let tasks: Vec<(String, Vec<String>)> = ["colour", "shape"]
+            .iter()
+            .map(|&task| {
+                let classes: BTreeSet<&str> = self
+                    .questions
+                    .iter()
+                    .map(|q| q.answer.as_str())
+                    .filter(|a| question_type(a) == task)
+                    .collect();
+                (task.to_owned(), classes.into_iter().map(str::to_owned).collect())
+            })
+            .collect();
+        let mut labels = vec![vec![None; tasks.len()]; self.images.len()];
+        for q in &self.questions {
+            for (t, (task, classes)) in tasks.iter().enumerate() {
+                if question_type(&q.answer) == task {
+                    labels[q.image][t] = classes.iter().position(|c| *c == q.answer);
+                }
+            }
+        }
+        Some(LabelledImages {
+            tasks,
+            images: self.images.iter().cloned().zip(labels).collect(),
+        })
     }
 
     fn describe(&self) -> String {

@@ -15,4 +15,5 @@ pub mod replaced;
 pub mod schedule;
 pub mod shapes;
 pub mod trainer;
+pub mod vision_warmup;
 pub mod zero;

@@ -133,6 +133,13 @@ pub struct TrainOptions {
     /// Train on all questions from the first step.
     #[arg(long, conflicts_with = "open_first")]
     pub no_open_first: bool,
+    /// Steps of a vision warm-up before training: the vision towers learn labels of the training
+    /// images with a read-out (easy-VQA only; default 0: none)
+    #[arg(long)]
+    pub vision_warmup: Option<usize>,
+    /// The label sets the vision warm-up learns, comma-separated (easy-VQA: colour, shape)
+    #[arg(long, default_value = "shape", value_delimiter = ',')]
+    pub vision_warmup_labels: Vec<String>,
     /// Most tokens generated per held-out answer.
     #[arg(long, default_value_t = 16)]
     pub eval_max_new_tokens: usize,
@@ -264,6 +271,7 @@ impl TrainOptions {
                     ("val-images", self.val_images != DEFAULT_VAL_IMAGES),
                     ("eval-split", self.eval_split != "test"),
                     ("open-first", self.open_first),
+                    ("vision-warmup", self.vision_warmup.is_some_and(|n| n > 0)),
                 ],
                 &format!("easy-VQA (--data easy-vqa), not --data {}", self.data),
             )?;
@@ -419,6 +427,8 @@ impl TrainOptions {
             ("freeze-vision", self.freeze_vision.to_string()),
             ("val-images", self.val_images.to_string()),
             ("open-first", r.open_first.to_string()),
+            ("vision-warmup", self.vision_warmup.unwrap_or(0).to_string()),
+            ("vision-warmup-labels", self.vision_warmup_labels.join(",")),
             ("precision", self.precision.clone()),
         ]
     }

@@ -22,6 +22,7 @@ use crate::options::TrainOptions;
 use crate::replaced::Replaced;
 use crate::schedule::learning_rate;
 use crate::shapes::ShapesConfig;
+use crate::vision_warmup::{warm_up_vision, ACCURACY_WINDOW, WARMUP_BATCH};
 use crate::zero::{check_moments, load_moments, ShardedAdamW};
 use autograd::Var;
 use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
@@ -159,7 +160,41 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
 
     let out = opts.out_dir();
     let root = out.join("checkpoints");
-    let (params, state, replaced) = initial_state(opts, &cfg, &out, &root)?;
+    let (mut params, state, replaced) = initial_state(opts, &cfg, &out, &root)?;
+    let warmup_steps = opts.vision_warmup.unwrap_or(0);
+    if state.is_none() && warmup_steps > 0 {
+        let names: Vec<&str> = opts.vision_warmup_labels.iter().map(String::as_str).collect();
+        let images = train_data
+            .labelled_images()
+            .ok_or_else(|| format!("{} has no image labels", train_data.describe()))
+            .and_then(|images| images.select(&names))
+            .map_err(|e| TrainError::Options(format!("--vision-warmup: {e}")))?;
+        let timer = Instant::now();
+        let (warmed, summary) = warm_up_vision(
+            &cfg,
+            params,
+            &images,
+            warmup_steps,
+            (recipe.lr, recipe.weight_decay),
+            opts.seed,
+            device,
+        )?;
+        params = warmed;
+        let accuracy: Vec<String> = summary
+            .accuracy
+            .iter()
+            .map(|(task, a)| format!("{task} {:.1}%", 100.0 * a))
+            .collect();
+        eprintln!(
+            "vision warm-up: {} of {WARMUP_BATCH} images ({} labelled), read-out loss {:.3}, \
+             accuracy over the last {ACCURACY_WINDOW} steps {}, {:.1} s",
+            counted(summary.steps as u64, "step"),
+            images.images.len(),
+            summary.last_loss,
+            accuracy.join(", "),
+            timer.elapsed().as_secs_f64()
+        );
+    }
     let trainable: Vec<String> = params.keys().filter(|k| is_trainable(&cfg, k)).cloned().collect();
     let start = state.as_ref().map_or(0, |s| s.step);
     std::fs::create_dir_all(&root).map_err(io_err(&root))?;

@@ -160,6 +160,7 @@ fn a_short_run_writes_its_test_report_by_question_type() {
     o.data_dir = Some(data);
     o.global_batch = Some(4);
     o.steps = Some(2);
+    o.vision_warmup = Some(3);
     o.eval_max_new_tokens = 3;
     o.out = Some(out.clone());
     let summary = train::trainer::train(&o).unwrap();
@@ -197,6 +198,7 @@ fn the_tiny_preset_begins_with_one_pass_over_the_open_questions() {
         let mut o = Wrap::parse_from(args.iter().chain(extra)).t;
         o.data_dir = Some(data.clone());
         o.global_batch = Some(4);
+        o.vision_warmup = Some(0);
         o.eval_max_new_tokens = 2;
         o.out = Some(dir.path().join(format!("run{}", extra.len())));
         train::trainer::train(&o).unwrap().steps
@@ -207,4 +209,91 @@ fn the_tiny_preset_begins_with_one_pass_over_the_open_questions() {
     let shapes = Wrap::parse_from(["train", "--data", "shapes", "--open-first"]).t;
     let err = shapes.validate().unwrap_err().to_string();
     assert!(err.contains("--open-first applies to easy-VQA"), "{err}");
+}
+
+#[test]
+fn the_vision_warmup_learns_the_images_labels_and_changes_only_the_towers() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data_folder(dir.path());
+    let train = EasyVqaData::load(&data, Split::Train, 4, false).unwrap();
+    let labelled = train.labelled_images().unwrap();
+    let names = |t: usize| labelled.tasks[t].1.clone();
+    assert_eq!(labelled.tasks[0].0, "colour");
+    assert_eq!(names(0), ["blue", "green", "red"]);
+    assert_eq!(labelled.tasks[1].0, "shape");
+    assert_eq!(names(1), ["circle", "rectangle", "triangle"]);
+    // Images 0..8 are the training split; image i is red/blue/green and circle/rectangle/triangle
+    // by i % 3 (see `write_split`).
+    assert_eq!(labelled.images.len(), 8);
+    for (i, (_, labels)) in labelled.images.iter().enumerate() {
+        let colour = ["red", "blue", "green"][i % 3];
+        let shape = ["circle", "rectangle", "triangle"][i % 3];
+        assert_eq!(labels[0].map(|c| names(0)[c].clone()).as_deref(), Some(colour));
+        assert_eq!(labels[1].map(|c| names(1)[c].clone()).as_deref(), Some(shape));
+    }
+
+    let cfg = emma::config::EmmaConfig::named("tiny").unwrap();
+    let start = emma::model::Emma::random(&cfg, 0, tensor::DType::F32, true)
+        .unwrap()
+        .store()
+        .tensors();
+    let warm = |steps| {
+        train::vision_warmup::warm_up_vision(
+            &cfg,
+            start.clone(),
+            &labelled,
+            steps,
+            (1e-3, 0.01),
+            7,
+            tensor::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (_, first) = warm(1);
+    let (after, last) = warm(60);
+    // Two 3-way read-outs start near 2 ln 3 = 2.2; the colours tell these images apart.
+    assert!(first.last_loss > 1.5, "first step's loss {}", first.last_loss);
+    assert!(
+        last.last_loss < 0.5 * first.last_loss,
+        "loss {} after 60 steps",
+        last.last_loss
+    );
+    assert_eq!(after.len(), start.len());
+    let changed: Vec<&String> = start
+        .iter()
+        .filter(|(name, t)| t.to_vec_f64() != after[*name].to_vec_f64())
+        .map(|(name, _)| name)
+        .collect();
+    let outside: Vec<_> = changed
+        .iter()
+        .filter(|n| !train::vision_warmup::warms_up(n))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "changed outside the towers (the projector trained along starts again): {outside:?}"
+    );
+    // The image tokens come from the towers' second-to-last layer (as in the paper), so the last
+    // layer gets no gradient; the patch embeddings must have learned.
+    for must in [
+        "siglip.embeddings.patch_embedding",
+        "dinov2.embeddings.patch_embeddings",
+    ] {
+        assert!(
+            changed.iter().any(|n| n.contains(must)),
+            "{must} not trained: {changed:?}"
+        );
+    }
+    assert!(start.keys().any(|k| !train::vision_warmup::warms_up(k)));
+
+    let shape_only = train.labelled_images().unwrap().select(&["shape"]).unwrap();
+    assert_eq!(shape_only.tasks, labelled.tasks[1..]);
+    let shape_labels: Vec<_> = labelled.images.iter().map(|(_, l)| vec![l[1]]).collect();
+    let selected: Vec<_> = shape_only.images.iter().map(|(_, l)| l.clone()).collect();
+    assert_eq!(selected, shape_labels);
+    let err = train.labelled_images().unwrap().select(&["size"]).err().unwrap();
+    assert_eq!(err, "no label set 'size' (the data has colour, shape)");
+
+    let shapes = Wrap::parse_from(["train", "--data", "shapes", "--vision-warmup", "5"]).t;
+    let err = shapes.validate().unwrap_err().to_string();
+    assert!(err.contains("--vision-warmup applies to easy-VQA"), "{err}");
 }

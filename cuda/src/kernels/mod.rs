@@ -6,6 +6,7 @@
 //! [`GpuDevice`]: crate::GpuDevice
 
 mod adamw;
+mod attention;
 mod conv;
 mod elementwise;
 mod index;
@@ -16,6 +17,7 @@ mod softmax;
 mod ssd;
 
 pub use adamw::{AdamCoefficients, AdamWStep};
+pub use attention::{AttentionDims, AttentionMaskKind, ATTENTION_MAX_HEAD_DIM};
 pub use conv::{ConvGrads, ConvSpec};
 pub use elementwise::{BinaryOp, CmpOp, UnaryOp};
 pub use norm::{GatedNormGrads, LayerNormGrads, NormSpec, Residual, RmsNormGrads};

@@ -1,0 +1,282 @@
+// Fused scaled dot-product attention, forward: out = softmax(q kᵀ · scale, masked) v and the
+// per-row log-sum-exp, without the score matrix in memory (FlashAttention-2's schedule).
+//
+// Shapes (contiguous): q and out [B, H, Tq, D], k and v [B, HK, Tk, D] (query head h reads key
+// head h / (H / HK)), lse [B, H, Tq] in f32, keep (optional) u32 [B, Tk], nonzero = keep.
+// Masks: every kind lets query i see a prefix of the keys, 0 .. att_key_end(i) (0: all keys;
+// 1: causal aligned to the end of the keys, j <= i + Tk - Tq; 2: block-causal over raster rows
+// `width` wide); key tiles past a block's last prefix are never loaded. A query that sees no key
+// gets a zero row and a log-sum-exp of -inf. Head dims up to ATT_MAX_D.
+//
+// bf16 and f16: one block of four warps per (batch, head, tile of 64 queries); each warp owns 16
+// query rows, holds their Q fragments in registers, and streams tiles of 64 keys through shared
+// memory: S = Q Kᵀ and O += P V on the tensor cores (mma m16n8k16, f32 accumulation), the online
+// softmax in registers. Head dims that are not a multiple of 16 (72, 80) are zero-filled up to the
+// next multiple in shared memory only; the tensors are read and written at their own width.
+// f32: one warp per query row on the CUDA cores (the precise path the tests compare against).
+#include "common.cuh"
+
+#define ATT_BR 64                    // query rows per block
+#define ATT_BC 64                    // keys per tile
+#define ATT_WARPS 4                  // warps per block (16 query rows each)
+#define ATT_THREADS (32 * ATT_WARPS) // threads per block
+#define ATT_MAX_D 128                // largest head dim
+#define ATT_KLD (ATT_MAX_D / 2 + 4)  // words per row of the Q / K tile (pairs of d), padded
+#define ATT_VLD (ATT_BC / 2 + 4)     // words per row of the Vᵀ tile (pairs of keys), padded
+
+// The number of leading keys query i of tq may see (kind and width as above).
+__device__ __forceinline__ u64 att_key_end(int kind, u64 width, u64 i, u64 tq, u64 tk) {
+    if (kind == 0) return tk;
+    if (kind == 1) {
+        const u64 e = i + tk + 1;
+        const u64 end = e > tq ? e - tq : 0;
+        return end < tk ? end : tk;
+    }
+    const u64 w = width ? width : 1;
+    const u64 end = (i / w + 1) * w;
+    return end < tk ? end : tk;
+}
+
+// The raw 16 bits of a bf16 or f16 value, and two of them as one mma register (lo in the low half).
+__device__ __forceinline__ u32 att_bits(bf16 v) { return v.bits; }
+__device__ __forceinline__ u32 att_bits(f16 v) { return v.bits; }
+template <typename T> __device__ __forceinline__ u32 att_pack(float lo, float hi) {
+    return att_bits(from_float<T>(lo)) | (att_bits(from_float<T>(hi)) << 16);
+}
+
+// d += A B with 16-bit operands of type T.
+__device__ __forceinline__ void att_mma(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2], bf16) {
+    mma_bf16_16816(d, a, b);
+}
+__device__ __forceinline__ void att_mma(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2], f16) {
+    mma_f16_16816(d, a, b);
+}
+
+template <typename T>
+__device__ void attention_forward_tc(const T *q, const T *k, const T *v, const u32 *keep, T *out, float *lse,
+                                     u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind,
+                                     u64 width) {
+    __shared__ u32 ks[ATT_BC][ATT_KLD];     // the Q tile while it is loaded, then each K tile: [row][d pair]
+    __shared__ u32 vt[ATT_MAX_D][ATT_VLD];  // Vᵀ of each tile: [d][key pair]
+    __shared__ float kbias[ATT_BC];         // 0 for a kept key of the tile, -inf for padding
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int dw = (int)((D + 15) / 16) * 8; // words per row, d zero-filled to a multiple of 16
+    const int dpad = 2 * dw;
+    const int ksteps = dw / 8;          // 16-wide k steps of S = Q Kᵀ
+    const int dtiles = (int)((D + 7) / 8); // 8-wide column tiles of O
+    const u64 qtiles = (TQ + ATT_BR - 1) / ATT_BR;
+    const T zero = from_float<T>(0.f);
+    for (u64 blk = blockIdx.x; blk < B * H * qtiles; blk += gridDim.x) {
+        const u64 qt = blk % qtiles, bh = blk / qtiles, hh = bh % H, bb = bh / H;
+        const u64 kh = hh / (H / HK);
+        const T *qp = q + bh * TQ * D;
+        const T *kp = k + (bb * HK + kh) * TK * D;
+        const T *vp = v + (bb * HK + kh) * TK * D;
+        const u64 q0 = qt * ATT_BR;
+        for (int e = tid; e < ATT_BR * dw; e += ATT_THREADS) {
+            const int r = e / dw, w = e % dw;
+            const u64 row = q0 + r, d0 = 2 * (u64)w;
+            const T lo = row < TQ && d0 < D ? qp[row * D + d0] : zero;
+            const T hi = row < TQ && d0 + 1 < D ? qp[row * D + d0 + 1] : zero;
+            ks[r][w] = att_bits(lo) | (att_bits(hi) << 16);
+        }
+        __syncthreads();
+        u32 qf[ATT_MAX_D / 16][4];
+#pragma unroll
+        for (int s = 0; s < ATT_MAX_D / 16; ++s)
+            if (s < ksteps) load_frag_a(qf[s], &ks[0][0], ATT_KLD, warp * 16, s * 8);
+        __syncthreads();
+
+        // This thread's two rows (g and g + 8 of the warp's 16) and what they see.
+        const u64 row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+        u64 end[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) end[r] = row[r] < TQ ? att_key_end(kind, width, row[r], TQ, TK) : 0;
+        const u64 last = (q0 + ATT_BR < TQ ? q0 + ATT_BR : TQ) - 1;
+        const u64 block_end = att_key_end(kind, width, last, TQ, TK); // the prefix is non-decreasing in i
+        float m[2] = {-EMMA_INF, -EMMA_INF}, l[2] = {0.f, 0.f};
+        float o[ATT_MAX_D / 8][4];
+#pragma unroll
+        for (int n = 0; n < ATT_MAX_D / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
+
+        for (u64 k0 = 0; k0 < block_end; k0 += ATT_BC) {
+            for (int e = tid; e < ATT_BC * dw; e += ATT_THREADS) {
+                const int r = e / dw, w = e % dw;
+                const u64 key = k0 + r, d0 = 2 * (u64)w;
+                const T lo = key < TK && d0 < D ? kp[key * D + d0] : zero;
+                const T hi = key < TK && d0 + 1 < D ? kp[key * D + d0 + 1] : zero;
+                ks[r][w] = att_bits(lo) | (att_bits(hi) << 16);
+            }
+            for (int e = tid; e < dpad * (ATT_BC / 2); e += ATT_THREADS) {
+                const int d = e % dpad, w = e / dpad;
+                const u64 key = k0 + 2 * (u64)w;
+                const T lo = key < TK && (u64)d < D ? vp[key * D + d] : zero;
+                const T hi = key + 1 < TK && (u64)d < D ? vp[(key + 1) * D + d] : zero;
+                vt[d][w] = att_bits(lo) | (att_bits(hi) << 16);
+            }
+            for (int j = tid; j < ATT_BC; j += ATT_THREADS) {
+                const u64 key = k0 + j;
+                const bool kept = key < TK && (keep == nullptr || keep[bb * TK + key] != 0);
+                kbias[j] = kept ? 0.f : -EMMA_INF;
+            }
+            __syncthreads();
+
+            float s[ATT_BC / 8][4];
+#pragma unroll
+            for (int n = 0; n < ATT_BC / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[n][c] = 0.f;
+#pragma unroll
+            for (int st = 0; st < ATT_MAX_D / 16; ++st) {
+                if (st >= ksteps) break;
+#pragma unroll
+                for (int n = 0; n < ATT_BC / 8; ++n) {
+                    u32 bf[2];
+                    load_frag_b(bf, &ks[0][0], ATT_KLD, 8 * n, st * 8);
+                    att_mma(s[n], qf[st], bf, zero);
+                }
+            }
+            // Scale and mask; the new row maxima (over the quad of lanes that share a row).
+            float mx[2] = {-EMMA_INF, -EMMA_INF};
+#pragma unroll
+            for (int n = 0; n < ATT_BC / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int col = 8 * n + 2 * t + (c & 1), r = c >> 1;
+                    const bool seen = k0 + col < end[r] && kbias[col] == 0.f;
+                    s[n][c] = seen ? s[n][c] * scale : -EMMA_INF;
+                    mx[r] = fmaxf(mx[r], s[n][c]);
+                }
+            float corr[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+                const float next = fmaxf(m[r], mx[r]);
+                corr[r] = next == -EMMA_INF ? 1.f : expf(m[r] - next);
+                m[r] = next;
+                l[r] *= corr[r];
+            }
+#pragma unroll
+            for (int n = 0; n < ATT_BC / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int r = c >> 1;
+                    s[n][c] = s[n][c] == -EMMA_INF ? 0.f : expf(s[n][c] - m[r]);
+                    l[r] += s[n][c];
+                }
+#pragma unroll
+            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                o[n][0] *= corr[0];
+                o[n][1] *= corr[0];
+                o[n][2] *= corr[1];
+                o[n][3] *= corr[1];
+            }
+            // O += P V: the S accumulators of two adjacent column tiles are one A fragment.
+#pragma unroll
+            for (int kk = 0; kk < ATT_BC / 16; ++kk) {
+                const u32 a[4] = {
+                    att_pack<T>(s[2 * kk][0], s[2 * kk][1]),
+                    att_pack<T>(s[2 * kk][2], s[2 * kk][3]),
+                    att_pack<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                    att_pack<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]),
+                };
+#pragma unroll
+                for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                    if (n >= dtiles) break;
+                    u32 bf[2];
+                    load_frag_b(bf, &vt[0][0], ATT_VLD, 8 * n, kk * 8);
+                    att_mma(o[n], a, bf, zero);
+                }
+            }
+            __syncthreads();
+        }
+        // The row sums over the quad, then the normalised rows and their log-sum-exp.
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (row[r] >= TQ) continue;
+            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            T *op = out + (bh * TQ + row[r]) * D;
+#pragma unroll
+            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                if (n >= dtiles) break;
+                const u64 col = 8 * (u64)n + 2 * t;
+                if (col < D) op[col] = from_float<T>(o[n][2 * r] * inv);
+                if (col + 1 < D) op[col + 1] = from_float<T>(o[n][2 * r + 1] * inv);
+            }
+            if (t == 0) lse[bh * TQ + row[r]] = l[r] > 0.f ? m[r] + logf(l[r]) : -EMMA_INF;
+        }
+    }
+}
+
+// f32: one warp per query row; lane c holds channels c, c + 32, c + 64 and c + 96.
+__device__ void attention_rows_f32(const float *q, const float *k, const float *v, const u32 *keep, float *out,
+                                   float *lse, u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind,
+                                   u64 width) {
+    const int lane = threadIdx.x & 31;
+    for (u64 rowi = global_warp(); rowi < B * H * TQ; rowi += grid_warps()) {
+        const u64 i = rowi % TQ, bh = rowi / TQ, hh = bh % H, bb = bh / H;
+        const u64 kh = hh / (H / HK);
+        const float *kp = k + (bb * HK + kh) * TK * D;
+        const float *vp = v + (bb * HK + kh) * TK * D;
+        float qv[ATT_MAX_D / 32], acc[ATT_MAX_D / 32];
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_D / 32; ++c) {
+            const u64 d = lane + 32 * (u64)c;
+            qv[c] = d < D ? q[rowi * D + d] : 0.f;
+            acc[c] = 0.f;
+        }
+        const u64 end = att_key_end(kind, width, i, TQ, TK);
+        float m = -EMMA_INF, l = 0.f;
+        for (u64 j = 0; j < end; ++j) {
+            if (keep != nullptr && keep[bb * TK + j] == 0) continue;
+            float dot = 0.f;
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_D / 32; ++c) {
+                const u64 d = lane + 32 * (u64)c;
+                if (d < D) dot += qv[c] * kp[j * D + d];
+            }
+            const float s = warp_reduce(dot, SumOp()) * scale;
+            const float next = fmaxf(m, s);
+            const float corr = expf(m - next), p = expf(s - next);
+            l = l * corr + p;
+#pragma unroll
+            for (int c = 0; c < ATT_MAX_D / 32; ++c) {
+                const u64 d = lane + 32 * (u64)c;
+                acc[c] = acc[c] * corr + (d < D ? p * vp[j * D + d] : 0.f);
+            }
+            m = next;
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+        for (int c = 0; c < ATT_MAX_D / 32; ++c) {
+            const u64 d = lane + 32 * (u64)c;
+            if (d < D) out[rowi * D + d] = acc[c] * inv;
+        }
+        if (lane == 0) lse[rowi] = l > 0.f ? m + logf(l) : -EMMA_INF;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS)
+    attention_forward_f32(const float *q, const float *k, const float *v, const u32 *keep, float *out, float *lse,
+                          u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind, u64 width) {
+    attention_rows_f32(q, k, v, keep, out, lse, B, H, HK, TQ, TK, D, scale, kind, width);
+}
+
+#define ATTENTION_TC_ENTRY(T, S)                                                                          \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                                             \
+        attention_forward_##S(const T *q, const T *k, const T *v, const u32 *keep, T *out, float *lse,  \
+                              u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind,       \
+                              u64 width) {                                                               \
+        attention_forward_tc<T>(q, k, v, keep, out, lse, B, H, HK, TQ, TK, D, scale, kind, width);      \
+    }
+
+ATTENTION_TC_ENTRY(bf16, bf16)
+ATTENTION_TC_ENTRY(f16, f16)

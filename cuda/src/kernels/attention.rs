@@ -1,0 +1,130 @@
+//! Fused scaled dot-product attention (`attention.cu`): the forward pass with its per-row
+//! log-sum-exp, on the tensor cores for bf16 and f16 and on the CUDA cores for f32.
+
+use super::{need, product};
+use crate::compile::ATTENTION;
+use crate::device::{DType, DeviceBuffer, FloatElem, GpuDevice};
+use crate::error::{CudaError, Result};
+use crate::launch::{entry, launch, Arg, Grid};
+
+/// The largest head dim the kernels take.
+pub const ATTENTION_MAX_HEAD_DIM: usize = 128;
+/// Query rows per block of the tensor-core kernel.
+const QUERY_TILE: usize = 64;
+/// Threads per block (four warps).
+const THREADS: u32 = 128;
+
+/// The sizes of one attention call: q `[b, h, tq, d]`, k and v `[b, hk, tk, d]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// Batch.
+    pub b: usize,
+    /// Query heads.
+    pub h: usize,
+    /// Key and value heads (divides `h`).
+    pub hk: usize,
+    /// Queries per head.
+    pub tq: usize,
+    /// Keys per head.
+    pub tk: usize,
+    /// Head dim.
+    pub d: usize,
+}
+
+/// Which keys each query sees (the kernels' codes of `tensor::AttentionMask`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionMaskKind {
+    /// Every key.
+    Full,
+    /// Query i of Tq sees key j when j <= i + Tk - Tq.
+    Causal,
+    /// Query i sees key j when j / width <= i / width.
+    BlockCausal {
+        /// Positions per raster row.
+        width: usize,
+    },
+}
+
+impl AttentionMaskKind {
+    fn code(self) -> (i32, usize) {
+        match self {
+            AttentionMaskKind::Full => (0, 0),
+            AttentionMaskKind::Causal => (1, 0),
+            AttentionMaskKind::BlockCausal { width } => (2, width),
+        }
+    }
+}
+
+impl GpuDevice {
+    /// `out = softmax(q kᵀ · scale, masked) v` and `lse` (the log-sum-exp of each query's scaled,
+    /// masked scores; -inf and a zero row for a query that sees no key). `keep` (u32 `[b, tk]`,
+    /// nonzero = keep) removes keys per batch row. All buffers contiguous.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_forward<T: FloatElem>(
+        &self,
+        (q, k, v): (&DeviceBuffer<T>, &DeviceBuffer<T>, &DeviceBuffer<T>),
+        keep: Option<&DeviceBuffer<u32>>,
+        out: &mut DeviceBuffer<T>,
+        lse: &mut DeviceBuffer<f32>,
+        dims: AttentionDims,
+        scale: f32,
+        mask: AttentionMaskKind,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        let AttentionDims { b, h, hk, tq, tk, d } = dims;
+        if d == 0 || d > ATTENTION_MAX_HEAD_DIM {
+            return Err(CudaError::shape(
+                op,
+                format!("head dim {d}: the kernels take 1 to {ATTENTION_MAX_HEAD_DIM}"),
+            ));
+        }
+        if hk == 0 || h % hk != 0 {
+            return Err(CudaError::shape(
+                op,
+                format!("{hk} key heads do not divide {h} query heads"),
+            ));
+        }
+        let nq = product(op, "queries", &[b, h, tq, d])?;
+        let nk = product(op, "keys", &[b, hk, tk, d])?;
+        need(self, op, "q", q, nq)?;
+        need(self, op, "k", k, nk)?;
+        need(self, op, "v", v, nk)?;
+        need(self, op, "out", out, nq)?;
+        need(self, op, "lse", lse, b * h * tq)?;
+        if let Some(keep) = keep {
+            need(self, op, "key padding", keep, b * tk)?;
+        }
+        if nq == 0 {
+            return Ok(());
+        }
+        let (kind, width) = mask.code();
+        let args = [
+            Arg::buf(q),
+            Arg::buf(k),
+            Arg::buf(v),
+            Arg::opt(keep),
+            Arg::buf(out),
+            Arg::buf(lse),
+            Arg::size(b),
+            Arg::size(h),
+            Arg::size(hk),
+            Arg::size(tq),
+            Arg::size(tk),
+            Arg::size(d),
+            Arg::F32(scale),
+            Arg::I32(kind),
+            Arg::size(width),
+        ];
+        let blocks = match T::DTYPE {
+            DType::F32 => (b * h * tq).div_ceil(THREADS as usize / 32),
+            _ => b * h * tq.div_ceil(QUERY_TILE),
+        };
+        launch(
+            self,
+            &ATTENTION,
+            &entry::<T>("attention_forward"),
+            Grid::blocks(blocks, THREADS),
+            &args,
+        )
+    }
+}
