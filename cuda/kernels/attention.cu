@@ -280,3 +280,214 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
 
 ATTENTION_TC_ENTRY(bf16, bf16)
 ATTENTION_TC_ENTRY(f16, f16)
+
+// ---- backward ----------------------------------------------------------------------------------
+// Deterministic, without atomics: a pre-pass takes delta = rowsum(dO ∘ O) per query; one kernel
+// owns a tile of keys of one key head and sums dK and dV over every query (of every query head of
+// its group) that sees them; another owns a tile of queries and sums dQ over the keys they see.
+// Both recompute P = exp(S · scale - lse) from the saved log-sum-exp, in f32 on the CUDA cores,
+// and round once when they store. Four threads share a key (or a query): thread part p of the
+// four holds channels p, p + 4, p + 8, ... and the dot products are summed over the four lanes.
+#define ATT_BWD_TILE 32                 // keys (or queries) per block: 4 threads each
+#define ATT_BWD_CHUNK 16                // query (or key) rows staged in shared memory at once
+#define ATT_PER_THREAD (ATT_MAX_D / 4)  // channels per thread
+
+// delta[row] = Σ_d dO[row, d] · O[row, d]: one warp per row.
+template <typename T>
+__device__ void attention_delta(const T *out, const T *grad, float *delta, u64 rows, u64 D) {
+    const int lane = threadIdx.x & 31;
+    for (u64 r = global_warp(); r < rows; r += grid_warps()) {
+        float acc = 0.f;
+        for (u64 d = lane; d < D; d += 32) acc += to_float(out[r * D + d]) * to_float(grad[r * D + d]);
+        acc = warp_reduce(acc, SumOp());
+        if (lane == 0) delta[r] = acc;
+    }
+}
+
+// The first query of tq whose prefix reaches past key k0 (tq when none does); the prefix is
+// non-decreasing in the query.
+__device__ __forceinline__ u64 att_first_query(int kind, u64 width, u64 k0, u64 tq, u64 tk) {
+    u64 lo = 0, hi = tq;
+    while (lo < hi) {
+        const u64 mid = (lo + hi) / 2;
+        if (att_key_end(kind, width, mid, tq, tk) > k0) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+// The sum of a value over the four lanes that share a key or a query.
+__device__ __forceinline__ float att_quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+template <typename T>
+__device__ void attention_backward_kv(const T *q, const T *k, const T *v, const T *grad, const float *lse,
+                                      const float *delta, const u32 *keep, T *dk, T *dv, u64 B, u64 H, u64 HK,
+                                      u64 TQ, u64 TK, u64 D, float scale, int kind, u64 width) {
+    __shared__ float qs[ATT_BWD_CHUNK][ATT_MAX_D];
+    __shared__ float gs[ATT_BWD_CHUNK][ATT_MAX_D];
+    __shared__ float rl[ATT_BWD_CHUNK], rd[ATT_BWD_CHUNK];
+    __shared__ u64 rend[ATT_BWD_CHUNK];
+    const int tid = threadIdx.x, jj = tid >> 2, part = tid & 3;
+    const u64 ktiles = (TK + ATT_BWD_TILE - 1) / ATT_BWD_TILE, group = H / HK;
+    for (u64 blk = blockIdx.x; blk < B * HK * ktiles; blk += gridDim.x) {
+        const u64 kt = blk % ktiles, bk = blk / ktiles, kh = bk % HK, bb = bk / HK;
+        const u64 k0 = kt * ATT_BWD_TILE, key = k0 + jj;
+        const bool live = key < TK && (keep == nullptr || keep[bb * TK + key] != 0);
+        float kr[ATT_PER_THREAD], vr[ATT_PER_THREAD], gk[ATT_PER_THREAD], gv[ATT_PER_THREAD];
+#pragma unroll
+        for (int c = 0; c < ATT_PER_THREAD; ++c) {
+            const u64 d = part + 4 * (u64)c;
+            const bool in = key < TK && d < D;
+            kr[c] = in ? to_float(k[(bk * TK + key) * D + d]) : 0.f;
+            vr[c] = in ? to_float(v[(bk * TK + key) * D + d]) : 0.f;
+            gk[c] = gv[c] = 0.f;
+        }
+        const u64 first = att_first_query(kind, width, k0, TQ, TK);
+        for (u64 hh = kh * group; hh < (kh + 1) * group; ++hh) {
+            const u64 bh = bb * H + hh;
+            for (u64 i0 = first; i0 < TQ; i0 += ATT_BWD_CHUNK) {
+                __syncthreads(); // the previous chunk's readers are done
+                for (int e = tid; e < ATT_BWD_CHUNK * ATT_MAX_D; e += ATT_THREADS) {
+                    const int r = e / ATT_MAX_D, d = e % ATT_MAX_D;
+                    const u64 row = i0 + r;
+                    const bool in = row < TQ && (u64)d < D;
+                    qs[r][d] = in ? to_float(q[(bh * TQ + row) * D + d]) : 0.f;
+                    gs[r][d] = in ? to_float(grad[(bh * TQ + row) * D + d]) : 0.f;
+                }
+                for (int r = tid; r < ATT_BWD_CHUNK; r += ATT_THREADS) {
+                    const u64 row = i0 + r;
+                    rl[r] = row < TQ ? lse[bh * TQ + row] : -EMMA_INF;
+                    rd[r] = row < TQ ? delta[bh * TQ + row] : 0.f;
+                    rend[r] = row < TQ ? att_key_end(kind, width, row, TQ, TK) : 0;
+                }
+                __syncthreads();
+                for (int r = 0; r < ATT_BWD_CHUNK; ++r) {
+                    float s = 0.f, dp = 0.f;
+#pragma unroll
+                    for (int c = 0; c < ATT_PER_THREAD; ++c) {
+                        const int d = part + 4 * c;
+                        s += qs[r][d] * kr[c];
+                        dp += gs[r][d] * vr[c];
+                    }
+                    s = att_quad_sum(s);
+                    dp = att_quad_sum(dp);
+                    const bool seen = live && key < rend[r] && rl[r] != -EMMA_INF;
+                    const float p = seen ? expf(s * scale - rl[r]) : 0.f;
+                    const float ds = p * (dp - rd[r]) * scale;
+#pragma unroll
+                    for (int c = 0; c < ATT_PER_THREAD; ++c) {
+                        const int d = part + 4 * c;
+                        gv[c] += p * gs[r][d];
+                        gk[c] += ds * qs[r][d];
+                    }
+                }
+            }
+        }
+        if (key < TK) {
+#pragma unroll
+            for (int c = 0; c < ATT_PER_THREAD; ++c) {
+                const u64 d = part + 4 * (u64)c;
+                if (d < D) {
+                    dk[(bk * TK + key) * D + d] = from_float<T>(gk[c]);
+                    dv[(bk * TK + key) * D + d] = from_float<T>(gv[c]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <typename T>
+__device__ void attention_backward_q(const T *q, const T *k, const T *v, const T *grad, const float *lse,
+                                     const float *delta, const u32 *keep, T *dq, u64 B, u64 H, u64 HK, u64 TQ,
+                                     u64 TK, u64 D, float scale, int kind, u64 width) {
+    __shared__ float ks_[ATT_BWD_CHUNK][ATT_MAX_D];
+    __shared__ float vs_[ATT_BWD_CHUNK][ATT_MAX_D];
+    __shared__ int kept[ATT_BWD_CHUNK];
+    const int tid = threadIdx.x, ii = tid >> 2, part = tid & 3;
+    const u64 qtiles = (TQ + ATT_BWD_TILE - 1) / ATT_BWD_TILE, group = H / HK;
+    for (u64 blk = blockIdx.x; blk < B * H * qtiles; blk += gridDim.x) {
+        const u64 qt = blk % qtiles, bh = blk / qtiles, hh = bh % H, bb = bh / H;
+        const u64 bk = bb * HK + hh / group;
+        const u64 q0 = qt * ATT_BWD_TILE, row = q0 + ii;
+        const u64 last = (q0 + ATT_BWD_TILE < TQ ? q0 + ATT_BWD_TILE : TQ) - 1;
+        const u64 block_end = att_key_end(kind, width, last, TQ, TK);
+        const u64 end = row < TQ ? att_key_end(kind, width, row, TQ, TK) : 0;
+        const float l = row < TQ ? lse[bh * TQ + row] : -EMMA_INF;
+        const float dl = row < TQ ? delta[bh * TQ + row] : 0.f;
+        float qr[ATT_PER_THREAD], gr[ATT_PER_THREAD], gq[ATT_PER_THREAD];
+#pragma unroll
+        for (int c = 0; c < ATT_PER_THREAD; ++c) {
+            const u64 d = part + 4 * (u64)c;
+            const bool in = row < TQ && d < D;
+            qr[c] = in ? to_float(q[(bh * TQ + row) * D + d]) : 0.f;
+            gr[c] = in ? to_float(grad[(bh * TQ + row) * D + d]) : 0.f;
+            gq[c] = 0.f;
+        }
+        for (u64 j0 = 0; j0 < block_end; j0 += ATT_BWD_CHUNK) {
+            __syncthreads();
+            for (int e = tid; e < ATT_BWD_CHUNK * ATT_MAX_D; e += ATT_THREADS) {
+                const int r = e / ATT_MAX_D, d = e % ATT_MAX_D;
+                const u64 key = j0 + r;
+                const bool in = key < TK && (u64)d < D;
+                ks_[r][d] = in ? to_float(k[(bk * TK + key) * D + d]) : 0.f;
+                vs_[r][d] = in ? to_float(v[(bk * TK + key) * D + d]) : 0.f;
+            }
+            for (int r = tid; r < ATT_BWD_CHUNK; r += ATT_THREADS) {
+                const u64 key = j0 + r;
+                kept[r] = key < TK && (keep == nullptr || keep[bb * TK + key] != 0);
+            }
+            __syncthreads();
+            for (int r = 0; r < ATT_BWD_CHUNK; ++r) {
+                float s = 0.f, dp = 0.f;
+#pragma unroll
+                for (int c = 0; c < ATT_PER_THREAD; ++c) {
+                    const int d = part + 4 * c;
+                    s += qr[c] * ks_[r][d];
+                    dp += gr[c] * vs_[r][d];
+                }
+                s = att_quad_sum(s);
+                dp = att_quad_sum(dp);
+                const bool seen = kept[r] && j0 + r < end && l != -EMMA_INF;
+                const float p = seen ? expf(s * scale - l) : 0.f;
+                const float ds = p * (dp - dl) * scale;
+#pragma unroll
+                for (int c = 0; c < ATT_PER_THREAD; ++c) gq[c] += ds * ks_[r][part + 4 * c];
+            }
+        }
+        if (row < TQ) {
+#pragma unroll
+            for (int c = 0; c < ATT_PER_THREAD; ++c) {
+                const u64 d = part + 4 * (u64)c;
+                if (d < D) dq[(bh * TQ + row) * D + d] = from_float<T>(gq[c]);
+            }
+        }
+    }
+}
+
+#define ATTENTION_BWD_ENTRIES(T, S)                                                                       \
+    extern "C" __global__ void attention_delta_##S(const T *out, const T *grad, float *delta, u64 rows,   \
+                                                   u64 D) {                                              \
+        attention_delta<T>(out, grad, delta, rows, D);                                                    \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_kv_##S(                  \
+        const T *q, const T *k, const T *v, const T *grad, const float *lse, const float *delta,          \
+        const u32 *keep, T *dk, T *dv, u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind, \
+        u64 width) {                                                                                      \
+        attention_backward_kv<T>(q, k, v, grad, lse, delta, keep, dk, dv, B, H, HK, TQ, TK, D, scale, kind,  \
+                                 width);                                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_q_##S(                   \
+        const T *q, const T *k, const T *v, const T *grad, const float *lse, const float *delta,          \
+        const u32 *keep, T *dq, u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind,       \
+        u64 width) {                                                                                      \
+        attention_backward_q<T>(q, k, v, grad, lse, delta, keep, dq, B, H, HK, TQ, TK, D, scale, kind,      \
+                                width);                                                                   \
+    }
+
+ATTENTION_BWD_ENTRIES(float, f32)
+ATTENTION_BWD_ENTRIES(bf16, bf16)
+ATTENTION_BWD_ENTRIES(f16, f16)

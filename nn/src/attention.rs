@@ -1,10 +1,9 @@
-//! Multi-head attention (self or cross) with a mask kind: the fused attention op on the CPU,
-//! the unfused composition of tensor ops (scores, mask, softmax, product) on a CUDA device
-//! until the fused CUDA kernel exists.
+//! Multi-head attention (self or cross) with a mask kind, computed by the fused attention op
+//! (`Tensor::attention`: tiled, no score matrix in memory, on the CPU and on CUDA devices).
 
 use crate::{Linear, ParamStore, Result};
 use autograd::Var;
-use tensor::{AttentionMask, AttentionSpec, Device, Tensor};
+use tensor::{AttentionMask, AttentionSpec};
 
 /// The parameter-name prefixes of the four projections (they differ between model families).
 pub struct AttentionNames {
@@ -63,22 +62,12 @@ impl Attention {
     /// Queries from `x [B, Tq, dim]`, keys and values from `kv [B, Tk, dim]` (pass `x` for
     /// self-attention); `mask` says which keys each query sees.
     pub fn forward(&self, x: &Var, kv: &Var, mask: AttentionMask) -> Result<Var> {
-        let (b, tq, tk) = (x.value().dim(0), x.value().dim(1), kv.value().dim(1));
+        let (b, tq) = (x.value().dim(0), x.value().dim(1));
         let q = self.split_heads(&self.q.forward(x)?)?;
         let k = self.split_heads(&self.k.forward(kv)?)?;
         let v = self.split_heads(&self.v.forward(kv)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let ctx = if q.value().device() == Device::Cpu {
-            q.attention(&k, &v, &AttentionSpec { scale, mask }, None)?
-        } else {
-            let mut scores = q.matmul(&k.transpose(2, 3)?)?.affine(scale, 0.0)?;
-            if let Some(allowed) = mask.dense(tq, tk)? {
-                let (dtype, device) = (scores.value().dtype(), scores.value().device());
-                let blocked = Var::constant(Tensor::full_on(&[], f64::NEG_INFINITY, dtype, device)?);
-                scores = Var::where_(&allowed.to_device(device)?, &scores, &blocked)?;
-            }
-            scores.softmax(3)?.matmul(&v)?
-        };
+        let ctx = q.attention(&k, &v, &AttentionSpec { scale, mask }, None)?;
         self.out.forward(
             &ctx.permute(&[0, 2, 1, 3])?
                 .reshape(&[b, tq, self.heads * self.head_dim])?,

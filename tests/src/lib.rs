@@ -2,6 +2,7 @@
 //! random inputs, conversions between `RefTensor` and `Tensor`, the relative error of a result
 //! against its reference, and the GPU suites' harness ([`gpu`]).
 
+pub mod attention_reference;
 pub mod gpu;
 pub mod reference;
 

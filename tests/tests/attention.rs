@@ -15,6 +15,7 @@ use autograd::Var;
 use proptest::prelude::*;
 use tensor::DType::{BF16, F32, F64};
 use tensor::{AttentionMask, AttentionSpec, DType, Tensor};
+use tests::attention_reference::{attention_reference, AttentionSizes};
 use tests::{config, uniform};
 
 type TestResult = Result<(), TestCaseError>;
@@ -30,106 +31,6 @@ struct Case {
     d: usize,
     mask: AttentionMask,
     padded: bool,
-}
-
-/// Whether query `i` may see key `j` under `mask` (the definition, written out on its own).
-fn allowed(mask: AttentionMask, i: usize, j: usize, tq: usize, tk: usize) -> bool {
-    match mask {
-        AttentionMask::Full => true,
-        AttentionMask::Causal => j as i64 <= i as i64 + tk as i64 - tq as i64,
-        AttentionMask::BlockCausal { width } => j / width <= i / width,
-    }
-}
-
-/// The reference's results: out, log-sum-exp, dq, dk, dv (all f64, row-major), and the
-/// norms of the two terms whose difference makes dq and dk (Σ P·dP·k and Σ P·D·k): where a
-/// query sees a single key they cancel exactly, dq and dk are zero, and f32 leaves rounding
-/// noise of the size of the terms, so errors are taken relative to the larger of the result and
-/// those terms.
-struct Reference {
-    out: Vec<f64>,
-    lse: Vec<f64>,
-    dq: Vec<f64>,
-    dk: Vec<f64>,
-    dv: Vec<f64>,
-    dq_terms: f64,
-    dk_terms: f64,
-}
-
-/// Plain attention in f64 with its gradients for the output gradient `go`.
-#[allow(clippy::too_many_arguments)]
-fn reference(c: &Case, q: &[f64], k: &[f64], v: &[f64], keep: &[bool], go: &[f64], scale: f64) -> Reference {
-    let Case {
-        b,
-        h,
-        hk,
-        tq,
-        tk,
-        d,
-        mask,
-        ..
-    } = *c;
-    let mut r = Reference {
-        out: vec![0.0; b * h * tq * d],
-        lse: vec![f64::NEG_INFINITY; b * h * tq],
-        dq: vec![0.0; q.len()],
-        dk: vec![0.0; k.len()],
-        dv: vec![0.0; v.len()],
-        dq_terms: 0.0,
-        dk_terms: 0.0,
-    };
-    let (mut dq_terms, mut dk_terms) = (vec![0.0; q.len()], vec![0.0; k.len()]);
-    for bi in 0..b {
-        for hi in 0..h {
-            let kh = bi * hk + hi / (h / hk);
-            for i in 0..tq {
-                let row = (bi * h + hi) * tq + i;
-                let qi = &q[row * d..][..d];
-                let seen: Vec<usize> = (0..tk)
-                    .filter(|&j| keep[bi * tk + j] && allowed(mask, i, j, tq, tk))
-                    .collect();
-                if seen.is_empty() {
-                    continue;
-                }
-                let key = |j: usize| &k[(kh * tk + j) * d..][..d];
-                let val = |j: usize| &v[(kh * tk + j) * d..][..d];
-                let s: Vec<f64> = seen
-                    .iter()
-                    .map(|&j| scale * qi.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f64>())
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                r.lse[row] = m + z.ln();
-                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
-                let gi = &go[row * d..][..d];
-                for (&j, &pj) in seen.iter().zip(&p) {
-                    for e in 0..d {
-                        r.out[row * d + e] += pj * val(j)[e];
-                        r.dv[(kh * tk + j) * d + e] += pj * gi[e];
-                    }
-                }
-                let dp: Vec<f64> = seen
-                    .iter()
-                    .map(|&j| gi.iter().zip(val(j)).map(|(a, b)| a * b).sum::<f64>())
-                    .collect();
-                let pdp: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for ((&j, &pj), &dpj) in seen.iter().zip(&p).zip(&dp) {
-                    let ds = pj * (dpj - pdp) * scale;
-                    let term = pj * dpj.abs().max(pdp.abs()) * scale;
-                    for e in 0..d {
-                        r.dq[row * d + e] += ds * key(j)[e];
-                        r.dk[(kh * tk + j) * d + e] += ds * qi[e];
-                        dq_terms[row * d + e] += term * key(j)[e].abs();
-                        dk_terms[(kh * tk + j) * d + e] += term * qi[e].abs();
-                    }
-                }
-            }
-        }
-    }
-    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-    r.dq_terms = norm(&dq_terms);
-    r.dk_terms = norm(&dk_terms);
-    r
 }
 
 /// Values rounded to `dtype` (what the reference must see) and the tensor of them.
@@ -171,7 +72,16 @@ fn run(c: Case, dtype: DType, seed: u64) -> TestResult {
         .unwrap()
     });
     let spec = AttentionSpec { scale, mask: c.mask };
-    let want = reference(&c, &q, &k, &v, &keep, &go, scale);
+    let sizes = AttentionSizes {
+        b: c.b,
+        h: c.h,
+        hk: c.hk,
+        tq: c.tq,
+        tk: c.tk,
+        d: c.d,
+        mask: c.mask,
+    };
+    let want = attention_reference(&sizes, &q, &k, &v, &keep, &go, scale);
 
     let (_, lse) = qt
         .attention(&kt, &vt, &spec, keep_t.as_ref())

@@ -1,5 +1,6 @@
 //! Fused scaled dot-product attention (`attention.cu`): the forward pass with its per-row
-//! log-sum-exp, on the tensor cores for bf16 and f16 and on the CUDA cores for f32.
+//! log-sum-exp (on the tensor cores for bf16 and f16, on the CUDA cores for f32), and the
+//! deterministic backward pass (CUDA cores, f32 arithmetic, no atomics).
 
 use super::{need, product};
 use crate::compile::ATTENTION;
@@ -13,6 +14,8 @@ pub const ATTENTION_MAX_HEAD_DIM: usize = 128;
 const QUERY_TILE: usize = 64;
 /// Threads per block (four warps).
 const THREADS: u32 = 128;
+/// Keys (or queries) per block of the backward kernels.
+const BACKWARD_TILE: usize = 32;
 
 /// The sizes of one attention call: q `[b, h, tq, d]`, k and v `[b, hk, tk, d]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +56,41 @@ impl AttentionMaskKind {
             AttentionMaskKind::BlockCausal { width } => (2, width),
         }
     }
+}
+
+/// The buffers of [`GpuDevice::attention_backward`].
+pub struct AttentionBackward<'a, T: FloatElem> {
+    /// Queries, keys and values.
+    pub qkv: (&'a DeviceBuffer<T>, &'a DeviceBuffer<T>, &'a DeviceBuffer<T>),
+    /// The forward's output.
+    pub out: &'a DeviceBuffer<T>,
+    /// The forward's log-sum-exp.
+    pub lse: &'a DeviceBuffer<f32>,
+    /// dL/d(out).
+    pub grad: &'a DeviceBuffer<T>,
+    /// The key-padding mask, if any.
+    pub keep: Option<&'a DeviceBuffer<u32>>,
+}
+
+/// Checks the sizes shared by the forward and the backward launchers.
+fn check_dims(op: &'static str, dims: AttentionDims) -> Result<(usize, usize)> {
+    let AttentionDims { b, h, hk, tq, tk, d } = dims;
+    if d == 0 || d > ATTENTION_MAX_HEAD_DIM {
+        return Err(CudaError::shape(
+            op,
+            format!("head dim {d}: the kernels take 1 to {ATTENTION_MAX_HEAD_DIM}"),
+        ));
+    }
+    if hk == 0 || h % hk != 0 {
+        return Err(CudaError::shape(
+            op,
+            format!("{hk} key heads do not divide {h} query heads"),
+        ));
+    }
+    Ok((
+        product(op, "queries", &[b, h, tq, d])?,
+        product(op, "keys", &[b, hk, tk, d])?,
+    ))
 }
 
 impl GpuDevice {
@@ -126,5 +164,108 @@ impl GpuDevice {
             Grid::blocks(blocks, THREADS),
             &args,
         )
+    }
+
+    /// The gradients `(dq, dk, dv)` of [`GpuDevice::attention_forward`] for dL/d(out) `grad`,
+    /// from the same operands, the forward's output and its log-sum-exp; `delta` (f32
+    /// `[b, h, tq]`) is scratch for rowsum(dO ∘ O). Deterministic: every gradient element is
+    /// summed by one thread in a fixed order.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_backward<T: FloatElem>(
+        &self,
+        inputs: &AttentionBackward<T>,
+        (dq, dk, dv): (&mut DeviceBuffer<T>, &mut DeviceBuffer<T>, &mut DeviceBuffer<T>),
+        delta: &mut DeviceBuffer<f32>,
+        dims: AttentionDims,
+        scale: f32,
+        mask: AttentionMaskKind,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        let AttentionDims { b, h, hk, tq, tk, d } = dims;
+        let (nq, nk) = check_dims(op, dims)?;
+        let (q, k, v) = inputs.qkv;
+        need(self, op, "q", q, nq)?;
+        need(self, op, "k", k, nk)?;
+        need(self, op, "v", v, nk)?;
+        need(self, op, "out", inputs.out, nq)?;
+        need(self, op, "gradient", inputs.grad, nq)?;
+        need(self, op, "lse", inputs.lse, b * h * tq)?;
+        need(self, op, "delta", delta, b * h * tq)?;
+        need(self, op, "dq", dq, nq)?;
+        need(self, op, "dk", dk, nk)?;
+        need(self, op, "dv", dv, nk)?;
+        if let Some(keep) = inputs.keep {
+            need(self, op, "key padding", keep, b * tk)?;
+        }
+        if nq == 0 && nk == 0 {
+            return Ok(());
+        }
+        let (kind, width) = mask.code();
+        let rows = b * h * tq;
+        if rows > 0 {
+            let args = [
+                Arg::buf(inputs.out),
+                Arg::buf(inputs.grad),
+                Arg::buf(delta),
+                Arg::size(rows),
+                Arg::size(d),
+            ];
+            let blocks = rows.div_ceil(THREADS as usize / 32);
+            launch(
+                self,
+                &ATTENTION,
+                &entry::<T>("attention_delta"),
+                Grid::blocks(blocks, THREADS),
+                &args,
+            )?;
+        }
+        let common = [
+            Arg::size(b),
+            Arg::size(h),
+            Arg::size(hk),
+            Arg::size(tq),
+            Arg::size(tk),
+            Arg::size(d),
+            Arg::F32(scale),
+            Arg::I32(kind),
+            Arg::size(width),
+        ];
+        let head = [
+            Arg::buf(q),
+            Arg::buf(k),
+            Arg::buf(v),
+            Arg::buf(inputs.grad),
+            Arg::buf(inputs.lse),
+            Arg::buf(delta),
+            Arg::opt(inputs.keep),
+        ];
+        if nk > 0 {
+            let args: Vec<Arg> = head
+                .iter()
+                .copied()
+                .chain([Arg::buf(dk), Arg::buf(dv)])
+                .chain(common)
+                .collect();
+            let blocks = b * hk * tk.div_ceil(BACKWARD_TILE);
+            launch(
+                self,
+                &ATTENTION,
+                &entry::<T>("attention_backward_kv"),
+                Grid::blocks(blocks, THREADS),
+                &args,
+            )?;
+        }
+        if nq > 0 {
+            let args: Vec<Arg> = head.iter().copied().chain([Arg::buf(dq)]).chain(common).collect();
+            let blocks = b * h * tq.div_ceil(BACKWARD_TILE);
+            launch(
+                self,
+                &ATTENTION,
+                &entry::<T>("attention_backward_q"),
+                Grid::blocks(blocks, THREADS),
+                &args,
+            )?;
+        }
+        Ok(())
     }
 }

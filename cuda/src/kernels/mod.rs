@@ -17,7 +17,7 @@ mod softmax;
 mod ssd;
 
 pub use adamw::{AdamCoefficients, AdamWStep};
-pub use attention::{AttentionDims, AttentionMaskKind, ATTENTION_MAX_HEAD_DIM};
+pub use attention::{AttentionBackward, AttentionDims, AttentionMaskKind, ATTENTION_MAX_HEAD_DIM};
 pub use conv::{ConvGrads, ConvSpec};
 pub use elementwise::{BinaryOp, CmpOp, UnaryOp};
 pub use norm::{GatedNormGrads, LayerNormGrads, NormSpec, Residual, RmsNormGrads};

@@ -481,19 +481,7 @@ fn forward_cuda(
 ) -> Result<(Tensor, Tensor)> {
     let (q, k, v) = (gpu.packed(q)?, gpu.packed(k)?, gpu.packed(v)?);
     let keep = key_padding.map(|t| gpu.packed(t)).transpose()?;
-    let kernel_dims = cuda::kernels::AttentionDims {
-        b: dims.b,
-        h: dims.h,
-        hk: dims.hk,
-        tq: dims.tq,
-        tk: dims.tk,
-        d: dims.d,
-    };
-    let mask = match spec.mask {
-        AttentionMask::Full => cuda::kernels::AttentionMaskKind::Full,
-        AttentionMask::Causal => cuda::kernels::AttentionMaskKind::Causal,
-        AttentionMask::BlockCausal { width } => cuda::kernels::AttentionMaskKind::BlockCausal { width },
-    };
+    let (kernel_dims, mask) = kernel_args(dims, spec);
     cuda_float_dispatch!(gpu.op, gpu.device, q.dtype(), T => {
         let mut out = gpu.alloc::<T>(q.numel())?;
         let mut lse = gpu.alloc::<f32>(dims.b * dims.h * dims.tq)?;
@@ -507,6 +495,75 @@ fn forward_cuda(
             mask,
         ))?;
         Ok((gpu.tensor(out, q.shape()), gpu.tensor(lse, &[dims.b, dims.h, dims.tq])))
+    })
+}
+
+/// The kernels' sizes and mask code of a call.
+fn kernel_args(
+    dims: Dims,
+    spec: &AttentionSpec,
+) -> (cuda::kernels::AttentionDims, cuda::kernels::AttentionMaskKind) {
+    let kernel_dims = cuda::kernels::AttentionDims {
+        b: dims.b,
+        h: dims.h,
+        hk: dims.hk,
+        tq: dims.tq,
+        tk: dims.tk,
+        d: dims.d,
+    };
+    let mask = match spec.mask {
+        AttentionMask::Full => cuda::kernels::AttentionMaskKind::Full,
+        AttentionMask::Causal => cuda::kernels::AttentionMaskKind::Causal,
+        AttentionMask::BlockCausal { width } => cuda::kernels::AttentionMaskKind::BlockCausal { width },
+    };
+    (kernel_dims, mask)
+}
+
+/// The CUDA arm of [`Tensor::attention_backward`]: the operands packed (`lse` as f32), the
+/// deterministic backward kernels.
+fn backward_cuda(
+    gpu: &Gpu,
+    operands: [&Tensor; 6],
+    key_padding: Option<&Tensor>,
+    dims: Dims,
+    spec: &AttentionSpec,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let [q, k, v, out, lse, grad] = operands;
+    let (q, k, v, out, grad) = (
+        gpu.packed(q)?,
+        gpu.packed(k)?,
+        gpu.packed(v)?,
+        gpu.packed(out)?,
+        gpu.packed(grad)?,
+    );
+    let lse = gpu.cast(lse, DType::F32)?;
+    let keep = key_padding.map(|t| gpu.packed(t)).transpose()?;
+    let (kernel_dims, mask) = kernel_args(dims, spec);
+    cuda_float_dispatch!(gpu.op, gpu.device, q.dtype(), T => {
+        let mut dq = gpu.alloc::<T>(q.numel())?;
+        let mut dk = gpu.alloc::<T>(k.numel())?;
+        let mut dv = gpu.alloc::<T>(v.numel())?;
+        let mut delta = gpu.alloc::<f32>(dims.b * dims.h * dims.tq)?;
+        let inputs = cuda::kernels::AttentionBackward {
+            qkv: (q.cuda_buffer::<T>(), k.cuda_buffer::<T>(), v.cuda_buffer::<T>()),
+            out: out.cuda_buffer::<T>(),
+            lse: lse.cuda_buffer::<f32>(),
+            grad: grad.cuda_buffer::<T>(),
+            keep: keep.as_ref().map(|t| t.cuda_buffer::<u32>()),
+        };
+        gpu.check(gpu.dev.attention_backward(
+            &inputs,
+            (&mut dq, &mut dk, &mut dv),
+            &mut delta,
+            kernel_dims,
+            spec.scale as f32,
+            mask,
+        ))?;
+        Ok((
+            gpu.tensor(dq, q.shape()),
+            gpu.tensor(dk, k.shape()),
+            gpu.tensor(dv, v.shape()),
+        ))
     })
 }
 
@@ -551,7 +608,8 @@ impl Tensor {
 
     /// The backward pass of [`Tensor::attention`]: `(dq, dk, dv)` from the same operands, the
     /// forward's output `out` and log-sum-exp `lse`, and dL/d(out) `grad`. Deterministic: each
-    /// key head's gradients are summed by one task in a fixed order.
+    /// key head's gradients are summed by one task in a fixed order (on CUDA, each gradient
+    /// element by one thread, without atomics).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_backward(
         &self,
@@ -565,7 +623,6 @@ impl Tensor {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let op = "attention_backward";
         let dims = check(op, self, k, v, spec, key_padding)?;
-        crate::gpu::cpu_only(op, &[self, k, v, out, lse, grad], &[key_padding])?;
         if out.shape() != self.shape() || grad.shape() != self.shape() {
             return shape_err(
                 op,
@@ -596,6 +653,13 @@ impl Tensor {
                 op,
                 dtype: lse.dtype(),
             });
+        }
+        let operands: Vec<&Tensor> = [self, k, v, out, lse, grad]
+            .into_iter()
+            .chain(key_padding)
+            .collect();
+        if let Some(gpu) = Gpu::of(op, &operands)? {
+            return backward_cuda(&gpu, [self, k, v, out, lse, grad], key_padding, dims, spec);
         }
         let keep = keep_flags(key_padding, &dims);
         float_dispatch!(op, self.dtype(), T => {
