@@ -31,7 +31,7 @@ for line in sys.stdin:
 cargo test --release -p tests -p cuda --no-run --message-format=json 2>/dev/null |
   executables test | while read -r exe; do
     case "$(basename "$exe")" in
-      gpu_ops-* | gpu_scans-* | gpu_model-* | hf_parity-* | cuda-* | gpu_device-* | nvrtc_compile-*) cp "$exe" .gpu/tests/ ;;
+      gpu_ops-* | gpu_scans-* | gpu_attention-* | gpu_model-* | hf_parity-* | cuda-* | gpu_device-* | nvrtc_compile-*) cp "$exe" .gpu/tests/ ;;
     esac
   done
 # The benchmarks (their executables are built like tests, with harness = false).
@@ -39,7 +39,7 @@ cargo bench -p cuda -p nn --no-run --message-format=json 2>/dev/null |
   executables test | while read -r exe; do
     case "$(basename "$exe")" in gpu-* | mamba_layers-*) cp "$exe" .gpu/bin/ ;; esac
   done
-cp scripts/bench_mamba_ssm.py .gpu/
+cp scripts/bench_mamba_ssm.py scripts/bench_sdpa.py .gpu/
 if [ -n "${MAMBA_SRC:-}" ]; then cp -r "$MAMBA_SRC" .gpu/mamba_src; fi
 strip .gpu/bin/* .gpu/tests/* 2>/dev/null || true
 
@@ -80,6 +80,8 @@ for b in "$here"/bin/*; do
   echo "== $(basename "$b")" | tee -a "$out/gpu-bench.log"
   "$b" 2>&1 | tee -a "$out/gpu-bench.log" || status=1
 done
+echo "== PyTorch SDPA reference" | tee -a "$out/gpu-bench.log"
+python3 "$here/bench_sdpa.py" 2>&1 | tee -a "$out/gpu-bench.log" || status=1
 if [ -d "$here/mamba_src" ]; then
   echo "== mamba_ssm reference" | tee -a "$out/gpu-bench.log"
   PYTHONPATH="$here/mamba_src" python3 "$here/bench_mamba_ssm.py" 2>&1 | tee -a "$out/gpu-bench.log" || status=1

@@ -6,12 +6,16 @@
 //! epilogue) as cuBLAS's other route; the ratio is GemmEx over the better of the two. Then the
 //! memory-bound kernels in GB/s of the bytes they must read and write once, as a fraction of the
 //! copy bandwidth; last the Mamba scans (selective scan and SSD chunk scan, forward and backward)
-//! at the 2.8B/2.7B models' shapes, likewise in GB/s of the bytes they must move once. Times are
+//! at the 2.8B/2.7B models' shapes, likewise in GB/s of the bytes they must move once; then the
+//! fused attention, forward and backward, in TFLOP/s of the visible (unmasked) score entries at
+//! EMMA's shapes and at FlashAttention's reference shapes, as a fraction of the measured bf16
+//! GEMM rate on 4096³ (`scripts/bench_sdpa.py` times PyTorch's SDPA on the same shapes). Times are
 //! the best of several event-timed rounds after a warm-up (which also
 //! compiles the kernels). Without a GPU it prints one line and exits successfully.
 
 use cuda::kernels::{
-    BinaryOp, NormSpec, ScanGrads, ScanInputs, ScanSpec, SsdGradBuffers, SsdInputs, SsdSpec, UnaryOp,
+    AttentionBackward, AttentionDims, AttentionMaskKind, BinaryOp, NormSpec, ScanGrads, ScanInputs, ScanSpec,
+    SsdGradBuffers, SsdInputs, SsdSpec, UnaryOp,
 };
 use cuda::{bf16, DeviceBuffer, FloatElem, GemmSpec, GpuDevice, Result};
 
@@ -109,6 +113,7 @@ fn run(dev: &GpuDevice) -> Result<()> {
     println!("| copy d2d 1 GiB (ceiling) | {ceiling:.0} GB/s | | |");
     drop((src, dst));
 
+    let mut peak = 0.0f64;
     for s in GEMMS {
         let a = filled(dev, s.m * s.k, bf16::from_f32(0.01))?;
         let b = filled(dev, s.k * s.n, bf16::from_f32(0.02))?;
@@ -119,6 +124,9 @@ fn run(dev: &GpuDevice) -> Result<()> {
         let tflops = |ms: f64| flop / (ms * 1e-3) / 1e12;
         let ex = tflops(time_ms(dev, 10, || dev.gemm(&a, &b, &mut c, spec))?);
         let lt = tflops(time_ms(dev, 10, || dev.gemm_bias((&a, &b), &bias, &mut c, spec))?);
+        if s.m == 4096 && s.n == 4096 && s.k == 4096 {
+            peak = ex.max(lt);
+        }
         println!(
             "| {} | {ex:.0} TFLOP/s | cuBLASLt {lt:.0} TFLOP/s | {:.2} |",
             s.name,
@@ -171,7 +179,8 @@ fn run(dev: &GpuDevice) -> Result<()> {
         let ms = time_ms(dev, 10, || dev.rms_norm(&x, None, &w, &mut y, spec))?;
         row_op(&format!("rms_norm bf16 [{rows}, {dim}]"), 2 * rows * dim * 2, ms);
     }
-    scan_benches(dev, ceiling)
+    scan_benches(dev, ceiling)?;
+    attention(dev, peak)
 }
 
 /// Prints one scan measurement: GB/s of `bytes` moved in `ms`, and its share of the copy
@@ -343,6 +352,146 @@ fn scan_benches(dev: &GpuDevice, ceiling: f64) -> Result<()> {
             ms,
             ceiling,
         );
+    }
+    Ok(())
+}
+
+/// One attention shape: `b` batches of `h` heads, `tq` queries over `tk` keys of head dim `d`.
+struct AttentionShape {
+    name: &'static str,
+    b: usize,
+    h: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+    mask: AttentionMaskKind,
+}
+
+/// EMMA's attention shapes (SigLIP SO400M, DINOv2 ViT-L, the pixel decoder's block-causal
+/// attention over the 27 x 27 patch raster) at batch 1 and 16, then FlashAttention's reference
+/// shapes (16 heads of 128, 16k tokens per batch, with and without the causal mask).
+fn attention_shapes() -> Vec<AttentionShape> {
+    let mut shapes = Vec::new();
+    for b in [1, 16] {
+        let full = AttentionMaskKind::Full;
+        shapes.push(AttentionShape {
+            name: "SigLIP",
+            b,
+            h: 16,
+            tq: 729,
+            tk: 729,
+            d: 72,
+            mask: full,
+        });
+        shapes.push(AttentionShape {
+            name: "DINOv2",
+            b,
+            h: 16,
+            tq: 734,
+            tk: 734,
+            d: 64,
+            mask: full,
+        });
+        let block = AttentionMaskKind::BlockCausal { width: 27 };
+        shapes.push(AttentionShape {
+            name: "decoder",
+            b,
+            h: 40,
+            tq: 729,
+            tk: 729,
+            d: 64,
+            mask: block,
+        });
+    }
+    for (b, t) in [(8, 2048), (2, 8192)] {
+        for mask in [AttentionMaskKind::Full, AttentionMaskKind::Causal] {
+            shapes.push(AttentionShape {
+                name: "FA reference",
+                b,
+                h: 16,
+                tq: t,
+                tk: t,
+                d: 128,
+                mask,
+            });
+        }
+    }
+    shapes
+}
+
+/// The number of (query, key) pairs `mask` lets through: the work the kernels do.
+fn visible_pairs(tq: usize, tk: usize, mask: AttentionMaskKind) -> usize {
+    (0..tq)
+        .map(|i| match mask {
+            AttentionMaskKind::Full => tk,
+            AttentionMaskKind::Causal => (i + tk + 1).saturating_sub(tq).min(tk),
+            AttentionMaskKind::BlockCausal { width } => ((i / width + 1) * width).min(tk),
+        })
+        .sum()
+}
+
+/// The fused attention in bf16: forward (4 flops per visible entry and channel: QKᵀ and PV) and
+/// backward (10: the convention that the backward is 2.5 forwards), as TFLOP/s and as a share of
+/// `peak`, the measured bf16 GEMM rate.
+fn attention(dev: &GpuDevice, peak: f64) -> Result<()> {
+    for s in attention_shapes() {
+        let dims = AttentionDims {
+            b: s.b,
+            h: s.h,
+            hk: s.h,
+            tq: s.tq,
+            tk: s.tk,
+            d: s.d,
+        };
+        let (nq, nk) = (s.b * s.h * s.tq * s.d, s.b * s.h * s.tk * s.d);
+        let q = filled(dev, nq, bf16::from_f32(0.1))?;
+        let k = filled(dev, nk, bf16::from_f32(0.1))?;
+        let v = filled(dev, nk, bf16::from_f32(0.1))?;
+        let grad = filled(dev, nq, bf16::from_f32(0.01))?;
+        let mut out = dev.alloc::<bf16>(nq)?;
+        let mut lse = dev.alloc::<f32>(s.b * s.h * s.tq)?;
+        let mut delta = dev.alloc::<f32>(s.b * s.h * s.tq)?;
+        let (mut dq, mut dk, mut dv) = (
+            dev.alloc::<bf16>(nq)?,
+            dev.alloc::<bf16>(nk)?,
+            dev.alloc::<bf16>(nk)?,
+        );
+        let scale = 1.0 / (s.d as f32).sqrt();
+        let fwd = time_ms(dev, 3, || {
+            dev.attention_forward((&q, &k, &v), None, &mut out, &mut lse, dims, scale, s.mask)
+        })?;
+        let inputs = AttentionBackward {
+            qkv: (&q, &k, &v),
+            out: &out,
+            lse: &lse,
+            grad: &grad,
+            keep: None,
+        };
+        let bwd = time_ms(dev, 3, || {
+            dev.attention_backward(
+                &inputs,
+                (&mut dq, &mut dk, &mut dv),
+                &mut delta,
+                dims,
+                scale,
+                s.mask,
+            )
+        })?;
+        let entries = (s.b * s.h * s.d * visible_pairs(s.tq, s.tk, s.mask)) as f64;
+        for (pass, flop, ms) in [("fwd", 4.0 * entries, fwd), ("bwd", 10.0 * entries, bwd)] {
+            let tflops = flop / (ms * 1e-3) / 1e12;
+            println!(
+                "| attention {pass} {} {:?} B={} H={} T={}x{} D={} | {tflops:.1} TFLOP/s ({ms:.3} ms) | bf16 GEMM {peak:.0} TFLOP/s | {:.0}% |",
+                s.name,
+                s.mask,
+                s.b,
+                s.h,
+                s.tq,
+                s.tk,
+                s.d,
+                100.0 * tflops / peak.max(1e-9)
+            );
+        }
     }
     Ok(())
 }
