@@ -111,6 +111,12 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         cfg.alignment.weight = w;
     }
     cfg.vision.frozen = opts.vision_frozen(cfg.vision.frozen);
+    if cfg.alignment.mff && !cfg.alignment.pixel_loss {
+        eprintln!(
+            "note: multi-scale feature fusion only feeds the pixel loss (as in the paper); with \
+             --no-pixel-loss it does not change what the model learns"
+        );
+    }
     let choice: DeviceChoice = opts.device.parse().map_err(TrainError::Options)?;
     let device = resolve(choice).map_err(|e| TrainError::Device(format!("{e:#}")))?;
     let compute = match opts.precision.as_str() {
