@@ -1,12 +1,13 @@
-//! The vision warm-up: before the LM sees an image, the two towers are trained as an image
-//! classifier on the training images' own labels (easy-VQA: the shape, or also the colour): the projector
-//! maps each patch to a token, and a linear read-out per label set sees the mean of the tokens.
-//! Afterwards the towers keep what they learned; the read-outs are thrown away and the projector
-//! starts again from its initial weights, as it does on the paper's pretrained towers.
+//! The vision warm-up (`--vision-warmup N`, off by default): before the LM sees an image, the
+//! two towers are trained as an image classifier on the training images' own labels (easy-VQA:
+//! colour and shape, read from their questions). The projector maps each patch to a token, and a
+//! linear read-out per label set sees the mean of the tokens. Afterwards the towers keep what
+//! they learned; the read-outs are thrown away and the projector starts again from its initial
+//! weights, as it does on the paper's pretrained towers.
 //!
-//! This is the tiny preset's stand-in for the paper's *pretrained* towers: the paper starts from
-//! SigLIP and DINOv2 checkpoints, while the tiny towers start random, and through a random Mamba
-//! LM the answer's gradient teaches them shape only over thousands of steps (README, easy-VQA).
+//! A stand-in for the paper's *pretrained* towers, for studying the tiny preset, whose towers
+//! start random: through a random Mamba LM the answer's gradient teaches them shape only over
+//! thousands of steps. What it does to the whole model is in the README (easy-VQA).
 
 use crate::data::LabelledImages;
 use crate::error::{Result, TrainError};

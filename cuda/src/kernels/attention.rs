@@ -110,20 +110,7 @@ impl GpuDevice {
     ) -> Result<()> {
         let op = "attention_forward";
         let AttentionDims { b, h, hk, tq, tk, d } = dims;
-        if d == 0 || d > ATTENTION_MAX_HEAD_DIM {
-            return Err(CudaError::shape(
-                op,
-                format!("head dim {d}: the kernels take 1 to {ATTENTION_MAX_HEAD_DIM}"),
-            ));
-        }
-        if hk == 0 || h % hk != 0 {
-            return Err(CudaError::shape(
-                op,
-                format!("{hk} key heads do not divide {h} query heads"),
-            ));
-        }
-        let nq = product(op, "queries", &[b, h, tq, d])?;
-        let nk = product(op, "keys", &[b, hk, tk, d])?;
+        let (nq, nk) = check_dims(op, dims)?;
         need(self, op, "q", q, nq)?;
         need(self, op, "k", k, nk)?;
         need(self, op, "v", v, nk)?;
