@@ -8,7 +8,8 @@
 //! NaN before the kernels write them. Errors are relative L2 over each whole output: f32 within
 //! 1e-5, bf16 and f16 within 1e-2, dq and dk relative to the larger of the result and the terms
 //! that cancel in it; the log-sum-exp (f32 on every path) likewise per row, and exactly -inf on
-//! the rows that see no key.
+//! the rows that see no key. The backward is also run several times and must give the same
+//! bits every time (it has no atomics; the emulated device runs blocks on several threads).
 //!
 //! Without a GPU every test prints one line `skipped: <reason>` and passes; with
 //! `EMMA_REQUIRE_GPU=1` it fails instead.
@@ -206,4 +207,50 @@ fn attention_on_the_gpu_refuses_head_dims_past_128() {
     };
     let err = q.attention(&q, &q, &spec, None).unwrap_err().to_string();
     assert!(err.contains("head dim 160"), "{err}");
+}
+
+#[test]
+fn the_gpu_backward_is_deterministic() {
+    if !tests::gpu::gpu_ready() {
+        return;
+    }
+    let c = Case {
+        b: 2,
+        h: 4,
+        hk: 2,
+        tq: 127,
+        tk: 129,
+        d: 72,
+        mask: AttentionMask::Causal,
+        padded: true,
+        dtype: BF16,
+        seed: 11,
+    };
+    let on = |t: Tensor| t.to_device(GPU).unwrap();
+    let q = on(random(&[c.b, c.h, c.tq, c.d], 1, c.dtype).unwrap());
+    let k = on(random(&[c.b, c.hk, c.tk, c.d], 2, c.dtype).unwrap());
+    let v = on(random(&[c.b, c.hk, c.tk, c.d], 3, c.dtype).unwrap());
+    let go = on(random(&[c.b, c.h, c.tq, c.d], 4, c.dtype).unwrap());
+    let keep = on(padding(&c).unwrap());
+    let spec = AttentionSpec {
+        scale: 0.1,
+        mask: c.mask,
+    };
+    let (out, lse) = q.attention(&k, &v, &spec, Some(&keep)).unwrap();
+    let grads = || {
+        let (dq, dk, dv) = q
+            .attention_backward(&k, &v, &out, &lse, &go, &spec, Some(&keep))
+            .unwrap();
+        [dq, dk, dv].map(|t| t.to_device(Cpu).unwrap().to_vec_f64())
+    };
+    let first = grads();
+    for _ in 0..3 {
+        let again = grads();
+        for (a, b) in first.iter().zip(&again) {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "the backward differs between runs"
+            );
+        }
+    }
 }
