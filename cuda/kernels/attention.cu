@@ -285,9 +285,10 @@ ATTENTION_TC_ENTRY(f16, f16)
 // Deterministic, without atomics: a pre-pass takes delta = rowsum(dO ∘ O) per query; one kernel
 // owns a tile of keys of one key head and sums dK and dV over every query (of every query head of
 // its group) that sees them; another owns a tile of queries and sums dQ over the keys they see.
-// Both recompute P = exp(S · scale - lse) from the saved log-sum-exp, in f32 on the CUDA cores,
-// and round once when they store. Four threads share a key (or a query): thread part p of the
-// four holds channels p, p + 4, p + 8, ... and the dot products are summed over the four lanes.
+// Both recompute P = exp(S · scale - lse) from the saved log-sum-exp and round once when they
+// store. In f32 they run on the CUDA cores (below): four threads share a key (or a query), thread
+// part p of the four holds channels p, p + 4, p + 8, ..., and the dot products are summed over the
+// four lanes. bf16 and f16 use the tensor-core versions further down.
 #define ATT_BWD_TILE 32                 // keys (or queries) per block: 4 threads each
 #define ATT_BWD_CHUNK 16                // query (or key) rows staged in shared memory at once
 #define ATT_PER_THREAD (ATT_MAX_D / 4)  // channels per thread
@@ -468,7 +469,279 @@ __device__ void attention_backward_q(const T *q, const T *k, const T *v, const T
     }
 }
 
-#define ATTENTION_BWD_ENTRIES(T, S)                                                                       \
+// ---- backward on the tensor cores (bf16, f16) ----------------------------------------------------
+// The same two kernels with the products on the tensor cores: each warp owns 16 keys (dK, dV) or
+// 16 queries (dQ) of a 64-wide block and holds their K and V (or Q and dO) fragments in
+// registers; the other side streams through shared memory in tiles of 32, stored both by row
+// (for Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, or S = Q Kᵀ and dP = dO Vᵀ) and transposed (for dV += Pᵀ dO and
+// dK += dSᵀ Q, or dQ += dS K). P and dS are rounded to the operand type for their products.
+#define ATT_TT 32                  // queries (or keys) per streamed tile
+#define ATT_TLD (ATT_TT / 2 + 4)   // words per row of a transposed tile (pairs along the tile)
+
+// Elements (row, col) and (row, col + 1) of a row-major [rows, D] matrix as one mma register
+// (zero past the edges).
+template <typename T>
+__device__ __forceinline__ u32 att_pair(const T *p, u64 row, u64 rows, u64 col, u64 D) {
+    const T zero = from_float<T>(0.f);
+    const T lo = row < rows && col < D ? p[row * D + col] : zero;
+    const T hi = row < rows && col + 1 < D ? p[row * D + col + 1] : zero;
+    return att_bits(lo) | (att_bits(hi) << 16);
+}
+
+// Elements (row, col) and (row + 1, col) as one register (a transposed pair).
+template <typename T>
+__device__ __forceinline__ u32 att_pair_down(const T *p, u64 row, u64 rows, u64 col, u64 D) {
+    const T zero = from_float<T>(0.f);
+    const T lo = row < rows && col < D ? p[row * D + col] : zero;
+    const T hi = row + 1 < rows && col < D ? p[(row + 1) * D + col] : zero;
+    return att_bits(lo) | (att_bits(hi) << 16);
+}
+
+// The A fragments (16 rows from r0, every 16-wide k step of the head dim) of a row-major matrix.
+template <typename T>
+__device__ __forceinline__ void att_frags(u32 (&f)[ATT_MAX_D / 16][4], const T *p, u64 r0, u64 rows, u64 D) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int s = 0; s < ATT_MAX_D / 16; ++s) {
+        const u64 c = 16 * (u64)s + 2 * t;
+        f[s][0] = att_pair(p, r0 + g, rows, c, D);
+        f[s][1] = att_pair(p, r0 + g + 8, rows, c, D);
+        f[s][2] = att_pair(p, r0 + g, rows, c + 8, D);
+        f[s][3] = att_pair(p, r0 + g + 8, rows, c + 8, D);
+    }
+}
+
+// Stages rows r0 .. r0 + ATT_TT of a row-major [rows, D] matrix into `by_row` ([row][d pair]) and
+// `by_col` ([d][row pair]).
+template <typename T>
+__device__ __forceinline__ void att_stage(u32 (*by_row)[ATT_KLD], u32 (*by_col)[ATT_TLD], const T *p, u64 r0,
+                                          u64 rows, u64 D, int dw) {
+    for (int e = threadIdx.x; e < ATT_TT * dw; e += ATT_THREADS) {
+        const int r = e / dw, w = e % dw;
+        by_row[r][w] = att_pair(p, r0 + r, rows, 2 * (u64)w, D);
+    }
+    for (int e = threadIdx.x; e < 2 * dw * (ATT_TT / 2); e += ATT_THREADS) {
+        const int d = e % (2 * dw), w = e / (2 * dw);
+        by_col[d][w] = att_pair_down(p, r0 + 2 * (u64)w, rows, (u64)d, D);
+    }
+}
+
+// The A fragment of one 16-wide k step made of two adjacent 8-wide accumulator tiles.
+template <typename T> __device__ __forceinline__ void att_acc_frag(u32 (&a)[4], const float (&x)[4], const float (&y)[4]) {
+    a[0] = att_pack<T>(x[0], x[1]);
+    a[1] = att_pack<T>(x[2], x[3]);
+    a[2] = att_pack<T>(y[0], y[1]);
+    a[3] = att_pack<T>(y[2], y[3]);
+}
+
+template <typename T>
+__device__ void attention_backward_kv_tc(const T *q, const T *k, const T *v, const T *grad, const float *lse,
+                                         const float *delta, const u32 *keep, T *dk, T *dv, u64 B, u64 H, u64 HK,
+                                         u64 TQ, u64 TK, u64 D, float scale, int kind, u64 width) {
+    __shared__ u32 qs[ATT_TT][ATT_KLD], gs[ATT_TT][ATT_KLD];
+    __shared__ u32 qt[ATT_MAX_D][ATT_TLD], gt[ATT_MAX_D][ATT_TLD];
+    __shared__ float rl[ATT_TT], rd[ATT_TT];
+    __shared__ u64 rend[ATT_TT];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int dw = (int)((D + 15) / 16) * 8, ksteps = dw / 8, dtiles = (int)((D + 7) / 8);
+    const u64 ktiles = (TK + ATT_BC - 1) / ATT_BC, group = H / HK;
+    const T zero = from_float<T>(0.f);
+    for (u64 blk = blockIdx.x; blk < B * HK * ktiles; blk += gridDim.x) {
+        const u64 kt = blk % ktiles, bk = blk / ktiles, kh = bk % HK, bb = bk / HK;
+        const u64 k0 = kt * ATT_BC, r0 = k0 + warp * 16;
+        const T *kp = k + bk * TK * D, *vp = v + bk * TK * D;
+        u32 kf[ATT_MAX_D / 16][4], vf[ATT_MAX_D / 16][4];
+        att_frags(kf, kp, r0, TK, D);
+        att_frags(vf, vp, r0, TK, D);
+        const u64 key[2] = {r0 + g, r0 + g + 8};
+        bool live[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) live[r] = key[r] < TK && (keep == nullptr || keep[bb * TK + key[r]] != 0);
+        float gk[ATT_MAX_D / 8][4], gv[ATT_MAX_D / 8][4];
+#pragma unroll
+        for (int n = 0; n < ATT_MAX_D / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) gk[n][c] = gv[n][c] = 0.f;
+        const u64 first = att_first_query(kind, width, k0, TQ, TK);
+        for (u64 hh = kh * group; hh < (kh + 1) * group; ++hh) {
+            const u64 bh = bb * H + hh;
+            for (u64 i0 = first; i0 < TQ; i0 += ATT_TT) {
+                __syncthreads(); // the previous tile's readers are done
+                att_stage(qs, qt, q + bh * TQ * D, i0, TQ, D, dw);
+                att_stage(gs, gt, grad + bh * TQ * D, i0, TQ, D, dw);
+                for (int r = tid; r < ATT_TT; r += ATT_THREADS) {
+                    const u64 row = i0 + r;
+                    rl[r] = row < TQ ? lse[bh * TQ + row] : -EMMA_INF;
+                    rd[r] = row < TQ ? delta[bh * TQ + row] : 0.f;
+                    rend[r] = row < TQ ? att_key_end(kind, width, row, TQ, TK) : 0;
+                }
+                __syncthreads();
+                float st[ATT_TT / 8][4], dpt[ATT_TT / 8][4];
+#pragma unroll
+                for (int n = 0; n < ATT_TT / 8; ++n)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) st[n][c] = dpt[n][c] = 0.f;
+#pragma unroll
+                for (int s = 0; s < ATT_MAX_D / 16; ++s) {
+                    if (s >= ksteps) break;
+#pragma unroll
+                    for (int n = 0; n < ATT_TT / 8; ++n) {
+                        u32 bf[2];
+                        load_frag_b(bf, &qs[0][0], ATT_KLD, 8 * n, s * 8);
+                        att_mma(st[n], kf[s], bf, zero);
+                        load_frag_b(bf, &gs[0][0], ATT_KLD, 8 * n, s * 8);
+                        att_mma(dpt[n], vf[s], bf, zero);
+                    }
+                }
+                // Pᵀ and dSᵀ in place of Sᵀ and dPᵀ: rows are keys, columns queries.
+#pragma unroll
+                for (int n = 0; n < ATT_TT / 8; ++n)
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) {
+                        const int col = 8 * n + 2 * t + (c & 1), r = c >> 1;
+                        const bool seen = live[r] && key[r] < rend[col] && rl[col] != -EMMA_INF;
+                        const float p = seen ? expf(st[n][c] * scale - rl[col]) : 0.f;
+                        st[n][c] = p;
+                        dpt[n][c] = p * (dpt[n][c] - rd[col]) * scale;
+                    }
+#pragma unroll
+                for (int kk = 0; kk < ATT_TT / 16; ++kk) {
+                    u32 pa[4], sa[4];
+                    att_acc_frag<T>(pa, st[2 * kk], st[2 * kk + 1]);
+                    att_acc_frag<T>(sa, dpt[2 * kk], dpt[2 * kk + 1]);
+#pragma unroll
+                    for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                        if (n >= dtiles) break;
+                        u32 bf[2];
+                        load_frag_b(bf, &gt[0][0], ATT_TLD, 8 * n, kk * 8);
+                        att_mma(gv[n], pa, bf, zero);
+                        load_frag_b(bf, &qt[0][0], ATT_TLD, 8 * n, kk * 8);
+                        att_mma(gk[n], sa, bf, zero);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (key[r] >= TK) continue;
+#pragma unroll
+            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                if (n >= dtiles) break;
+                const u64 col = 8 * (u64)n + 2 * t, at = (bk * TK + key[r]) * D + col;
+                if (col < D) {
+                    dk[at] = from_float<T>(gk[n][2 * r]);
+                    dv[at] = from_float<T>(gv[n][2 * r]);
+                }
+                if (col + 1 < D) {
+                    dk[at + 1] = from_float<T>(gk[n][2 * r + 1]);
+                    dv[at + 1] = from_float<T>(gv[n][2 * r + 1]);
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__device__ void attention_backward_q_tc(const T *q, const T *k, const T *v, const T *grad, const float *lse,
+                                        const float *delta, const u32 *keep, T *dq, u64 B, u64 H, u64 HK, u64 TQ,
+                                        u64 TK, u64 D, float scale, int kind, u64 width) {
+    __shared__ u32 ks[ATT_TT][ATT_KLD], vs[ATT_TT][ATT_KLD];
+    __shared__ u32 kt[ATT_MAX_D][ATT_TLD];
+    __shared__ int kept[ATT_TT];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int dw = (int)((D + 15) / 16) * 8, ksteps = dw / 8, dtiles = (int)((D + 7) / 8);
+    const u64 qtiles = (TQ + ATT_BR - 1) / ATT_BR, group = H / HK;
+    const T zero = from_float<T>(0.f);
+    for (u64 blk = blockIdx.x; blk < B * H * qtiles; blk += gridDim.x) {
+        const u64 qtile = blk % qtiles, bh = blk / qtiles, hh = bh % H, bb = bh / H;
+        const u64 bk = bb * HK + hh / group;
+        const u64 q0 = qtile * ATT_BR, r0 = q0 + warp * 16;
+        const T *kp = k + bk * TK * D, *vp = v + bk * TK * D;
+        u32 qf[ATT_MAX_D / 16][4], gf[ATT_MAX_D / 16][4];
+        att_frags(qf, q + bh * TQ * D, r0, TQ, D);
+        att_frags(gf, grad + bh * TQ * D, r0, TQ, D);
+        const u64 row[2] = {r0 + g, r0 + g + 8};
+        float l[2], dl[2];
+        u64 end[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] = row[r] < TQ ? lse[bh * TQ + row[r]] : -EMMA_INF;
+            dl[r] = row[r] < TQ ? delta[bh * TQ + row[r]] : 0.f;
+            end[r] = row[r] < TQ ? att_key_end(kind, width, row[r], TQ, TK) : 0;
+        }
+        const u64 last = (q0 + ATT_BR < TQ ? q0 + ATT_BR : TQ) - 1;
+        const u64 block_end = att_key_end(kind, width, last, TQ, TK);
+        float gq[ATT_MAX_D / 8][4];
+#pragma unroll
+        for (int n = 0; n < ATT_MAX_D / 8; ++n)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) gq[n][c] = 0.f;
+        for (u64 j0 = 0; j0 < block_end; j0 += ATT_TT) {
+            __syncthreads();
+            att_stage(ks, kt, kp, j0, TK, D, dw);
+            for (int e = tid; e < ATT_TT * dw; e += ATT_THREADS) {
+                const int r = e / dw, w = e % dw;
+                vs[r][w] = att_pair(vp, j0 + r, TK, 2 * (u64)w, D);
+            }
+            for (int r = tid; r < ATT_TT; r += ATT_THREADS) {
+                const u64 key = j0 + r;
+                kept[r] = key < TK && (keep == nullptr || keep[bb * TK + key] != 0);
+            }
+            __syncthreads();
+            float s[ATT_TT / 8][4], dp[ATT_TT / 8][4];
+#pragma unroll
+            for (int n = 0; n < ATT_TT / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) s[n][c] = dp[n][c] = 0.f;
+#pragma unroll
+            for (int st = 0; st < ATT_MAX_D / 16; ++st) {
+                if (st >= ksteps) break;
+#pragma unroll
+                for (int n = 0; n < ATT_TT / 8; ++n) {
+                    u32 bf[2];
+                    load_frag_b(bf, &ks[0][0], ATT_KLD, 8 * n, st * 8);
+                    att_mma(s[n], qf[st], bf, zero);
+                    load_frag_b(bf, &vs[0][0], ATT_KLD, 8 * n, st * 8);
+                    att_mma(dp[n], gf[st], bf, zero);
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < ATT_TT / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) {
+                    const int col = 8 * n + 2 * t + (c & 1), r = c >> 1;
+                    const bool seen = kept[col] && j0 + col < end[r] && l[r] != -EMMA_INF;
+                    const float p = seen ? expf(s[n][c] * scale - l[r]) : 0.f;
+                    s[n][c] = p * (dp[n][c] - dl[r]) * scale;
+                }
+#pragma unroll
+            for (int kk = 0; kk < ATT_TT / 16; ++kk) {
+                u32 sa[4];
+                att_acc_frag<T>(sa, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+                for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                    if (n >= dtiles) break;
+                    u32 bf[2];
+                    load_frag_b(bf, &kt[0][0], ATT_TLD, 8 * n, kk * 8);
+                    att_mma(gq[n], sa, bf, zero);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (row[r] >= TQ) continue;
+#pragma unroll
+            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+                if (n >= dtiles) break;
+                const u64 col = 8 * (u64)n + 2 * t, at = (bh * TQ + row[r]) * D + col;
+                if (col < D) dq[at] = from_float<T>(gq[n][2 * r]);
+                if (col + 1 < D) dq[at + 1] = from_float<T>(gq[n][2 * r + 1]);
+            }
+        }
+    }
+}
+
+#define ATTENTION_BWD_ENTRIES(T, S, KV, Q)                                                                \
     extern "C" __global__ void attention_delta_##S(const T *out, const T *grad, float *delta, u64 rows,   \
                                                    u64 D) {                                              \
         attention_delta<T>(out, grad, delta, rows, D);                                                    \
@@ -477,17 +750,15 @@ __device__ void attention_backward_q(const T *q, const T *k, const T *v, const T
         const T *q, const T *k, const T *v, const T *grad, const float *lse, const float *delta,          \
         const u32 *keep, T *dk, T *dv, u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind, \
         u64 width) {                                                                                      \
-        attention_backward_kv<T>(q, k, v, grad, lse, delta, keep, dk, dv, B, H, HK, TQ, TK, D, scale, kind,  \
-                                 width);                                                                  \
+        KV<T>(q, k, v, grad, lse, delta, keep, dk, dv, B, H, HK, TQ, TK, D, scale, kind, width);           \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_backward_q_##S(                   \
         const T *q, const T *k, const T *v, const T *grad, const float *lse, const float *delta,          \
         const u32 *keep, T *dq, u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind,       \
         u64 width) {                                                                                      \
-        attention_backward_q<T>(q, k, v, grad, lse, delta, keep, dq, B, H, HK, TQ, TK, D, scale, kind,      \
-                                width);                                                                   \
+        Q<T>(q, k, v, grad, lse, delta, keep, dq, B, H, HK, TQ, TK, D, scale, kind, width);                \
     }
 
-ATTENTION_BWD_ENTRIES(float, f32)
-ATTENTION_BWD_ENTRIES(bf16, bf16)
-ATTENTION_BWD_ENTRIES(f16, f16)
+ATTENTION_BWD_ENTRIES(float, f32, attention_backward_kv, attention_backward_q)
+ATTENTION_BWD_ENTRIES(bf16, bf16, attention_backward_kv_tc, attention_backward_q_tc)
+ATTENTION_BWD_ENTRIES(f16, f16, attention_backward_kv_tc, attention_backward_q_tc)

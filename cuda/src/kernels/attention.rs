@@ -1,6 +1,6 @@
 //! Fused scaled dot-product attention (`attention.cu`): the forward pass with its per-row
-//! log-sum-exp (on the tensor cores for bf16 and f16, on the CUDA cores for f32), and the
-//! deterministic backward pass (CUDA cores, f32 arithmetic, no atomics).
+//! log-sum-exp, and the deterministic backward pass (no atomics); bf16 and f16 on the tensor
+//! cores, f32 on the CUDA cores.
 
 use super::{need, product};
 use crate::compile::ATTENTION;
@@ -14,7 +14,7 @@ pub const ATTENTION_MAX_HEAD_DIM: usize = 128;
 const QUERY_TILE: usize = 64;
 /// Threads per block (four warps).
 const THREADS: u32 = 128;
-/// Keys (or queries) per block of the backward kernels.
+/// Keys (or queries) per block of the f32 backward kernels (the 16-bit ones take `QUERY_TILE`).
 const BACKWARD_TILE: usize = 32;
 
 /// The sizes of one attention call: q `[b, h, tq, d]`, k and v `[b, hk, tk, d]`.
@@ -188,6 +188,10 @@ impl GpuDevice {
             return Ok(());
         }
         let (kind, width) = mask.code();
+        let tile = match T::DTYPE {
+            DType::F32 => BACKWARD_TILE,
+            _ => QUERY_TILE,
+        };
         let rows = b * h * tq;
         if rows > 0 {
             let args = [
@@ -233,7 +237,7 @@ impl GpuDevice {
                 .chain([Arg::buf(dk), Arg::buf(dv)])
                 .chain(common)
                 .collect();
-            let blocks = b * hk * tk.div_ceil(BACKWARD_TILE);
+            let blocks = b * hk * tk.div_ceil(tile);
             launch(
                 self,
                 &ATTENTION,
@@ -244,7 +248,7 @@ impl GpuDevice {
         }
         if nq > 0 {
             let args: Vec<Arg> = head.iter().copied().chain([Arg::buf(dq)]).chain(common).collect();
-            let blocks = b * h * tq.div_ceil(BACKWARD_TILE);
+            let blocks = b * h * tq.div_ceil(tile);
             launch(
                 self,
                 &ATTENTION,
