@@ -6,6 +6,8 @@
 //! 2.5 times that for forward + backward, halved where a causal mask halves the work), the
 //! unfused / fused time ratio, and the peak heap bytes allocated while the pass ran (a counting
 //! allocator around the system one), so the O(T²) score matrices of the unfused path show.
+//! Last, the fused op's peak memory as the length doubles from 512 to 4,096 (4 heads of 64,
+//! causal), against the size of its inputs: it grows linearly with T.
 
 use autograd::Var;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -156,6 +158,43 @@ fn main() -> BenchResult<()> {
                 plain_ms / fused_ms,
             );
         }
+    }
+    memory_scaling(&mut rng)
+}
+
+/// The fused op's peak heap (forward + backward) at T = 512 .. 4096: linear in T, a small
+/// multiple of the q, k, v and output-gradient bytes.
+fn memory_scaling(rng: &mut tensor::Rng) -> BenchResult<()> {
+    let (heads, d) = (4, 64);
+    let spec = AttentionSpec {
+        scale: 1.0 / (d as f64).sqrt(),
+        mask: AttentionMask::Causal,
+    };
+    println!("fused forward+backward peak memory by length ({heads} heads of {d}, causal):");
+    for t in [512, 1024, 2048, 4096] {
+        let shape = [1, heads, t, d];
+        let q = Tensor::randn(&shape, DType::F32, 0.0, 1.0, rng)?;
+        let k = Tensor::randn(&shape, DType::F32, 0.0, 1.0, rng)?;
+        let v = Tensor::randn(&shape, DType::F32, 0.0, 1.0, rng)?;
+        let g = Tensor::randn(&shape, DType::F32, 0.0, 1.0, rng)?;
+        let (ms, peak) = measure(|| {
+            let (vq, vk, vv) = (
+                Var::parameter(q.clone()),
+                Var::parameter(k.clone()),
+                Var::parameter(v.clone()),
+            );
+            let out = vq.attention(&vk, &vv, &spec, None)?;
+            out.mul(&Var::constant(g.clone()))?.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        let inputs = 4 * heads * t * d * 4;
+        println!(
+            "  T = {t:5}: peak {:7.2} MiB = {:.2} x the inputs' {:.2} MiB ({ms:.0} ms; the score matrix alone would be {:.0} MiB)",
+            peak as f64 / (1 << 20) as f64,
+            peak as f64 / inputs as f64,
+            inputs as f64 / (1 << 20) as f64,
+            (heads * t * t * 4) as f64 / (1 << 20) as f64
+        );
     }
     Ok(())
 }

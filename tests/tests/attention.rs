@@ -7,7 +7,7 @@
 //! 80 and 128, every mask kind, grouped keys (Hk < H) and key-padding masks that may blank a
 //! whole batch row. Errors are relative L2 over each whole output: f32 within 1e-5, bf16 within
 //! 1e-2, f64 within 1e-12. The reference sees the inputs rounded to the dtype under test; NaN
-//! never passes.
+//! never passes. The autograd rule is also checked against central differences in f64.
 
 #![allow(clippy::needless_range_loop)] // the reference indexes like the formulas it spells out
 
@@ -237,4 +237,37 @@ fn bad_operands_are_errors_that_name_the_shapes() {
     };
     let err = t(&[1, 1, 2, 4]).attention(&t(&[1, 1, 2, 4]), &t(&[1, 1, 2, 4]), &block, None);
     assert!(err.unwrap_err().to_string().contains("block-causal"));
+}
+
+/// The autograd rule against central differences in f64 (`tests::check`, relative error below
+/// 1e-6): every mask kind, grouped keys, with and without key padding, on shapes small enough to
+/// perturb every input.
+#[test]
+fn the_cpu_gradients_match_finite_differences_in_f64() {
+    let masks = [
+        AttentionMask::Full,
+        AttentionMask::Causal,
+        AttentionMask::BlockCausal { width: 3 },
+    ];
+    for (n, mask) in masks.into_iter().enumerate() {
+        for padded in [false, true] {
+            let seed = 100 + 10 * n as u64 + u64::from(padded);
+            let t = |shape: &[usize], s: u64| {
+                Tensor::from_vec(uniform(shape.iter().product(), -1.0, 1.0, s), shape).unwrap()
+            };
+            let (q, k, v) = (
+                t(&[2, 4, 5, 6], seed),
+                t(&[2, 2, 7, 6], seed + 1),
+                t(&[2, 2, 7, 6], seed + 2),
+            );
+            // Key 2 of row 0 and key 5 of row 1 padded away.
+            let keep = padded.then(|| {
+                let flags: Vec<u32> = (0..14).map(|i| u32::from(i != 2 && i != 12)).collect();
+                Tensor::from_vec(flags, &[2, 7]).unwrap()
+            });
+            let spec = AttentionSpec { scale: 0.4, mask };
+            let result = tests::check(|x| x[0].attention(&x[1], &x[2], &spec, keep.as_ref()), &[q, k, v]);
+            assert!(result.is_ok(), "{mask:?}, padded {padded}: {result:?}");
+        }
+    }
 }
