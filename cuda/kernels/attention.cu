@@ -534,6 +534,31 @@ template <typename T> __device__ __forceinline__ void att_acc_frag(u32 (&a)[4], 
     a[3] = att_pack<T>(y[2], y[3]);
 }
 
+// x = A₁ B₁ and y = A₂ B₂ over the head dim for one warp's 16 rows and a streamed tile's 32
+// columns: the A fragments in registers, the B tiles in shared memory by row ([column][d pair]).
+template <typename T>
+__device__ __forceinline__ void att_tile_products(float (&x)[ATT_TT / 8][4], float (&y)[ATT_TT / 8][4],
+                                                  const u32 (&a1)[ATT_MAX_D / 16][4], const u32 *b1,
+                                                  const u32 (&a2)[ATT_MAX_D / 16][4], const u32 *b2, int ksteps) {
+    const T zero = from_float<T>(0.f);
+#pragma unroll
+    for (int n = 0; n < ATT_TT / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) x[n][c] = y[n][c] = 0.f;
+#pragma unroll
+    for (int s = 0; s < ATT_MAX_D / 16; ++s) {
+        if (s >= ksteps) break;
+#pragma unroll
+        for (int n = 0; n < ATT_TT / 8; ++n) {
+            u32 bf[2];
+            load_frag_b(bf, b1, ATT_KLD, 8 * n, s * 8);
+            att_mma(x[n], a1[s], bf, zero);
+            load_frag_b(bf, b2, ATT_KLD, 8 * n, s * 8);
+            att_mma(y[n], a2[s], bf, zero);
+        }
+    }
+}
+
 template <typename T>
 __device__ void attention_backward_kv_tc(const T *q, const T *k, const T *v, const T *grad, const float *lse,
                                          const float *delta, const u32 *keep, T *dk, T *dv, u64 B, u64 H, u64 HK,
@@ -577,22 +602,7 @@ __device__ void attention_backward_kv_tc(const T *q, const T *k, const T *v, con
                 }
                 __syncthreads();
                 float st[ATT_TT / 8][4], dpt[ATT_TT / 8][4];
-#pragma unroll
-                for (int n = 0; n < ATT_TT / 8; ++n)
-#pragma unroll
-                    for (int c = 0; c < 4; ++c) st[n][c] = dpt[n][c] = 0.f;
-#pragma unroll
-                for (int s = 0; s < ATT_MAX_D / 16; ++s) {
-                    if (s >= ksteps) break;
-#pragma unroll
-                    for (int n = 0; n < ATT_TT / 8; ++n) {
-                        u32 bf[2];
-                        load_frag_b(bf, &qs[0][0], ATT_KLD, 8 * n, s * 8);
-                        att_mma(st[n], kf[s], bf, zero);
-                        load_frag_b(bf, &gs[0][0], ATT_KLD, 8 * n, s * 8);
-                        att_mma(dpt[n], vf[s], bf, zero);
-                    }
-                }
+                att_tile_products<T>(st, dpt, kf, &qs[0][0], vf, &gs[0][0], ksteps);
                 // Pᵀ and dSᵀ in place of Sᵀ and dPᵀ: rows are keys, columns queries.
 #pragma unroll
                 for (int n = 0; n < ATT_TT / 8; ++n)
@@ -689,22 +699,7 @@ __device__ void attention_backward_q_tc(const T *q, const T *k, const T *v, cons
             }
             __syncthreads();
             float s[ATT_TT / 8][4], dp[ATT_TT / 8][4];
-#pragma unroll
-            for (int n = 0; n < ATT_TT / 8; ++n)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) s[n][c] = dp[n][c] = 0.f;
-#pragma unroll
-            for (int st = 0; st < ATT_MAX_D / 16; ++st) {
-                if (st >= ksteps) break;
-#pragma unroll
-                for (int n = 0; n < ATT_TT / 8; ++n) {
-                    u32 bf[2];
-                    load_frag_b(bf, &ks[0][0], ATT_KLD, 8 * n, st * 8);
-                    att_mma(s[n], qf[st], bf, zero);
-                    load_frag_b(bf, &vs[0][0], ATT_KLD, 8 * n, st * 8);
-                    att_mma(dp[n], gf[st], bf, zero);
-                }
-            }
+            att_tile_products<T>(s, dp, qf, &ks[0][0], gf, &vs[0][0], ksteps);
 #pragma unroll
             for (int n = 0; n < ATT_TT / 8; ++n)
 #pragma unroll
