@@ -9,7 +9,6 @@
 //! 1e-2, f64 within 1e-12. The reference sees the inputs rounded to the dtype under test; NaN
 //! never passes. The autograd rule is also checked against central differences in f64.
 
-
 use autograd::Var;
 use proptest::prelude::*;
 use tensor::DType::{BF16, F32, F64};
