@@ -103,9 +103,11 @@ pub trait Dataset: Send + Sync {
     fn get(&self, index: usize) -> Result<Example, DataError>;
     /// What the data set is, for messages.
     fn describe(&self) -> String;
-    /// The indices of the open questions (answered by a word other than yes or no), when the
-    /// data set tells question types; `--open-first` trains on them before the epochs.
-    fn open_questions(&self) -> Option<Vec<usize>> {
+    /// The indices of the open questions (answered by a word other than yes or no) whose type
+    /// is one of `kinds` (`colour`, `shape`), when the data set tells question types;
+    /// `--open-first` trains on them before the epochs.
+    fn open_questions(&self, kinds: &[&str]) -> Option<Vec<usize>> {
+        let _ = kinds;
         None
     }
     /// The images with the classes their questions name, when the data set has such labels;

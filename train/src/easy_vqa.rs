@@ -371,10 +371,13 @@ impl Dataset for EasyVqaData {
         })
     }
 
-    fn open_questions(&self) -> Option<Vec<usize>> {
+    fn open_questions(&self, kinds: &[&str]) -> Option<Vec<usize>> {
         Some(
             (0..self.questions.len())
-                .filter(|&i| question_type(&self.questions[i].answer) != "yes/no")
+                .filter(|&i| {
+                    let kind = question_type(&self.questions[i].answer);
+                    kind != "yes/no" && kinds.contains(&kind)
+                })
                 .collect(),
         )
     }

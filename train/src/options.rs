@@ -133,6 +133,9 @@ pub struct TrainOptions {
     /// Train on all questions from the first step.
     #[arg(long, conflicts_with = "open_first")]
     pub no_open_first: bool,
+    /// The question types of the open-question pass, comma-separated (`colour`, `shape`)
+    #[arg(long, default_value = "colour,shape", value_delimiter = ',')]
+    pub open_first_kinds: Vec<String>,
     /// Steps of a vision warm-up before training: the vision towers learn labels of the training
     /// images with a read-out (easy-VQA only; default 0: none)
     #[arg(long)]
@@ -263,6 +266,17 @@ impl TrainOptions {
             if value == Some(0) {
                 return bad(flag, "0".into(), "a positive count");
             }
+        }
+        if let Some(kind) = self
+            .open_first_kinds
+            .iter()
+            .find(|k| !["colour", "shape"].contains(&k.as_str()))
+        {
+            return bad(
+                "open-first-kinds",
+                format!("{kind:?}"),
+                "a comma-separated list of colour and shape",
+            );
         }
         if self.data != "easy-vqa" {
             refuse_given(
@@ -427,6 +441,7 @@ impl TrainOptions {
             ("freeze-vision", self.freeze_vision.to_string()),
             ("val-images", self.val_images.to_string()),
             ("open-first", r.open_first.to_string()),
+            ("open-first-kinds", self.open_first_kinds.join(",")),
             ("vision-warmup", self.vision_warmup.unwrap_or(0).to_string()),
             ("vision-warmup-labels", self.vision_warmup_labels.join(",")),
             ("precision", self.precision.clone()),

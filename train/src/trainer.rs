@@ -147,7 +147,8 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     }
     let steps_per_epoch = n / global;
     let open_first = if recipe.open_first {
-        let mut open = train_data.open_questions().ok_or_else(|| {
+        let kinds: Vec<&str> = opts.open_first_kinds.iter().map(String::as_str).collect();
+        let mut open = train_data.open_questions(&kinds).ok_or_else(|| {
             TrainError::Options(format!(
                 "--open-first: {} does not tell question types",
                 train_data.describe()

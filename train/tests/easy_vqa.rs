@@ -187,7 +187,12 @@ fn the_tiny_preset_begins_with_one_pass_over_the_open_questions() {
     let dir = tempfile::tempdir().unwrap();
     let data = data_folder(dir.path());
     let train = EasyVqaData::load(&data, Split::Train, 4, false).unwrap();
-    let open = train.open_questions().unwrap();
+    let open = train.open_questions(&["colour", "shape"]).unwrap();
+    let shapes_only = train.open_questions(&["shape"]).unwrap();
+    assert_eq!(shapes_only.len(), 8);
+    assert!(shapes_only
+        .iter()
+        .all(|&i| train.get(i).unwrap().kind.as_deref() == Some("shape")));
     // Each image has a colour, a shape and a yes/no question.
     assert_eq!(open.len(), 16);
     assert!(open
@@ -206,6 +211,11 @@ fn the_tiny_preset_begins_with_one_pass_over_the_open_questions() {
     // 24 training questions in batches of 4: 4 steps on the 16 open ones, then an epoch of 6.
     assert_eq!(steps(&[]), 10);
     assert_eq!(steps(&["--no-open-first"]), 6);
+    // The 8 shape questions: 2 steps, then the epoch.
+    assert_eq!(steps(&["--open-first-kinds", "shape"]), 8);
+    let bad = Wrap::parse_from(["train", "--open-first-kinds", "shape,size"]).t;
+    let err = bad.validate().unwrap_err().to_string();
+    assert!(err.contains("--open-first-kinds \"size\""), "{err}");
     let shapes = Wrap::parse_from(["train", "--data", "shapes", "--open-first"]).t;
     let err = shapes.validate().unwrap_err().to_string();
     assert!(err.contains("--open-first applies to easy-VQA"), "{err}");
