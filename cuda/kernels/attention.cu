@@ -52,6 +52,21 @@ __device__ __forceinline__ void att_mma(float (&d)[4], const u32 (&a)[4], const 
     mma_f16_16816(d, a, b);
 }
 
+// Stores row g (r = 0) or g + 8 (r = 1) of a warp's 16-row f32 accumulator tiles, times
+// `factor`, rounded to T, into the row `dst` of D elements (every lane of the quad its columns).
+template <typename T>
+__device__ __forceinline__ void att_store_row(T *dst, const float (&acc)[ATT_MAX_D / 8][4], int r, float factor,
+                                              u64 D) {
+    const int t = threadIdx.x & 3, dtiles = (int)((D + 7) / 8);
+#pragma unroll
+    for (int n = 0; n < ATT_MAX_D / 8; ++n) {
+        if (n >= dtiles) break;
+        const u64 col = 8 * (u64)n + 2 * t;
+        if (col < D) dst[col] = from_float<T>(acc[n][2 * r] * factor);
+        if (col + 1 < D) dst[col + 1] = from_float<T>(acc[n][2 * r + 1] * factor);
+    }
+}
+
 template <typename T>
 __device__ void attention_forward_tc(const T *q, const T *k, const T *v, const u32 *keep, T *out, float *lse,
                                      u64 B, u64 H, u64 HK, u64 TQ, u64 TK, u64 D, float scale, int kind,
@@ -202,15 +217,7 @@ __device__ void attention_forward_tc(const T *q, const T *k, const T *v, const u
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             if (row[r] >= TQ) continue;
-            const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-            T *op = out + (bh * TQ + row[r]) * D;
-#pragma unroll
-            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
-                if (n >= dtiles) break;
-                const u64 col = 8 * (u64)n + 2 * t;
-                if (col < D) op[col] = from_float<T>(o[n][2 * r] * inv);
-                if (col + 1 < D) op[col + 1] = from_float<T>(o[n][2 * r + 1] * inv);
-            }
+            att_store_row(out + (bh * TQ + row[r]) * D, o, r, l[r] > 0.f ? 1.f / l[r] : 0.f, D);
             if (t == 0) lse[bh * TQ + row[r]] = l[r] > 0.f ? m[r] + logf(l[r]) : -EMMA_INF;
         }
     }
@@ -634,19 +641,8 @@ __device__ void attention_backward_kv_tc(const T *q, const T *k, const T *v, con
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             if (key[r] >= TK) continue;
-#pragma unroll
-            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
-                if (n >= dtiles) break;
-                const u64 col = 8 * (u64)n + 2 * t, at = (bk * TK + key[r]) * D + col;
-                if (col < D) {
-                    dk[at] = from_float<T>(gk[n][2 * r]);
-                    dv[at] = from_float<T>(gv[n][2 * r]);
-                }
-                if (col + 1 < D) {
-                    dk[at + 1] = from_float<T>(gk[n][2 * r + 1]);
-                    dv[at + 1] = from_float<T>(gv[n][2 * r + 1]);
-                }
-            }
+            att_store_row(dk + (bk * TK + key[r]) * D, gk, r, 1.f, D);
+            att_store_row(dv + (bk * TK + key[r]) * D, gv, r, 1.f, D);
         }
     }
 }
@@ -725,13 +721,7 @@ __device__ void attention_backward_q_tc(const T *q, const T *k, const T *v, cons
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             if (row[r] >= TQ) continue;
-#pragma unroll
-            for (int n = 0; n < ATT_MAX_D / 8; ++n) {
-                if (n >= dtiles) break;
-                const u64 col = 8 * (u64)n + 2 * t, at = (bh * TQ + row[r]) * D + col;
-                if (col < D) dq[at] = from_float<T>(gq[n][2 * r]);
-                if (col + 1 < D) dq[at + 1] = from_float<T>(gq[n][2 * r + 1]);
-            }
+            att_store_row(dq + (bh * TQ + row[r]) * D, gq, r, 1.f, D);
         }
     }
 }

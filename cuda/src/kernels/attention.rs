@@ -72,28 +72,58 @@ pub struct AttentionBackward<'a, T: FloatElem> {
     pub keep: Option<&'a DeviceBuffer<u32>>,
 }
 
-/// Checks the sizes shared by the forward and the backward launchers.
-fn check_dims(op: &'static str, dims: AttentionDims) -> Result<(usize, usize)> {
+/// The kernels' trailing arguments, the same for every attention kernel but the delta pre-pass:
+/// sizes, scale and mask.
+fn shape_args(dims: AttentionDims, scale: f32, mask: AttentionMaskKind) -> [Arg; 9] {
     let AttentionDims { b, h, hk, tq, tk, d } = dims;
-    if d == 0 || d > ATTENTION_MAX_HEAD_DIM {
-        return Err(CudaError::shape(
-            op,
-            format!("head dim {d}: the kernels take 1 to {ATTENTION_MAX_HEAD_DIM}"),
-        ));
-    }
-    if hk == 0 || h % hk != 0 {
-        return Err(CudaError::shape(
-            op,
-            format!("{hk} key heads do not divide {h} query heads"),
-        ));
-    }
-    Ok((
-        product(op, "queries", &[b, h, tq, d])?,
-        product(op, "keys", &[b, hk, tk, d])?,
-    ))
+    let (kind, width) = mask.code();
+    [
+        Arg::size(b),
+        Arg::size(h),
+        Arg::size(hk),
+        Arg::size(tq),
+        Arg::size(tk),
+        Arg::size(d),
+        Arg::F32(scale),
+        Arg::I32(kind),
+        Arg::size(width),
+    ]
 }
 
 impl GpuDevice {
+    /// Checks the sizes and the operands shared by the forward and the backward launchers and
+    /// returns the element counts of the queries and of the keys.
+    fn check_attention_operands<T: FloatElem>(
+        &self,
+        op: &'static str,
+        (q, k, v): (&DeviceBuffer<T>, &DeviceBuffer<T>, &DeviceBuffer<T>),
+        keep: Option<&DeviceBuffer<u32>>,
+        dims: AttentionDims,
+    ) -> Result<(usize, usize)> {
+        let AttentionDims { b, h, hk, tq, tk, d } = dims;
+        if d == 0 || d > ATTENTION_MAX_HEAD_DIM {
+            return Err(CudaError::shape(
+                op,
+                format!("head dim {d}: the kernels take 1 to {ATTENTION_MAX_HEAD_DIM}"),
+            ));
+        }
+        if hk == 0 || h % hk != 0 {
+            return Err(CudaError::shape(
+                op,
+                format!("{hk} key heads do not divide {h} query heads"),
+            ));
+        }
+        let nq = product(op, "queries", &[b, h, tq, d])?;
+        let nk = product(op, "keys", &[b, hk, tk, d])?;
+        need(self, op, "q", q, nq)?;
+        need(self, op, "k", k, nk)?;
+        need(self, op, "v", v, nk)?;
+        if let Some(keep) = keep {
+            need(self, op, "key padding", keep, b * tk)?;
+        }
+        Ok((nq, nk))
+    }
+
     /// `out = softmax(q kᵀ · scale, masked) v` and `lse` (the log-sum-exp of each query's scaled,
     /// masked scores; -inf and a zero row for a query that sees no key). `keep` (u32 `[b, tk]`,
     /// nonzero = keep) removes keys per batch row. All buffers contiguous.
@@ -109,37 +139,24 @@ impl GpuDevice {
         mask: AttentionMaskKind,
     ) -> Result<()> {
         let op = "attention_forward";
-        let AttentionDims { b, h, hk, tq, tk, d } = dims;
-        let (nq, nk) = check_dims(op, dims)?;
-        need(self, op, "q", q, nq)?;
-        need(self, op, "k", k, nk)?;
-        need(self, op, "v", v, nk)?;
+        let AttentionDims { b, h, tq, .. } = dims;
+        let (nq, _) = self.check_attention_operands(op, (q, k, v), keep, dims)?;
         need(self, op, "out", out, nq)?;
         need(self, op, "lse", lse, b * h * tq)?;
-        if let Some(keep) = keep {
-            need(self, op, "key padding", keep, b * tk)?;
-        }
         if nq == 0 {
             return Ok(());
         }
-        let (kind, width) = mask.code();
-        let args = [
+        let args: Vec<Arg> = [
             Arg::buf(q),
             Arg::buf(k),
             Arg::buf(v),
             Arg::opt(keep),
             Arg::buf(out),
             Arg::buf(lse),
-            Arg::size(b),
-            Arg::size(h),
-            Arg::size(hk),
-            Arg::size(tq),
-            Arg::size(tk),
-            Arg::size(d),
-            Arg::F32(scale),
-            Arg::I32(kind),
-            Arg::size(width),
-        ];
+        ]
+        .into_iter()
+        .chain(shape_args(dims, scale, mask))
+        .collect();
         let blocks = match T::DTYPE {
             DType::F32 => (b * h * tq).div_ceil(THREADS as usize / 32),
             _ => b * h * tq.div_ceil(QUERY_TILE),
@@ -169,11 +186,8 @@ impl GpuDevice {
     ) -> Result<()> {
         let op = "attention_backward";
         let AttentionDims { b, h, hk, tq, tk, d } = dims;
-        let (nq, nk) = check_dims(op, dims)?;
         let (q, k, v) = inputs.qkv;
-        need(self, op, "q", q, nq)?;
-        need(self, op, "k", k, nk)?;
-        need(self, op, "v", v, nk)?;
+        let (nq, nk) = self.check_attention_operands(op, inputs.qkv, inputs.keep, dims)?;
         need(self, op, "out", inputs.out, nq)?;
         need(self, op, "gradient", inputs.grad, nq)?;
         need(self, op, "lse", inputs.lse, b * h * tq)?;
@@ -181,13 +195,9 @@ impl GpuDevice {
         need(self, op, "dq", dq, nq)?;
         need(self, op, "dk", dk, nk)?;
         need(self, op, "dv", dv, nk)?;
-        if let Some(keep) = inputs.keep {
-            need(self, op, "key padding", keep, b * tk)?;
-        }
         if nq == 0 && nk == 0 {
             return Ok(());
         }
-        let (kind, width) = mask.code();
         let tile = match T::DTYPE {
             DType::F32 => BACKWARD_TILE,
             _ => QUERY_TILE,
@@ -210,17 +220,7 @@ impl GpuDevice {
                 &args,
             )?;
         }
-        let common = [
-            Arg::size(b),
-            Arg::size(h),
-            Arg::size(hk),
-            Arg::size(tq),
-            Arg::size(tk),
-            Arg::size(d),
-            Arg::F32(scale),
-            Arg::I32(kind),
-            Arg::size(width),
-        ];
+        let common = shape_args(dims, scale, mask);
         let head = [
             Arg::buf(q),
             Arg::buf(k),
