@@ -57,6 +57,10 @@ pub struct EvalReport {
     pub samples: Vec<(String, String, String)>,
     /// Scores by question type (the data set's own types, else the question's first two words).
     pub by_type: BTreeMap<String, TypeScore>,
+    /// Every answer, in the data set's order (written by [`EvalReport::save_answers`], not into
+    /// the report).
+    #[serde(skip)]
+    pub answers: Vec<Answered>,
 }
 
 impl EvalReport {
@@ -126,6 +130,23 @@ impl EvalReport {
         emma::fsutil::write_atomic(path, &bytes)?;
         Ok(())
     }
+
+    /// Writes every answer as one JSON line (`question`, `kind`, `want`, `got`, `right`) to
+    /// `path`, atomically, for looking at the errors.
+    pub fn save_answers(&self, path: &Path) -> Result<()> {
+        let mut bytes = Vec::new();
+        for a in &self.answers {
+            let mut v = serde_json::to_value(a).map_err(|e| TrainError::Io {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+            v["right"] = (a.want == a.got).into();
+            bytes.extend(v.to_string().into_bytes());
+            bytes.push(b'\n');
+        }
+        emma::fsutil::write_atomic(path, &bytes)?;
+        Ok(())
+    }
 }
 
 /// Lower case, punctuation removed, whitespace collapsed.
@@ -149,12 +170,17 @@ fn majority(counts: &BTreeMap<String, usize>) -> (String, usize) {
         .unwrap_or_default()
 }
 
-/// One answered question: its text, type, the normalised reference and answer.
-struct Answered {
-    question: String,
-    kind: String,
-    want: String,
-    got: String,
+/// One answered question.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Answered {
+    /// The question as asked.
+    pub question: String,
+    /// Its type.
+    pub kind: String,
+    /// The reference answer, normalised.
+    pub want: String,
+    /// The model's answer, normalised.
+    pub got: String,
 }
 
 /// Answers the last question of example `i` of `data` by greedy generation.
@@ -216,16 +242,17 @@ pub fn evaluate(
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut samples = Vec::new();
     let mut by_type: BTreeMap<String, (usize, usize, BTreeMap<String, usize>)> = BTreeMap::new();
-    for a in answered.into_iter().flatten() {
+    let answers: Vec<Answered> = answered.into_iter().flatten().collect();
+    for a in &answers {
         let right = usize::from(a.want == a.got);
         correct += right;
-        let t = by_type.entry(a.kind).or_default();
+        let t = by_type.entry(a.kind.clone()).or_default();
         t.0 += right;
         t.1 += 1;
         *t.2.entry(a.want.clone()).or_default() += 1;
         *counts.entry(a.want.clone()).or_default() += 1;
         if samples.len() < 8 {
-            samples.push((a.question, a.want, a.got));
+            samples.push((a.question.clone(), a.want.clone(), a.got.clone()));
         }
     }
     let (majority_answer, majority_count) = majority(&counts);
@@ -249,12 +276,46 @@ pub fn evaluate(
                 (k, score)
             })
             .collect(),
+        answers,
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::normalise;
+    use super::{normalise, Answered, EvalReport};
+
+    #[test]
+    fn answers_are_written_one_json_line_each_with_whether_they_are_right() {
+        let answered = |want: &str, got: &str| Answered {
+            question: format!("is it {want}?"),
+            kind: "yes/no".to_owned(),
+            want: want.to_owned(),
+            got: got.to_owned(),
+        };
+        let report = EvalReport {
+            data: "two questions".to_owned(),
+            examples: 2,
+            correct: 1,
+            majority_answer: "yes".to_owned(),
+            majority_count: 1,
+            samples: Vec::new(),
+            by_type: Default::default(),
+            answers: vec![answered("yes", "yes"), answered("no", "yes")],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("answers.jsonl");
+        report.save_answers(&path).unwrap();
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["right"], true);
+        assert_eq!(lines[1]["right"], false);
+        assert_eq!(lines[1]["want"], "no");
+        assert_eq!(lines[1]["question"], "is it no?");
+    }
 
     #[test]
     fn normalising_ignores_case_punctuation_and_spacing() {

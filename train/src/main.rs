@@ -51,6 +51,10 @@ enum Command {
         /// Also write the report as JSON to this file.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Also write every answer as a JSON line (question, type, reference, answer, right) to
+        /// this file.
+        #[arg(long)]
+        answers: Option<PathBuf>,
         /// Folder of the LLaVA images (default: the JSON file's folder).
         #[arg(long)]
         image_folder: Option<PathBuf>,
@@ -113,6 +117,7 @@ fn run() -> anyhow::Result<()> {
             data_dir,
             val_images,
             report,
+            answers,
             image_folder,
             images_anywhere,
             shapes_eval,
@@ -121,7 +126,7 @@ fn run() -> anyhow::Result<()> {
             max_new_tokens,
             device,
         }) => {
-            if let Some(file) = &report {
+            for file in report.iter().chain(&answers) {
                 emma::commands::check_output(file, &[checkpoint.as_path()])?;
             }
             let model = emma::checkpoint::load(&checkpoint, false, resolve(device)?)?;
@@ -151,6 +156,10 @@ fn run() -> anyhow::Result<()> {
             if let Some(file) = &report {
                 result.save(file)?;
                 println!("report written to {}", file.display());
+            }
+            if let Some(file) = &answers {
+                result.save_answers(file)?;
+                println!("answers written to {}", file.display());
             }
             Ok(())
         }
@@ -184,6 +193,10 @@ fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
     if let Some((report, file)) = &summary.eval {
         print_report(report);
         println!("report written to {}", file.display());
+        println!(
+            "answers written to {}",
+            file.with_file_name("answers.jsonl").display()
+        );
     }
     Ok(())
 }

@@ -306,6 +306,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             bar.finish_and_clear();
             let file = out.join("eval.json");
             report.save(&file)?;
+            report.save_answers(&out.join("answers.jsonl"))?;
             Some((report, file))
         }
         None => None,
