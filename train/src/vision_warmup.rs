@@ -73,6 +73,10 @@ pub fn warm_up_vision(
             Ok((s.unsqueeze(0)?, d.unsqueeze(0)?))
         })
         .collect::<Result<_>>()?;
+    // The warm-up is the towers' pre-training: they learn here even when the run after it
+    // freezes them (`--freeze-vision`: frozen warmed-up towers, as the paper's pretrained ones).
+    let mut warmup_cfg = cfg.clone();
+    warmup_cfg.vision.frozen = false;
     let heads_init = ParamStore::random(tensor::seeded_rng(seed ^ 0x5eed), DType::F32, true, "read-outs");
     for (task, classes) in &images.tasks {
         Linear::new(&heads_init, task, cfg.lm.hidden, classes.len(), true)?;
@@ -131,7 +135,7 @@ pub fn warm_up_vision(
             true,
             "read-outs",
         );
-        let model = Emma::new(cfg, model_store.clone())?;
+        let model = Emma::new(&warmup_cfg, model_store.clone())?;
         let cat = |pick: fn(&(Tensor, Tensor)) -> &Tensor| {
             Tensor::concat(&picks.iter().map(|&i| pick(&pixels[i])).collect::<Vec<_>>(), 0)
         };

@@ -295,6 +295,23 @@ fn the_vision_warmup_learns_the_images_labels_and_changes_only_the_towers() {
     }
     assert!(start.keys().any(|k| !train::vision_warmup::warms_up(k)));
 
+    // Towers frozen for the run after it (`--freeze-vision`) still learn in the warm-up.
+    let mut frozen_cfg = cfg.clone();
+    frozen_cfg.vision.frozen = true;
+    let (frozen_after, _) = train::vision_warmup::warm_up_vision(
+        &frozen_cfg,
+        start.clone(),
+        &labelled,
+        3,
+        (1e-3, 0.01),
+        7,
+        tensor::Device::Cpu,
+    )
+    .unwrap();
+    let patch = "vision.siglip.embeddings.patch_embedding.weight";
+    assert!(start.contains_key(patch), "no {patch}");
+    assert_ne!(start[patch].to_vec_f64(), frozen_after[patch].to_vec_f64());
+
     let shape_only = train.labelled_images().unwrap().select(&["shape"]).unwrap();
     assert_eq!(shape_only.tasks, labelled.tasks[1..]);
     let shape_labels: Vec<_> = labelled.images.iter().map(|(_, l)| vec![l[1]]).collect();
