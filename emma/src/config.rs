@@ -182,7 +182,9 @@ impl EmmaConfig {
                     patch: 8,
                     siglip: vit(32, 2, 2, 64, 0),
                     dinov2: vit(32, 2, 2, 64, 1),
-                    // Random towers are trained: frozen, they would be random projections.
+                    // Random towers are trained: frozen, they would be random projections
+                    // (`train` on easy-VQA pre-trains them with its vision warm-up, then
+                    // freezes them).
                     frozen: false,
                 },
                 LmConfig {

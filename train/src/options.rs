@@ -120,10 +120,12 @@ pub struct TrainOptions {
     /// Weight of the pixel loss (default: the preset's).
     #[arg(long, allow_hyphen_values = true)]
     pub pixel_weight: Option<f64>,
-    /// Train the vision towers (the tiny preset's default: its towers start random).
+    /// Train the vision towers (the tiny preset's default without a vision warm-up: its towers
+    /// start random).
     #[arg(long)]
     pub train_vision: bool,
-    /// Freeze the vision towers (the paper presets' default, as in the paper).
+    /// Freeze the vision towers (the paper presets' default, as in the paper, and the default
+    /// after a vision warm-up).
     #[arg(long, conflicts_with = "train_vision")]
     pub freeze_vision: bool,
     /// Begin with one pass over the open questions (colour, shape) before the epochs over all
@@ -134,14 +136,18 @@ pub struct TrainOptions {
     #[arg(long, conflicts_with = "open_first")]
     pub no_open_first: bool,
     /// The question types of the open-question pass, comma-separated (`colour`, `shape`)
-    #[arg(long, default_value = "colour,shape", value_delimiter = ',')]
+    #[arg(long, default_value = "shape", value_delimiter = ',')]
     pub open_first_kinds: Vec<String>,
     /// Steps of a vision warm-up before training: the vision towers learn labels of the training
-    /// images with a read-out (easy-VQA only; default 0: none)
+    /// images with a read-out, then stay frozen unless --train-vision (easy-VQA only; default:
+    /// the preset's, tiny 2500, others 0: none)
     #[arg(long)]
     pub vision_warmup: Option<usize>,
+    /// Learning rate of the vision warm-up (constant; default: the preset's, tiny 2e-3)
+    #[arg(long, allow_hyphen_values = true)]
+    pub vision_warmup_lr: Option<f64>,
     /// The label sets the vision warm-up learns, comma-separated (easy-VQA: colour, shape)
-    #[arg(long, default_value = "shape", value_delimiter = ',')]
+    #[arg(long, default_value = "colour,shape", value_delimiter = ',')]
     pub vision_warmup_labels: Vec<String>,
     /// Most tokens generated per held-out answer.
     #[arg(long, default_value_t = 16)]
@@ -169,6 +175,10 @@ pub struct Recipe {
     pub max_len: usize,
     /// On easy-VQA, begin with one pass over the open questions (`--open-first`).
     pub open_first: bool,
+    /// On easy-VQA, steps of the vision warm-up before training (`--vision-warmup`; 0: none).
+    pub vision_warmup: usize,
+    /// The vision warm-up's constant learning rate.
+    pub vision_warmup_lr: f64,
 }
 
 impl Recipe {
@@ -185,6 +195,8 @@ impl Recipe {
                 epochs: 2.0,
                 max_len: 64,
                 open_first: true,
+                vision_warmup: 2500,
+                vision_warmup_lr: 2e-3,
             },
             "small" => Recipe {
                 lr: 1e-3,
@@ -194,6 +206,8 @@ impl Recipe {
                 epochs: 2.0,
                 max_len: 256,
                 open_first: false,
+                vision_warmup: 0,
+                vision_warmup_lr: 1e-3,
             },
             _ => Recipe {
                 lr: 2e-5,
@@ -203,6 +217,8 @@ impl Recipe {
                 epochs: 2.0,
                 max_len: 2048,
                 open_first: false,
+                vision_warmup: 0,
+                vision_warmup_lr: 2e-5,
             },
         }
     }
@@ -212,6 +228,7 @@ impl TrainOptions {
     /// The options with every unset recipe value filled from the preset.
     pub fn recipe(&self) -> Recipe {
         let d = Recipe::of(&self.preset);
+        let easy_vqa = self.data == "easy-vqa";
         Recipe {
             lr: self.lr.unwrap_or(d.lr),
             global_batch: self.global_batch.unwrap_or(d.global_batch),
@@ -219,7 +236,11 @@ impl TrainOptions {
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             epochs: self.epochs.unwrap_or(d.epochs),
             max_len: self.max_len.unwrap_or(d.max_len),
-            open_first: self.open_first || (!self.no_open_first && d.open_first && self.data == "easy-vqa"),
+            open_first: self.open_first || (!self.no_open_first && d.open_first && easy_vqa),
+            vision_warmup: self
+                .vision_warmup
+                .unwrap_or(if easy_vqa { d.vision_warmup } else { 0 }),
+            vision_warmup_lr: self.vision_warmup_lr.unwrap_or(d.vision_warmup_lr),
         }
     }
 
@@ -235,6 +256,14 @@ impl TrainOptions {
             ("weight-decay", self.weight_decay, 0.0, 1.0, true, "in [0, 1]"),
             ("epochs", self.epochs, 0.0, 1e6, false, "in (0, 1e6]"),
             ("pixel-weight", self.pixel_weight, 0.0, 1e6, true, "in [0, 1e6]"),
+            (
+                "vision-warmup-lr",
+                self.vision_warmup_lr,
+                0.0,
+                10.0,
+                false,
+                "in (0, 10]",
+            ),
             (
                 "max-grad-norm",
                 Some(self.max_grad_norm),
@@ -286,6 +315,7 @@ impl TrainOptions {
                     ("eval-split", self.eval_split != "test"),
                     ("open-first", self.open_first),
                     ("vision-warmup", self.vision_warmup.is_some_and(|n| n > 0)),
+                    ("vision-warmup-lr", self.vision_warmup_lr.is_some()),
                 ],
                 &format!("easy-VQA (--data easy-vqa), not --data {}", self.data),
             )?;
@@ -375,9 +405,10 @@ impl TrainOptions {
         }
     }
 
-    /// Whether the vision towers are frozen: as the flags say, else as the preset has it.
+    /// Whether the vision towers are frozen: as the flags say, else frozen when the preset has
+    /// them frozen or a vision warm-up pre-trains them.
     pub fn vision_frozen(&self, preset_frozen: bool) -> bool {
-        !self.train_vision && (self.freeze_vision || preset_frozen)
+        !self.train_vision && (self.freeze_vision || preset_frozen || self.recipe().vision_warmup > 0)
     }
 
     /// The output directory.
@@ -442,8 +473,9 @@ impl TrainOptions {
             ("val-images", self.val_images.to_string()),
             ("open-first", r.open_first.to_string()),
             ("open-first-kinds", self.open_first_kinds.join(",")),
-            ("vision-warmup", self.vision_warmup.unwrap_or(0).to_string()),
+            ("vision-warmup", r.vision_warmup.to_string()),
             ("vision-warmup-labels", self.vision_warmup_labels.join(",")),
+            ("vision-warmup-lr", r.vision_warmup_lr.to_string()),
             ("precision", self.precision.clone()),
         ]
     }

@@ -168,7 +168,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     let out = opts.out_dir();
     let root = out.join("checkpoints");
     let (mut params, state, replaced) = initial_state(opts, &cfg, &out, &root)?;
-    let warmup_steps = opts.vision_warmup.unwrap_or(0);
+    let warmup_steps = recipe.vision_warmup;
     if state.is_none() && warmup_steps > 0 {
         let names: Vec<&str> = opts.vision_warmup_labels.iter().map(String::as_str).collect();
         let images = train_data
@@ -182,7 +182,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             params,
             &images,
             warmup_steps,
-            (recipe.lr, recipe.weight_decay),
+            (recipe.vision_warmup_lr, recipe.weight_decay),
             opts.seed,
             device,
         )?;

@@ -1,12 +1,13 @@
-//! The vision warm-up (`--vision-warmup N`, off by default): before the LM sees an image, the
-//! two towers are trained as an image classifier on the training images' own labels (easy-VQA:
-//! colour and shape, read from their questions). The projector maps each patch to a token, and a
-//! linear read-out per label set sees the mean of the tokens. Afterwards the towers keep what
-//! they learned; the read-outs are thrown away and the projector starts again from its initial
-//! weights, as it does on the paper's pretrained towers.
+//! The vision warm-up (`--vision-warmup N`; the tiny preset's default on easy-VQA): before the
+//! LM sees an image, the two towers are trained as an image classifier on the training images'
+//! own labels (easy-VQA: colour and shape, read from their questions). The projector maps each
+//! patch to a token, and a linear read-out per label set sees the mean of the tokens. Afterwards
+//! the towers keep what they learned (and are frozen for the run, unless `--train-vision`); the
+//! read-outs are thrown away and the projector starts again from its initial weights, as it
+//! does on the paper's pretrained towers.
 //!
-//! A stand-in for the paper's *pretrained* towers, for studying the tiny preset, whose towers
-//! start random: through a random Mamba LM the answer's gradient teaches them shape only over
+//! A stand-in for the paper's *pretrained* towers for the tiny preset, whose towers start
+//! random: through a random Mamba LM the answer's gradient teaches them shape only over
 //! thousands of steps. What it does to the whole model is in the README (easy-VQA).
 
 use crate::data::LabelledImages;

@@ -208,17 +208,45 @@ fn the_tiny_preset_begins_with_one_pass_over_the_open_questions() {
         o.out = Some(dir.path().join(format!("run{}", extra.len())));
         train::trainer::train(&o).unwrap().steps
     };
-    // 24 training questions in batches of 4: 4 steps on the 16 open ones, then an epoch of 6.
-    assert_eq!(steps(&[]), 10);
+    // 24 training questions in batches of 4: by default 2 steps on the 8 shape questions, then
+    // an epoch of 6.
+    assert_eq!(steps(&[]), 8);
     assert_eq!(steps(&["--no-open-first"]), 6);
-    // The 8 shape questions: 2 steps, then the epoch.
-    assert_eq!(steps(&["--open-first-kinds", "shape"]), 8);
+    // All 16 open questions: 4 steps, then the epoch.
+    assert_eq!(steps(&["--open-first-kinds", "colour,shape"]), 10);
     let bad = Wrap::parse_from(["train", "--open-first-kinds", "shape,size"]).t;
     let err = bad.validate().unwrap_err().to_string();
     assert!(err.contains("--open-first-kinds \"size\""), "{err}");
     let shapes = Wrap::parse_from(["train", "--data", "shapes", "--open-first"]).t;
     let err = shapes.validate().unwrap_err().to_string();
     assert!(err.contains("--open-first applies to easy-VQA"), "{err}");
+}
+
+#[test]
+fn the_tiny_preset_warms_up_its_towers_on_easy_vqa_then_freezes_them() {
+    let opts = |args: &[&str]| Wrap::parse_from(["train"].iter().chain(args)).t;
+    let tiny = opts(&[]);
+    assert_eq!(tiny.recipe().vision_warmup, 2500);
+    assert_eq!(tiny.recipe().vision_warmup_lr, 2e-3);
+    assert_eq!(tiny.vision_warmup_labels, ["colour", "shape"]);
+    assert!(tiny.vision_frozen(false));
+    assert!(!opts(&["--train-vision"]).vision_frozen(false));
+    let none = opts(&["--vision-warmup", "0"]);
+    assert_eq!(none.recipe().vision_warmup, 0);
+    assert!(!none.vision_frozen(false));
+    // No labels to warm up on: the random towers are trained.
+    let shapes = opts(&["--data", "shapes"]);
+    assert_eq!(shapes.recipe().vision_warmup, 0);
+    assert!(!shapes.vision_frozen(false));
+    // The paper presets keep their frozen pretrained towers and have no warm-up.
+    let paper = opts(&["--preset", "emma-v1-2.8b"]);
+    assert_eq!(paper.recipe().vision_warmup, 0);
+    assert!(paper.vision_frozen(true));
+    let err = opts(&["--vision-warmup-lr", "0"])
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--vision-warmup-lr 0"), "{err}");
 }
 
 #[test]
