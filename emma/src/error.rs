@@ -39,6 +39,14 @@ pub enum EmmaError {
     /// A conversation cannot be turned into a prompt.
     #[error("conversation: {0}")]
     Prompt(String),
+    /// A picture (a PNG the crate draws) cannot be drawn or written.
+    #[error("picture {path}: {detail}", path = path.display())]
+    Picture {
+        /// The file being drawn.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
     /// An image cannot be decoded, has no pixels, or cannot be preprocessed as asked.
     #[error("image {source_name}: {detail}")]
     Image {

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod image;
 pub mod info;
 pub mod model;
+pub mod picture;
 pub mod prompt;
 pub mod sampling;
 pub mod tokenizer;

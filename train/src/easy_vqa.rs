@@ -223,6 +223,7 @@ fn check_layout(dir: &Path) -> Result<(), DataError> {
 }
 
 /// One question.
+#[derive(Clone)]
 struct Question {
     text: String,
     answer: String,
@@ -353,6 +354,21 @@ impl EasyVqaData {
             images: Arc::new(images),
             skipped,
         })
+    }
+}
+
+impl EasyVqaData {
+    /// At most `count` of the questions, spread evenly over the split (the first always kept).
+    pub fn spread(&self, count: usize) -> EasyVqaData {
+        let n = self.questions.len();
+        let keep = count.min(n);
+        let questions = (0..keep).map(|i| self.questions[i * n / keep].clone()).collect();
+        EasyVqaData {
+            split: self.split,
+            questions,
+            images: Arc::clone(&self.images),
+            skipped: Vec::new(),
+        }
     }
 }
 

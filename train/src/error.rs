@@ -47,6 +47,16 @@ pub enum TrainError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// A line of a run's `metrics.jsonl` is malformed.
+    #[error("{}:{line}: {detail}", path.display())]
+    Metrics {
+        /// The metrics file.
+        path: PathBuf,
+        /// The line (from 1).
+        line: usize,
+        /// What is wrong.
+        detail: String,
+    },
     /// A checkpoint is malformed or does not fit this run.
     #[error("checkpoint {}: {detail}", path.display())]
     Checkpoint {

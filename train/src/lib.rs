@@ -10,6 +10,8 @@ pub mod data;
 pub mod easy_vqa;
 pub mod error;
 pub mod eval;
+pub mod loss_plot;
+pub mod metrics;
 pub mod options;
 pub mod replaced;
 pub mod schedule;

@@ -77,6 +77,12 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
     },
+    /// Draws RUN_DIR/loss.png (losses, learning rate, validation accuracy against step) from
+    /// RUN_DIR/metrics.jsonl; works on a run that was killed.
+    Plot {
+        /// The run folder (train's --out).
+        run_dir: PathBuf,
+    },
     /// Writes examples of the shapes set in LLaVA format (data.json + images/).
     Shapes {
         /// The output directory.
@@ -161,6 +167,11 @@ fn run() -> anyhow::Result<()> {
                 result.save_answers(file)?;
                 println!("answers written to {}", file.display());
             }
+            Ok(())
+        }
+        Some(Command::Plot { run_dir }) => {
+            let png = train::loss_plot::draw_loss_png(&run_dir)?;
+            println!("drew {}", png.display());
             Ok(())
         }
         Some(Command::Shapes {

@@ -3,6 +3,9 @@
 //! file. Options left unset take the defaults of the preset ([`Recipe`]).
 
 use crate::easy_vqa::{Split, DEFAULT_VAL_IMAGES};
+
+/// Default of `--val-questions`.
+pub const DEFAULT_VAL_QUESTIONS: usize = 256;
 use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -25,6 +28,10 @@ pub struct TrainOptions {
     /// easy-VQA training images held out as the validation split (the last image ids).
     #[arg(long, default_value_t = DEFAULT_VAL_IMAGES)]
     pub val_images: usize,
+    /// easy-VQA validation questions answered at every checkpoint, spread over the validation
+    /// split (their accuracy goes into metrics.jsonl and loss.png; 0: none).
+    #[arg(long, default_value_t = DEFAULT_VAL_QUESTIONS)]
+    pub val_questions: usize,
     /// The easy-VQA split evaluated at the end: `validation` (for choosing settings) or `test`
     /// (the final report).
     #[arg(long, default_value = "test")]
@@ -312,6 +319,7 @@ impl TrainOptions {
                 &[
                     ("data-dir", self.data_dir.is_some()),
                     ("val-images", self.val_images != DEFAULT_VAL_IMAGES),
+                    ("val-questions", self.val_questions != DEFAULT_VAL_QUESTIONS),
                     ("eval-split", self.eval_split != "test"),
                     ("open-first", self.open_first),
                     ("vision-warmup", self.vision_warmup.is_some_and(|n| n > 0)),

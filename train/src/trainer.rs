@@ -18,6 +18,7 @@ use crate::data::{Dataset, LlavaData, ShapesData, Skipped};
 use crate::easy_vqa::{self, EasyVqaData, Split};
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
+use crate::metrics::Metrics;
 use crate::options::TrainOptions;
 use crate::replaced::Replaced;
 use crate::schedule::learning_rate;
@@ -61,17 +62,6 @@ pub struct Summary {
     pub eval: Option<(EvalReport, PathBuf)>,
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Metrics {
-    step: u64,
-    loss: f64,
-    text_loss: f64,
-    pixel_loss: f64,
-    lr: f64,
-    grad_norm: f64,
-}
-
 /// Everything the ranks share, read-only.
 struct Run<'a> {
     opts: &'a TrainOptions,
@@ -97,6 +87,8 @@ struct Run<'a> {
     metrics: Mutex<std::fs::File>,
     /// An earlier run's outputs set aside by `--overwrite`, until the first checkpoint.
     replaced: Option<Replaced>,
+    /// The validation questions answered at every checkpoint (easy-VQA, `--val-questions`).
+    val_slice: Option<EasyVqaData>,
 }
 
 /// Trains as `opts` says (on the CPU or on GPUs, per `--device`) and evaluates on the held-out
@@ -252,6 +244,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         progress,
         metrics: Mutex::new(metrics),
         replaced,
+        val_slice: validation_slice(opts)?,
     };
     let resume_dir = state.as_ref().map(|s| checkpoint::step_dir(&run.root, s.step));
     let start_loss = state.as_ref().map_or(f64::NAN, |s| s.loss);
@@ -332,6 +325,37 @@ fn save_model(model: &Emma, tok: &Tokenizer, dir: &Path) -> Result<()> {
 }
 
 type Datasets = (Box<dyn Dataset>, Option<Box<dyn Dataset>>, Vec<Skipped>);
+
+/// The validation questions answered at each checkpoint: `--val-questions` of easy-VQA's
+/// validation split, spread evenly over it (none for other data, or with 0).
+fn validation_slice(opts: &TrainOptions) -> Result<Option<EasyVqaData>> {
+    if opts.data != "easy-vqa" || opts.val_images == 0 || opts.val_questions == 0 {
+        return Ok(None);
+    }
+    let val = open_easy_vqa(
+        opts.data_dir.as_deref(),
+        Split::Validation,
+        opts.val_images,
+        opts.skip_bad_samples,
+    )?;
+    Ok(Some(val.spread(opts.val_questions)))
+}
+
+/// Accuracy of the weights `params` on the validation slice.
+fn validation_accuracy(run: &Run, slice: &EasyVqaData, params: &BTreeMap<String, Tensor>) -> Result<f64> {
+    let store = ParamStore::new(params.clone(), false, "validation");
+    store.set_device(run.device);
+    let model = Emma::new(&run.cfg, store)?;
+    let report = evaluate(&model, &run.tok, slice, run.opts.eval_max_new_tokens, None)?;
+    Ok(report.accuracy())
+}
+
+/// Redraws `loss.png` in the run folder; a failure to draw is reported, not fatal to training.
+fn redraw_loss_png(out: &Path) {
+    if let Err(e) = crate::loss_plot::draw_loss_png(out) {
+        eprintln!("warning: loss.png not drawn: {e}");
+    }
+}
 
 /// The training data, the held-out data and the training samples skipped as bad.
 fn datasets(opts: &TrainOptions) -> Result<Datasets> {
@@ -708,19 +732,25 @@ fn rank_loop(
         let lr = learning_rate(step, run.total, run.adamw.lr, run.opts.recipe().warmup_ratio);
         opt.step(coll, &mut params, &grads, lr)?;
         last_loss = loss;
+        let done = step + 1;
+        let checkpoint_due = done.is_multiple_of(run.opts.checkpoint_every.max(1)) || done == run.total;
         if rank == 0 {
+            let val_accuracy = match (&run.val_slice, checkpoint_due) {
+                (Some(slice), true) => Some(validation_accuracy(run, slice, &params)?),
+                _ => None,
+            };
             let line = Metrics {
-                step: step + 1,
+                step: done,
                 loss,
                 text_loss: losses[0],
                 pixel_loss: losses[1],
                 lr,
                 grad_norm,
+                val_accuracy,
             };
             record(run, &line, counts[2] / timer.elapsed().as_secs_f64())?;
         }
-        let done = step + 1;
-        if done.is_multiple_of(run.opts.checkpoint_every.max(1)) || done == run.total {
+        if checkpoint_due {
             let state = TrainState {
                 step: done,
                 total_steps: run.total,
@@ -737,6 +767,9 @@ fn rank_loop(
                     .collect(),
             };
             last_checkpoint = Some(save_checkpoint(run, coll, &opt, &params, &state)?);
+            if rank == 0 {
+                redraw_loss_png(&run.out);
+            }
         }
     }
     Ok((last_loss, params))
@@ -899,6 +932,13 @@ fn record(run: &Run, m: &Metrics, positions_per_s: f64) -> Result<()> {
             "step {}/{}: loss {:.4} (text {:.4}, pixel {:.4}), lr {:.2e}, grad norm {:.3}, {:.0} tok/s",
             m.step, run.total, m.loss, m.text_loss, m.pixel_loss, m.lr, m.grad_norm, positions_per_s
         );
+    }
+    if let Some(a) = m.val_accuracy {
+        run.progress.println(format!(
+            "step {}: validation-slice accuracy {:.1}%",
+            m.step,
+            100.0 * a
+        ));
     }
     Ok(())
 }

@@ -180,6 +180,26 @@ fn a_short_run_writes_its_test_report_by_question_type() {
         );
     }
     assert_eq!(json["majority_answer"], "yes");
+
+    // The checkpoint at the last step answered the validation slice, and loss.png was drawn.
+    let metrics = train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.len(), 2);
+    assert_eq!(metrics[0].val_accuracy, None);
+    let acc = metrics[1]
+        .val_accuracy
+        .expect("no validation accuracy at the checkpoint");
+    assert!((0.0..=1.0).contains(&acc), "{acc}");
+    let png = image::open(out.join("loss.png")).unwrap();
+    assert_eq!((png.width(), png.height()), train::loss_plot::SIZE);
+    std::fs::remove_file(out.join("loss.png")).unwrap();
+    assert_eq!(
+        train::loss_plot::draw_loss_png(&out).unwrap(),
+        out.join("loss.png")
+    );
+    let err = train::loss_plot::draw_loss_png(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("metrics.jsonl"), "{err}");
 }
 
 #[test]
