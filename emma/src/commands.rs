@@ -7,7 +7,10 @@ use std::path::Path;
 use tensor::{DType, Device, Tensor};
 
 use crate::config::EmmaConfig;
+use crate::generate::{generate, GenerateOptions};
 use crate::model::Emma;
+use crate::prompt::Conversation;
+use crate::sampling::Sampling;
 use crate::tokenizer::Tokenizer;
 
 /// A Hugging Face model directory's config and its parameters (f32) in a store on `device`.
@@ -191,6 +194,69 @@ pub fn tokenizer_for(
         tok.vocab_size()
     );
     Ok((tok, note))
+}
+
+/// Layers drawn by default: all of a `depth`-layer LM up to 8, else 8 spread evenly over it
+/// with the last included.
+pub fn default_layers(depth: usize) -> Vec<usize> {
+    let n = depth.min(8);
+    (0..n)
+        .map(|i| {
+            if n == 1 {
+                depth - 1
+            } else {
+                i * (depth - 1) / (n - 1)
+            }
+        })
+        .collect()
+}
+
+/// One model's row of `emma visualize`: loads the model in `dir`, answers `prompt` about
+/// `image` greedily, and measures its image tokens' norms after `layers` (default:
+/// [`default_layers`]). Errors name the model directory.
+pub fn visualize_row(
+    dir: &Path,
+    image: &image::RgbImage,
+    prompt: &str,
+    layers: Option<&[usize]>,
+    max_new_tokens: usize,
+    tokenizer: Option<&Path>,
+    device: Device,
+) -> anyhow::Result<crate::visualize::ModelMaps> {
+    let source = ModelSource::Dir(dir);
+    let model = load_model(&source, device).with_context(|| format!("model {}", dir.display()))?;
+    let (tok, _) = tokenizer_for(&source, tokenizer, model.config().lm.vocab)?;
+    let conversation = Conversation::single(prompt.to_owned(), None);
+    let opts = GenerateOptions {
+        max_new_tokens,
+        sampling: Sampling::Greedy,
+        seed: 0,
+    };
+    let answer = generate(&model, &tok, Some(image), &conversation, &opts)?.text;
+    let layers = layers.map_or_else(|| default_layers(model.config().lm.layers), <[usize]>::to_vec);
+    let ids = conversation.encode_prompt(&tok)?;
+    let norms = crate::visualize::image_token_norms(&model, image, &ids, &layers)
+        .with_context(|| format!("model {}", dir.display()))?;
+    let name = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("final") | None => dir
+            .canonicalize()
+            .ok()
+            .and_then(|d| {
+                d.parent()
+                    .and_then(|p| p.file_name())
+                    .map(|n| n.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| dir.display().to_string()),
+        Some(n) => n.to_owned(),
+    };
+    let grid = model.config().vision.image_size / model.config().vision.patch;
+    Ok(crate::visualize::ModelMaps {
+        name,
+        answer: answer.trim().to_owned(),
+        layers,
+        norms,
+        grid,
+    })
 }
 
 #[cfg(test)]

@@ -21,3 +21,4 @@ pub mod picture;
 pub mod prompt;
 pub mod sampling;
 pub mod tokenizer;
+pub mod visualize;

@@ -100,6 +100,39 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DeviceChoice,
     },
+    /// Draws the paper's Figure 1 for one image and prompt: per model, the norm of each image
+    /// token's hidden state after chosen LM layers as heat maps over the patch grid, the image
+    /// with the strongest patches outlined, and the model's answer.
+    Visualize {
+        /// A model directory (`train`'s `OUT/final` or a checkpoint); repeat for side-by-side rows.
+        #[arg(long, required = true)]
+        model: Vec<PathBuf>,
+        /// The image (PNG or JPEG).
+        #[arg(long)]
+        image: PathBuf,
+        /// The question the models answer.
+        #[arg(long)]
+        prompt: String,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// LM layers to draw, comma-separated, from 0 (default: up to 8 spread over the depth,
+        /// the last included).
+        #[arg(long, value_delimiter = ',')]
+        layers: Option<Vec<usize>>,
+        /// Patches outlined per layer.
+        #[arg(long, default_value_t = 3)]
+        top: usize,
+        /// The most tokens of each answer.
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        /// A tokenizer.json (default: the one saved with each model).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// cpu, cuda[:N] or auto.
+        #[arg(long, default_value = "auto")]
+        device: DeviceChoice,
+    },
     /// Runs a SigLIP or DINOv2 encoder on tensor `pixel_values` [B,3,H,W] and writes
     /// `last_hidden_state` and `penultimate_hidden_state`.
     Vision {
@@ -241,6 +274,45 @@ fn run() -> anyhow::Result<()> {
                     "token limit"
                 }
             );
+        }
+        Command::Visualize {
+            model,
+            image,
+            prompt,
+            out,
+            layers,
+            top,
+            max_new_tokens,
+            tokenizer,
+            device,
+        } => {
+            let mut inputs: Vec<&std::path::Path> = model.iter().map(PathBuf::as_path).collect();
+            inputs.push(&image);
+            commands::check_output(&out, &inputs)?;
+            if max_new_tokens == 0 {
+                anyhow::bail!("--max-new-tokens 0: must be a positive count");
+            }
+            let device = resolve(device)?;
+            let img = emma::image::load_image(&image)?;
+            let rows = model
+                .iter()
+                .map(|dir| {
+                    commands::visualize_row(
+                        dir,
+                        &img,
+                        &prompt,
+                        layers.as_deref(),
+                        max_new_tokens,
+                        tokenizer.as_deref(),
+                        device,
+                    )
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            emma::visualize::draw_maps(&out, &img, &rows, top)?;
+            for r in &rows {
+                eprintln!("{}: answered {:?}", r.name, r.answer);
+            }
+            println!("drew {}", out.display());
         }
         Command::Vision {
             model,
