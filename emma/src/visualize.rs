@@ -146,6 +146,13 @@ pub fn draw_maps(path: &Path, image: &RgbImage, models: &[ModelMaps], top: usize
 type Area<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 type DrawResult = std::result::Result<(), Box<dyn std::error::Error>>;
 
+/// The corners of `patch` of a `g` x `g` grid drawn over the panel at `origin`.
+fn patch_corners((x0, y0): (i32, i32), patch: usize, g: u32) -> [(i32, i32); 2] {
+    let (r, c) = (patch as u32 / g, patch as u32 % g);
+    let at = |i: u32| (i * CELL / g) as i32;
+    [(x0 + at(c), y0 + at(r)), (x0 + at(c + 1) - 1, y0 + at(r + 1) - 1)]
+}
+
 /// One model's block.
 fn draw_model(root: &Area, row: usize, m: &ModelMaps, scaled: &RgbImage, top: usize) -> DrawResult {
     let y_block = (row as u32 * BLOCK) as i32;
@@ -173,16 +180,9 @@ fn draw_model(root: &Area, row: usize, m: &ModelMaps, scaled: &RgbImage, top: us
             (FONT, 16).into_font(),
         ))?;
         for (patch, &v) in norms.iter().enumerate() {
-            let (r, c) = ((patch as u32 / g), (patch as u32 % g));
             let colour = heat_colour(f64::from(v - lo) / span);
             root.draw(&Rectangle::new(
-                [
-                    (x0 + (c * CELL / g) as i32, y0 + (r * CELL / g) as i32),
-                    (
-                        x0 + ((c + 1) * CELL / g) as i32 - 1,
-                        y0 + ((r + 1) * CELL / g) as i32 - 1,
-                    ),
-                ],
+                patch_corners((x0, y0), patch, g),
                 colour.filled(),
             ))?;
         }
@@ -191,15 +191,8 @@ fn draw_model(root: &Area, row: usize, m: &ModelMaps, scaled: &RgbImage, top: us
             root.draw_pixel((x0 + x as i32, yi + y as i32), &RGBColor(p[0], p[1], p[2]))?;
         }
         for patch in top_patches(norms, top) {
-            let (r, c) = ((patch as u32 / g), (patch as u32 % g));
             root.draw(&Rectangle::new(
-                [
-                    (x0 + (c * CELL / g) as i32, yi + (r * CELL / g) as i32),
-                    (
-                        x0 + ((c + 1) * CELL / g) as i32 - 1,
-                        yi + ((r + 1) * CELL / g) as i32 - 1,
-                    ),
-                ],
+                patch_corners((x0, yi), patch, g),
                 RED.stroke_width(2),
             ))?;
         }
