@@ -131,7 +131,7 @@ fn linear_panel(
         .configure_mesh()
         .x_desc("step")
         .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.3}"))
+        .y_label_formatter(&|y| tick(*y))
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 16))
         .draw()?;
@@ -140,6 +140,16 @@ fn linear_panel(
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, RED.filled())))?;
     }
     Ok(())
+}
+
+/// A linear axis' tick label: small values in scientific notation, large ones without decimals.
+fn tick(y: f64) -> String {
+    match y.abs() {
+        a if a == 0.0 => "0".to_owned(),
+        a if a < 0.01 => format!("{y:.1e}"),
+        a if a >= 10.0 => format!("{y:.0}"),
+        _ => format!("{y:.2}"),
+    }
 }
 
 /// The smallest and largest value of `points`.
@@ -169,12 +179,20 @@ fn moving_mean(points: &[(f64, f64)], window: usize) -> Vec<(f64, f64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::moving_mean;
+    use super::{moving_mean, tick};
 
     #[test]
     fn the_moving_mean_averages_the_last_values() {
         let points: Vec<(f64, f64)> = (1..=5).map(|i| (i as f64, i as f64)).collect();
         let mean = moving_mean(&points, 2);
         assert_eq!(mean, [(1.0, 1.0), (2.0, 1.5), (3.0, 2.5), (4.0, 3.5), (5.0, 4.5)]);
+    }
+
+    #[test]
+    fn ticks_keep_small_learning_rates_and_whole_percentages_readable() {
+        assert_eq!(tick(0.0), "0");
+        assert_eq!(tick(4e-4), "4.0e-4");
+        assert_eq!(tick(0.25), "0.25");
+        assert_eq!(tick(90.0), "90");
     }
 }

@@ -934,11 +934,12 @@ fn record(run: &Run, m: &Metrics, positions_per_s: f64) -> Result<()> {
         );
     }
     if let Some(a) = m.val_accuracy {
-        run.progress.println(format!(
-            "step {}: validation-slice accuracy {:.1}%",
-            m.step,
-            100.0 * a
-        ));
+        let line = format!("step {}: validation-slice accuracy {:.1}%", m.step, 100.0 * a);
+        if run.progress.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            run.progress.println(line);
+        }
     }
     Ok(())
 }
