@@ -145,7 +145,7 @@ fn linear_panel(
 /// A linear axis' tick label: small values in scientific notation, large ones without decimals.
 fn tick(y: f64) -> String {
     match y.abs() {
-        a if a == 0.0 => "0".to_owned(),
+        0.0 => "0".to_owned(),
         a if a < 0.01 => format!("{y:.1e}"),
         a if a >= 10.0 => format!("{y:.0}"),
         _ => format!("{y:.2}"),
