@@ -13,22 +13,9 @@ once, with the same formulas as the Rust benchmark.
 
 import torch
 
-ROUNDS = 10
+from cuda_timing import best_ms
+
 E = 2  # bytes per bf16 element
-
-
-def best_ms(f):
-    f()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(ROUNDS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        f()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
 
 
 def row(name, nbytes, ms):

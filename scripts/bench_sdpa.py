@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-ROUNDS = 10
+from cuda_timing import best_ms
 
 
 def shapes():
@@ -38,20 +38,6 @@ def visible(t, mask):
         return t * (t + 1) // 2
     width = 27
     return sum(min((i // width + 1) * width, t) for i in range(t))
-
-
-def best_ms(fn):
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(ROUNDS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
 
 
 def main():

@@ -39,7 +39,7 @@ cargo bench -p cuda -p nn --no-run --message-format=json 2>/dev/null |
   executables test | while read -r exe; do
     case "$(basename "$exe")" in gpu-* | mamba_layers-*) cp "$exe" .gpu/bin/ ;; esac
   done
-cp scripts/bench_mamba_ssm.py scripts/bench_sdpa.py .gpu/
+cp scripts/bench_mamba_ssm.py scripts/bench_sdpa.py scripts/cuda_timing.py .gpu/
 if [ -n "${MAMBA_SRC:-}" ]; then cp -r "$MAMBA_SRC" .gpu/mamba_src; fi
 strip .gpu/bin/* .gpu/tests/* 2>/dev/null || true
 
