@@ -47,6 +47,24 @@ pub fn generate(
     generate_streaming(model, tok, image, conversation, opts, &mut |_| {})
 }
 
+/// The LM's input for a prompt: `image`'s tokens (when there is one) followed by the embedded
+/// token ids `prompt`, `[1, N + T, hidden]` on the model's device.
+pub fn prompt_embeds(model: &Emma, image: Option<&RgbImage>, prompt: &[u32]) -> Result<Tensor> {
+    let ids = Tensor::from_slice(prompt, &[1, prompt.len()])?.to_device(model.device())?;
+    let text = model.lm().embed(&ids)?.value().clone();
+    Ok(match image {
+        Some(img) => {
+            let (siglip, dinov2) = pixels_for_both(img, model.config().vision.image_size)?;
+            let image_tokens = model
+                .image_tokens(&siglip.unsqueeze(0)?, &dinov2.unsqueeze(0)?)?
+                .value()
+                .clone();
+            Tensor::concat(&[&image_tokens, &text], 1)?
+        }
+        None => text,
+    })
+}
+
 /// [`generate`], handing each new piece of the answer's text to `on_text` as it is decoded
 /// (whole characters only: a token that ends inside a multi-byte character waits for the rest).
 pub fn generate_streaming(
@@ -60,21 +78,7 @@ pub fn generate_streaming(
     tok.check_fits(model.config().lm.vocab)?;
     let prompt = conversation.encode_prompt(tok)?;
     let (lm, device) = (model.lm(), model.device());
-    let text = lm
-        .embed(&Tensor::from_slice(&prompt, &[1, prompt.len()])?.to_device(device)?)?
-        .value()
-        .clone();
-    let embeds = match image {
-        Some(img) => {
-            let (siglip, dinov2) = pixels_for_both(img, model.config().vision.image_size)?;
-            let image_tokens = model
-                .image_tokens(&siglip.unsqueeze(0)?, &dinov2.unsqueeze(0)?)?
-                .value()
-                .clone();
-            Tensor::concat(&[&image_tokens, &text], 1)?
-        }
-        None => text,
-    };
+    let embeds = prompt_embeds(model, image, &prompt)?;
     let (hidden, mut cache) = lm.prefill(&embeds)?;
     let len = hidden.dim(1);
     let mut logits = lm.logits_of(&hidden.narrow(1, len - 1, 1)?.reshape(&[1, hidden.dim(2)])?)?;

@@ -8,14 +8,12 @@
 //! multi-scale fusion reads), not a second copy of the model code.
 
 use crate::error::{EmmaError, Result};
-use crate::image::pixels_for_both;
 use crate::model::Emma;
 use crate::picture::{draw_png, FONT};
 use image::RgbImage;
 use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use std::path::Path;
-use tensor::Tensor;
 
 /// Side of one heat map or image panel, in pixels.
 pub const CELL: u32 = 140;
@@ -63,15 +61,8 @@ pub fn image_token_norms(
         )));
     }
     let n = model.config().vision.tokens();
-    let (siglip, dinov2) = pixels_for_both(image, model.config().vision.image_size)?;
-    let tokens = model.image_tokens(&siglip.unsqueeze(0)?, &dinov2.unsqueeze(0)?)?;
-    let device = model.device();
-    let text = model
-        .lm()
-        .embed(&Tensor::from_slice(prompt, &[1, prompt.len()])?.to_device(device)?)?;
-    let (_, per_layer) = model
-        .lm()
-        .forward_embeds(&autograd::Var::concat(&[&tokens, &text], 1).map_err(nn::NnError::from)?)?;
+    let embeds = crate::generate::prompt_embeds(model, Some(image), prompt)?;
+    let (_, per_layer) = model.lm().forward_embeds(&autograd::Var::constant(embeds))?;
     layers
         .iter()
         .map(|&l| {

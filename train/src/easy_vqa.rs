@@ -355,9 +355,7 @@ impl EasyVqaData {
             skipped,
         })
     }
-}
 
-impl EasyVqaData {
     /// At most `count` of the questions, spread evenly over the split (the first always kept).
     pub fn spread(&self, count: usize) -> EasyVqaData {
         let n = self.questions.len();

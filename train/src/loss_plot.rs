@@ -6,7 +6,6 @@
 use crate::error::{Result, TrainError};
 use crate::metrics::{read_metrics, Metrics};
 use emma::picture::{draw_png, FONT};
-use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -120,13 +119,12 @@ fn linear_panel(
         let (lo, hi) = bounds(points);
         (lo.min(0.0), if hi > lo { hi * 1.05 } else { hi + 1.0 })
     });
-    let mut chart: ChartContext<'_, BitMapBackend<'_>, Cartesian2d<RangedCoordf64, RangedCoordf64>> =
-        ChartBuilder::on(area)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..last, lo..hi)?;
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..last, lo..hi)?;
     chart
         .configure_mesh()
         .x_desc("step")

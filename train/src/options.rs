@@ -3,12 +3,12 @@
 //! file. Options left unset take the defaults of the preset ([`Recipe`]).
 
 use crate::easy_vqa::{Split, DEFAULT_VAL_IMAGES};
-
-/// Default of `--val-questions`.
-pub const DEFAULT_VAL_QUESTIONS: usize = 256;
 use crate::error::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+
+/// Default of `--val-questions`.
+pub const DEFAULT_VAL_QUESTIONS: usize = 256;
 
 /// How `train` trains.
 #[derive(clap::Args, Serialize, Deserialize, Clone, Debug, PartialEq)]

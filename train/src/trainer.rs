@@ -281,9 +281,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     let (final_loss, params) = rank0.ok_or(TrainError::PeerFailed(usize::MAX))?;
 
     let final_model = out.join("final");
-    let store = ParamStore::new(params, false, "trained model");
-    store.set_device(device);
-    let model = Emma::new(&run.cfg, store)?;
+    let model = model_on_device(&run, params, "trained model")?;
     save_model(&model, &run.tok, &final_model)?;
     let eval = match &eval_data {
         Some(data) => {
@@ -341,11 +339,17 @@ fn validation_slice(opts: &TrainOptions) -> Result<Option<EasyVqaData>> {
     Ok(Some(val.spread(opts.val_questions)))
 }
 
+/// The run's model with the weights `params` (called `what` in errors), frozen, on rank 0's
+/// device.
+fn model_on_device(run: &Run, params: BTreeMap<String, Tensor>, what: &str) -> Result<Emma> {
+    let store = ParamStore::new(params, false, what);
+    store.set_device(run.device);
+    Ok(Emma::new(&run.cfg, store)?)
+}
+
 /// Accuracy of the weights `params` on the validation slice.
 fn validation_accuracy(run: &Run, slice: &EasyVqaData, params: &BTreeMap<String, Tensor>) -> Result<f64> {
-    let store = ParamStore::new(params.clone(), false, "validation");
-    store.set_device(run.device);
-    let model = Emma::new(&run.cfg, store)?;
+    let model = model_on_device(run, params.clone(), "validation")?;
     let report = evaluate(&model, &run.tok, slice, run.opts.eval_max_new_tokens, None)?;
     Ok(report.accuracy())
 }
