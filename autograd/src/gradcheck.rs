@@ -4,7 +4,9 @@ use crate::{Result, Var};
 use tensor::{DType, Tensor};
 
 /// The outcome of a gradient check: per input, the relative error
-/// `‖analytic - numeric‖ / max(‖numeric‖, 1e-12)` of the gradient of a random projection of the output.
+/// `‖analytic - numeric‖ / max(‖numeric‖, 1e-12)` of the gradient of a random projection of the output,
+/// where each element's difference first has the finite difference's own rounding noise taken off
+/// (see [`check_gradients`]).
 #[derive(Clone, Debug)]
 pub struct GradCheck {
     /// One relative error per input.
@@ -24,6 +26,13 @@ impl GradCheck {
 /// Compares the gradients that `backward` gives for `f(inputs)` with central differences of step
 /// `eps`, in f64. The output is projected on fixed pseudo-random weights `w` (loss = Σ w·f), so the
 /// whole Jacobian takes part, not only its column sums. Every input must be f64.
+///
+/// A central difference in f64 carries rounding noise of about `ε·S / eps`, where `ε` is f64's
+/// machine epsilon and `S = Σ|w·f|` the size of the terms summed into the loss: when a gradient
+/// is itself that small, the noise alone would look like a wrong backward rule. Each element's
+/// difference is therefore reduced by [`ROUNDING_ALLOWANCE`]` · ε·S / eps` (never below zero)
+/// before the relative error is taken; a wrong rule still shows, since its error is of the size of
+/// the gradient, not of the noise.
 pub fn check_gradients(f: impl Fn(&[Var]) -> Result<Var>, inputs: &[Tensor], eps: f64) -> Result<GradCheck> {
     for t in inputs {
         if t.dtype() != DType::F64 {
@@ -39,6 +48,9 @@ pub fn check_gradients(f: impl Fn(&[Var]) -> Result<Var>, inputs: &[Tensor], eps
     let probe: Vec<Var> = inputs.iter().map(|t| Var::constant(t.clone())).collect();
     let out_shape = f(&probe)?.value().shape().to_vec();
     let w = projection_weights(&out_shape);
+    let terms = f(&probe)?.value().to_vec_f64();
+    let loss_scale: f64 = terms.iter().zip(w.to_vec_f64()).map(|(y, w)| (y * w).abs()).sum();
+    let noise = ROUNDING_ALLOWANCE * f64::EPSILON * loss_scale / eps;
 
     let vars: Vec<Var> = inputs.iter().map(|t| Var::parameter(t.clone())).collect();
     loss(&vars, &w)?.backward()?;
@@ -64,13 +76,17 @@ pub fn check_gradients(f: impl Fn(&[Var]) -> Result<Var>, inputs: &[Tensor], eps
         let diff: f64 = analytic
             .iter()
             .zip(&numeric)
-            .map(|(a, n)| (a - n) * (a - n))
+            .map(|(a, n)| ((a - n).abs() - noise).max(0.0).powi(2))
             .sum();
         let norm: f64 = numeric.iter().map(|n| n * n).sum();
         relative_errors.push(diff.sqrt() / norm.sqrt().max(1e-12));
     }
     Ok(GradCheck { relative_errors })
 }
+
+/// How many machine epsilons of the loss's size a finite difference's rounding may cost: the ops
+/// under test round each output several times before the loss sums them.
+pub const ROUNDING_ALLOWANCE: f64 = 64.0;
 
 /// Deterministic weights in [0.5, 1.5) with varying signs, so no gradient cancels by symmetry.
 fn projection_weights(shape: &[usize]) -> Tensor {
@@ -83,4 +99,30 @@ fn projection_weights(shape: &[usize]) -> Tensor {
         })
         .collect();
     Tensor::from_vec(data, shape).expect("length matches shape")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `scale·x·x` with the second factor detached: its backward gives half the true gradient.
+    fn half_gradient(v: &[Var], scale: f64) -> Result<Var> {
+        v[0].affine(scale, 0.0)?.mul(&v[0].detach())
+    }
+
+    #[test]
+    fn a_wrong_rule_fails_even_when_its_gradient_is_tiny_next_to_the_loss() {
+        let x = Tensor::from_vec(vec![0.3, -0.7, 0.9, 0.5], &[4]).unwrap();
+        // Loss terms of size 1 set the rounding allowance; the gradient is 1e5 times smaller.
+        let f = |v: &[Var]| half_gradient(v, 1e-5)?.affine(1.0, 1.0);
+        let report = check_gradients(f, &[x], 1e-6).unwrap();
+        assert!(report.max_error() > 0.4, "{:?}", report.relative_errors);
+    }
+
+    #[test]
+    fn a_right_rule_passes() {
+        let x = Tensor::from_vec(vec![0.3, -0.7, 0.9, 0.5], &[4]).unwrap();
+        let report = check_gradients(|v| v[0].mul(&v[0])?.affine(1e-5, 1.0), &[x], 1e-6).unwrap();
+        assert!(report.max_error() < 1e-6, "{:?}", report.relative_errors);
+    }
 }

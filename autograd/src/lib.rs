@@ -14,5 +14,5 @@ mod scan_ops;
 mod var;
 
 pub use error::{AutogradError, Result};
-pub use gradcheck::{check_gradients, GradCheck};
+pub use gradcheck::{check_gradients, GradCheck, ROUNDING_ALLOWANCE};
 pub use var::Var;

@@ -289,3 +289,10 @@ fn ssd_with_one_dimensional_heads_is_a_selective_scan() {
     assert!(rel_max_err(&y, &ys.to_vec_f64()) < 1e-12);
     assert!(rel_max_err(&last.to_vec_f64(), &last_s.to_vec_f64()) < 1e-12);
 }
+
+/// A case from CI whose gradient w.r.t. A is ~1e-4: plain central differences saw their own
+/// rounding noise as a 1.6e-6 relative error there.
+#[test]
+fn selective_scan_gradients_when_one_gradient_is_tiny() {
+    check_selective_scan((1, 1, 2, 1), true, true, false, false, 14081936469427962774).unwrap();
+}
