@@ -14,7 +14,7 @@ use crate::sampling::Sampling;
 use crate::tokenizer::Tokenizer;
 
 /// A Hugging Face model directory's config and its parameters (f32) in a store on `device`.
-fn load(dir: &Path, trainable: bool, device: Device) -> anyhow::Result<(Pretrained, ParamStore)> {
+pub fn load(dir: &Path, trainable: bool, device: Device) -> anyhow::Result<(Pretrained, ParamStore)> {
     let mut pre = load_pretrained(dir).with_context(|| format!("loading model {}", dir.display()))?;
     let tensors = std::mem::take(&mut pre.tensors)
         .into_iter()

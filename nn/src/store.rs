@@ -261,6 +261,14 @@ impl ParamStore {
             .collect()
     }
 
+    /// Forgets the gradient of every parameter below the prefix (before another backward pass).
+    pub fn zero_grads(&self) {
+        let vars = self.shared.vars.lock().expect("store lock");
+        for (_, v) in vars.iter().filter(|(k, _)| k.starts_with(&self.prefix)) {
+            v.zero_grad();
+        }
+    }
+
     /// Number of parameter elements below the prefix.
     pub fn numel(&self) -> usize {
         let vars = self.shared.vars.lock().expect("store lock");

@@ -194,6 +194,23 @@ fn batch_offsets(layout: &Layout, batch: &[usize]) -> Vec<usize> {
         .collect()
 }
 
+/// Whether the `[batch..., m, k]` layout's rows, over all batch matrices, sit at one stride:
+/// then the batch is one `[batch·m, k]` matrix with the same row and column strides.
+fn rows_fold(layout: &Layout, batch: &[usize], m: usize) -> bool {
+    let r = batch.len();
+    let mut expected = layout.strides()[r] * m;
+    for (&n, &s) in batch.iter().zip(layout.strides()).rev() {
+        if n == 1 {
+            continue;
+        }
+        if s != expected {
+            return false;
+        }
+        expected = s * n;
+    }
+    true
+}
+
 /// Every batch matrix of `a` x `b` (broadcast over `batch`) into a contiguous result.
 fn batched<T: Element + Zero + One>(a: &Tensor, b: &Tensor, batch: &[usize], d: Dims) -> Result<Vec<T>> {
     let la = a.layout().broadcast_to(&[batch, &[d.m, d.k]].concat())?;
@@ -207,6 +224,13 @@ fn batched<T: Element + Zero + One>(a: &Tensor, b: &Tensor, batch: &[usize], d: 
     let r = batch.len();
     let (a_rs, a_cs) = (la.strides()[r] as isize, la.strides()[r + 1] as isize);
     let (b_rs, b_cs) = (lb.strides()[r] as isize, lb.strides()[r + 1] as isize);
+    // One right-hand matrix for the whole batch (a Linear's weight): when the left matrices'
+    // rows follow each other at one stride across the batch, the batch is one taller product.
+    let (count, d) = if count > 1 && rows_fold(&la, batch, d.m) && lb.strides()[..r].iter().all(|&s| s == 0) {
+        (1, Dims { m: count * d.m, ..d })
+    } else {
+        (count, d)
+    };
     let (oa, ob) = (batch_offsets(&la, batch), batch_offsets(&lb, batch));
     let dst = SendPtr(out.as_mut_ptr());
     let run = |i: usize, parallelism: Parallelism| {
