@@ -26,12 +26,79 @@ pub(crate) fn map<A: Element, O: Element>(x: &Tensor, f: impl Fn(A) -> O + Sync)
             }
         });
     }
-    par_fill(x.numel(), |start, chunk| {
-        let offsets = x.layout().offsets_from(start, chunk.len());
-        for (o, i) in chunk.iter_mut().zip(offsets) {
-            *o = f(src[i]);
+    let rows = Rows::new(x.shape(), &[x.layout()]);
+    let (outer, step) = (&rows.outer[0], rows.steps[0]);
+    rows.fill(|first, chunk| {
+        let count = chunk.len() / rows.len;
+        for (row, i) in chunk.chunks_mut(rows.len).zip(outer.offsets_from(first, count)) {
+            if step == 1 {
+                for (o, &v) in row.iter_mut().zip(&src[i..]) {
+                    *o = f(v);
+                }
+            } else {
+                for (k, o) in row.iter_mut().enumerate() {
+                    *o = f(src[i + k * step]);
+                }
+            }
         }
     })
+}
+
+/// A broadcast walk in rows: the trailing axes that every operand steps through at one stride
+/// are merged into rows of `len` elements; each operand's row starts are the offsets of its
+/// `outer` layout (the remaining axes) and it moves `steps` elements along a row (0 when it is
+/// broadcast there). Each row's loop then runs over plain slices or a repeated scalar.
+struct Rows {
+    len: usize,
+    outer: Vec<Layout>,
+    steps: Vec<usize>,
+    numel: usize,
+}
+
+impl Rows {
+    /// The rows of `layouts`, each already broadcast to `shape`.
+    fn new(shape: &[usize], layouts: &[&Layout]) -> Self {
+        let rank = shape.len();
+        let mut len = 1;
+        let mut axis = rank;
+        // Merge axis `axis - 1` into the row while every operand's stride there continues the row.
+        while axis > 0 {
+            let d = axis - 1;
+            let mergeable = axis == rank
+                || layouts
+                    .iter()
+                    .all(|l| l.strides()[d] == l.strides()[axis] * shape[axis]);
+            if !mergeable {
+                break;
+            }
+            len *= shape[d];
+            axis = d;
+        }
+        let steps = layouts
+            .iter()
+            .map(|l| if rank == 0 { 0 } else { l.strides()[rank - 1] })
+            .collect();
+        let outer = layouts
+            .iter()
+            .map(|l| Layout::from_parts(shape[..axis].to_vec(), l.strides()[..axis].to_vec(), l.offset()))
+            .collect();
+        Rows {
+            len: len.max(1),
+            outer,
+            steps,
+            numel: crate::layout::numel(shape),
+        }
+    }
+
+    /// Fills the output in parallel tasks of whole rows: `fill(first_row, chunk)`.
+    fn fill<O: Element>(&self, fill: impl Fn(usize, &mut [O]) + Sync) -> Vec<O> {
+        let rows_per_task = (PAR_CHUNK / self.len).max(1);
+        let mut out = vec![O::from_f64(0.0); self.numel];
+        out.par_chunks_mut(rows_per_task * self.len)
+            .enumerate()
+            .for_each(|(c, chunk)| fill(c * rows_per_task, chunk));
+        out
+    }
 }
 
 /// The broadcast shape of several operands, or an error naming them all.
@@ -60,11 +127,38 @@ pub(crate) fn zip_map<A: Element, B: Element, O: Element>(
     }
     let (la, lb) = (a.layout().broadcast_to(&shape)?, b.layout().broadcast_to(&shape)?);
     let (sa, sb) = (a.storage_slice::<A>(), b.storage_slice::<B>());
-    let out = par_fill(crate::layout::numel(&shape), |start, chunk| {
-        let ia = la.offsets_from(start, chunk.len());
-        let ib = lb.offsets_from(start, chunk.len());
-        for ((o, i), j) in chunk.iter_mut().zip(ia).zip(ib) {
-            *o = f(sa[i], sb[j]);
+    let rows = Rows::new(&shape, &[&la, &lb]);
+    let (n, step_a, step_b) = (rows.len, rows.steps[0], rows.steps[1]);
+    let out = rows.fill(|first, chunk| {
+        let count = chunk.len() / n;
+        let starts = rows.outer[0]
+            .offsets_from(first, count)
+            .zip(rows.outer[1].offsets_from(first, count));
+        for (row, (i, j)) in chunk.chunks_mut(n).zip(starts) {
+            match (step_a, step_b) {
+                (1, 1) => {
+                    for ((o, &u), &v) in row.iter_mut().zip(&sa[i..i + n]).zip(&sb[j..j + n]) {
+                        *o = f(u, v);
+                    }
+                }
+                (1, 0) => {
+                    let v = sb[j];
+                    for (o, &u) in row.iter_mut().zip(&sa[i..i + n]) {
+                        *o = f(u, v);
+                    }
+                }
+                (0, 1) => {
+                    let u = sa[i];
+                    for (o, &v) in row.iter_mut().zip(&sb[j..j + n]) {
+                        *o = f(u, v);
+                    }
+                }
+                _ => {
+                    for (k, o) in row.iter_mut().enumerate() {
+                        *o = f(sa[i + k * step_a], sb[j + k * step_b]);
+                    }
+                }
+            }
         }
     });
     Ok((out, shape))

@@ -196,12 +196,15 @@ impl Tensor {
             let out = map::<T, T>(x, |v| T::from_acc(f(v.to_acc())));
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), x.shape()))
         }
-        // A loop per constant op, so that the match folds away and the loop can vectorise.
+        // A loop per op (its parameters bound once), so that the match folds away and the loop can
+        // vectorise.
         macro_rules! specialised {
             ($T:ty; $($v:ident),*) => {
                 match op {
                     $(UnaryOp::$v => run::<$T>(self, |x| UnaryOp::$v.apply(x)),)*
-                    _ => run::<$T>(self, |x| op.apply(x)),
+                    UnaryOp::Affine(a, b) => run::<$T>(self, |x| UnaryOp::Affine(a, b).apply(x)),
+                    UnaryOp::Clamp(lo, hi) => run::<$T>(self, |x| UnaryOp::Clamp(lo, hi).apply(x)),
+                    UnaryOp::Powf(p) => run::<$T>(self, |x| UnaryOp::Powf(p).apply(x)),
                 }
             };
         }
@@ -237,7 +240,9 @@ impl Tensor {
             ($T:ty; $($v:ident),*) => {
                 match op {
                     $(UnaryOp::$v => run::<$T>(self, grad, |x| UnaryOp::$v.derivative(x)),)*
-                    _ => run::<$T>(self, grad, |x| op.derivative(x)),
+                    UnaryOp::Affine(a, b) => run::<$T>(self, grad, |x| UnaryOp::Affine(a, b).derivative(x)),
+                    UnaryOp::Clamp(lo, hi) => run::<$T>(self, grad, |x| UnaryOp::Clamp(lo, hi).derivative(x)),
+                    UnaryOp::Powf(p) => run::<$T>(self, grad, |x| UnaryOp::Powf(p).derivative(x)),
                 }
             };
         }
