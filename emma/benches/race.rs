@@ -128,6 +128,7 @@ fn first_weight(model: &str) -> &'static str {
 }
 
 fn main() -> anyhow::Result<()> {
+    tensor::host_memory::keep_freed_memory();
     let mut work: Option<PathBuf> = None;
     let (mut case, mut rounds) = (None, 3usize);
     let mut args = std::env::args().skip(1);

@@ -81,6 +81,7 @@ fn measure(mut f: impl FnMut() -> BenchResult<()>) -> BenchResult<(f64, usize)> 
 }
 
 fn main() -> BenchResult<()> {
+    tensor::host_memory::keep_freed_memory();
     let shapes = [
         Shape {
             name: "SigLIP SO400M self-attention",

@@ -85,6 +85,7 @@ fn time_layer(name: &str, s: &Setup, forward: impl Fn(&Var) -> nn::Result<Var>) 
 }
 
 fn main() -> BenchResult<()> {
+    tensor::host_memory::keep_freed_memory();
     let setup = match tensor::cuda_device(0) {
         Ok(dev) if dev.is_emulated() => {
             println!(

@@ -33,6 +33,7 @@ fn numpy_gflops(n: usize) -> Option<f64> {
 }
 
 fn main() -> tensor::Result<()> {
+    tensor::host_memory::keep_freed_memory();
     let mut rng = seeded_rng(0);
     println!(
         "tensor CPU benchmarks ({} rayon threads)",

@@ -10,6 +10,7 @@ mod dispatch;
 pub mod dtype;
 pub mod error;
 pub mod gpu;
+pub mod host_memory;
 pub mod layout;
 pub mod ops;
 pub mod safetensors;

@@ -102,6 +102,7 @@ enum Command {
 
 /// Runs the command (see [`emma::exit::report`]).
 fn main() -> std::process::ExitCode {
+    tensor::host_memory::keep_freed_memory();
     emma::exit::report(run)
 }
 
