@@ -282,6 +282,8 @@ struct HeadGrads<A> {
     dc: Vec<A>,
     /// d(initial state) `[P, N]`.
     dinitial: Vec<A>,
+    /// dL/d(C_i·B_j) per chunk, `[q, q]` (zero above the diagonal).
+    dcb: Vec<Vec<A>>,
 }
 
 /// Per-head rows `[L, width]` (`field` of each of `heads`, in (b, h) order) interleaved into
@@ -353,10 +355,7 @@ fn backward<T: FloatElement>(s: &Ssd<T::Acc>, chunk: usize, grad: &[T::Acc]) -> 
     let ddt = interleave_heads(dims, 1, &parts, |p| &p.ddt);
     // Sums over sequences and heads, in (b, h) order.
     let (mut da, mut dd, mut dbias) = (vec![zero; heads], vec![zero; heads], vec![zero; heads]);
-    let (mut db, mut dc) = (
-        vec![zero; batch * len * groups * state],
-        vec![zero; batch * len * groups * state],
-    );
+    let (mut db, mut dc) = s.products_backward(chunk, &parts);
     for (bh, part) in parts.iter().enumerate() {
         let (bi, h) = (bh / heads, bh % heads);
         da[h] += part.da;

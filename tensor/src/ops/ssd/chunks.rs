@@ -171,6 +171,47 @@ impl<A: Real> Ssd<A> {
         Steps { raw, dt, cum }
     }
 
+    /// The gradients that flow through the chunk products `C_i · B_j` into C and B: each
+    /// (sequence, chunk, group) sums its heads' dL/d(C·B) (in head order), then `dC = dCB B` and
+    /// `dB = dCBᵀ C`. Returns dB and dC, `[B, L, G, N]`.
+    pub(super) fn products_backward(&self, chunk: usize, parts: &[HeadGrads<A>]) -> (Vec<A>, Vec<A>) {
+        use rayon::prelude::*;
+        let d = self.dims;
+        let chunks = d.len.div_ceil(chunk);
+        let per_group = d.heads / d.groups;
+        let blocks: Vec<(Vec<A>, Vec<A>)> = (0..d.batch * chunks * d.groups)
+            .into_par_iter()
+            .map(|i| {
+                let (bi, ci, g) = (i / (chunks * d.groups), i / d.groups % chunks, i % d.groups);
+                let (t0, q) = self.chunk_range(chunk, ci);
+                let mut dcb = vec![A::zero(); q * q];
+                for h in g * per_group..(g + 1) * per_group {
+                    for (acc, &v) in dcb.iter_mut().zip(&parts[bi * d.heads + h].dcb[ci]) {
+                        *acc += v;
+                    }
+                }
+                let (mut db, mut dc) = (vec![A::zero(); q * d.state], vec![A::zero(); q * d.state]);
+                let b = self.group_rows(&self.b, bi, t0, g);
+                let c = self.group_rows(&self.c, bi, t0, g);
+                matmul_into(&mut dc, d.state, (q, d.state, q), view(&dcb, q, 1), b, false);
+                matmul_into(&mut db, d.state, (q, d.state, q), view(&dcb, 1, q), c, false);
+                (db, dc)
+            })
+            .collect();
+        let mut db = vec![A::zero(); d.batch * d.len * d.groups * d.state];
+        let mut dc = db.clone();
+        for (i, (bb, cc)) in blocks.iter().enumerate() {
+            let (bi, ci, g) = (i / (chunks * d.groups), i / d.groups % chunks, i % d.groups);
+            let (t0, q) = self.chunk_range(chunk, ci);
+            for r in 0..q {
+                let at = ((bi * d.len + t0 + r) * d.groups + g) * d.state;
+                db[at..at + d.state].copy_from_slice(&bb[r * d.state..][..d.state]);
+                dc[at..at + d.state].copy_from_slice(&cc[r * d.state..][..d.state]);
+            }
+        }
+        (db, dc)
+    }
+
     /// `C_i · B_j` of every chunk, per (sequence, chunk, group) in that order: row-major `[q, q]`
     /// (only j <= i is used), q being the chunk's length. Shared by the heads of a group.
     pub(super) fn chunk_products(&self, chunk: usize) -> Vec<Vec<A>> {
@@ -312,6 +353,7 @@ impl<A: Real> Ssd<A> {
             db: vec![A::zero(); len * n],
             dc: vec![A::zero(); len * n],
             dinitial: vec![A::zero(); pn],
+            dcb: vec![Vec::new(); chunks],
         };
         let mut dcum = vec![A::zero(); chunk.min(len)];
         // dL/d(state leaving the chunk), and dL/d(state entering it).
@@ -351,8 +393,8 @@ impl<A: Real> Ssd<A> {
                 }
                 s.dw[i * q + i + 1..(i + 1) * q].fill(A::zero());
             }
-            matmul_into(dc, n, (q, n, q), view(&s.dw, q, 1), b, true);
-            matmul_into(db, n, (q, n, q), view(&s.dw, 1, q), c, true);
+            // dL/d(C·B) goes to C and B once per group (`products_backward`), not per head.
+            out.dcb[ci] = s.dw[..q * q].to_vec();
 
             // Y += diag(e) C Sᵀ.
             matmul_into(&mut s.t, p, (q, p, n), c, view(s_in, 1, n), false);
