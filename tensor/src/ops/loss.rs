@@ -96,7 +96,11 @@ fn cross_entropy_backward_cuda(
 /// `log Σ exp(row)`, max-subtracted, in the compute type.
 fn log_sum_exp<S: FloatElement>(row: &[S]) -> S::Acc {
     let m = row.iter().fold(S::Acc::neg_infinity(), |m, v| m.max(v.to_acc()));
-    m + row.iter().map(|v| (v.to_acc() - m).exp()).sum::<S::Acc>().ln()
+    m + row
+        .iter()
+        .map(|v| (v.to_acc() - m).exp_fast())
+        .sum::<S::Acc>()
+        .ln()
 }
 
 impl Tensor {
@@ -172,10 +176,10 @@ impl Tensor {
                 let row = &xs[r * c..(r + 1) * c];
                 let lse = log_sum_exp(row);
                 for (o, v) in dx.iter_mut().zip(row) {
-                    *o = T::from_acc((v.to_acc() - lse).exp() * s);
+                    *o = T::from_acc((v.to_acc() - lse).exp_fast() * s);
                 }
                 let t = id as usize;
-                dx[t] = T::from_acc(((row[t].to_acc() - lse).exp() - A::lit(1.0)) * s);
+                dx[t] = T::from_acc(((row[t].to_acc() - lse).exp_fast() - A::lit(1.0)) * s);
             });
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), &[n, c]))
         })

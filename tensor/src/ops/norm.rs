@@ -65,6 +65,7 @@ fn rows_forward<T: FloatElement>(x: &Tensor, d: usize, f: impl Fn(&[T::Acc], &mu
     if d > 0 {
         out.par_chunks_mut(d)
             .zip(xs.par_chunks(d))
+            .with_min_len((crate::tensor::PAR_CHUNK / d).max(1))
             .for_each_init(Vec::new, |buf, (y, row)| {
                 widen_into(row, buf);
                 f(buf, y);

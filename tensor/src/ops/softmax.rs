@@ -6,7 +6,7 @@ use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::storage::CpuStorage;
-use crate::{Element, FloatElement, Result, Tensor};
+use crate::{Element, FloatElement, Real, Result, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -56,7 +56,10 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
         let xr = xs.contiguous_slice::<T>();
         let gr = gs.as_ref().map(|g| g.contiguous_slice::<T>());
         let mut out = vec![T::from_f64(0.0); xr.len()];
-        out.par_chunks_mut(d.max(1)).enumerate().for_each_init(Vec::new, |buf, (r, y)| {
+        // Tasks of whole rows, about PAR_CHUNK elements each (a task per short row costs more
+        // than the row).
+        let rows_per_task = (crate::tensor::PAR_CHUNK / d.max(1)).max(1);
+        out.par_chunks_mut(d.max(1)).enumerate().with_min_len(rows_per_task).for_each_init(Vec::new, |buf, (r, y)| {
             let rows = r * d..(r + 1) * d;
             let g = gr.map_or(&[][..], |g| &g[rows.clone()]);
             row.run(&xr[rows], g, y, buf);
@@ -103,7 +106,7 @@ fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
 fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
     let m = row_max(x);
     buf.clear();
-    buf.extend(x.iter().map(|v| (v.to_acc() - m).exp()));
+    buf.extend(x.iter().map(|v| (v.to_acc() - m).exp_fast()));
     let s: S::Acc = buf.iter().copied().sum();
     for (o, &e) in y.iter_mut().zip(buf.iter()) {
         *o = S::from_acc(e / s);
@@ -113,7 +116,7 @@ fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
 /// `(x - max) - ln Σ exp(x - max)`.
 fn log_softmax_row<S: FloatElement>(x: &[S], y: &mut [S]) {
     let m = row_max(x);
-    let s: S::Acc = x.iter().map(|v| (v.to_acc() - m).exp()).sum();
+    let s: S::Acc = x.iter().map(|v| (v.to_acc() - m).exp_fast()).sum();
     let ls = s.ln();
     for (o, v) in y.iter_mut().zip(x) {
         *o = S::from_acc((v.to_acc() - m) - ls);
@@ -132,7 +135,7 @@ fn softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
 fn log_softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
     let total: S::Acc = g.iter().map(|v| v.to_acc()).sum();
     for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
-        *o = S::from_acc(gv.to_acc() - yv.to_acc().exp() * total);
+        *o = S::from_acc(gv.to_acc() - yv.to_acc().exp_fast() * total);
     }
 }
 
