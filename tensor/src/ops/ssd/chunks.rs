@@ -111,6 +111,9 @@ struct Scratch<A> {
     dxu: Vec<A>,
     /// diag(e) C, `[q, N]`.
     ce: Vec<A>,
+    /// (backward) The decays exp(cum_i - cum_j), `[q, q]`, and one row of dW ∘ W.
+    l: Vec<A>,
+    trow: Vec<A>,
 }
 
 impl<A: Real> Scratch<A> {
@@ -124,6 +127,8 @@ impl<A: Real> Scratch<A> {
             t: zeros(chunk * p),
             dxu: zeros(chunk * p),
             ce: zeros(chunk * n),
+            l: zeros(chunk * chunk),
+            trow: zeros(chunk),
         }
     }
 }
@@ -378,19 +383,38 @@ impl<A: Real> Ssd<A> {
                 &mut out.dc[t0 * n..(t0 + q) * n],
             );
 
-            // Y = W X: dW = dY Xᵀ, dX = Wᵀ dY; then through W to C·B, cum and dt.
-            self.fill_w(&steps, t0, q, products, &mut s.w);
+            // Y = W X: dW = dY Xᵀ, dX = Wᵀ dY; then through W to C·B, cum and dt. The decays
+            // exp(cum_i - cum_j) are kept from building W.
+            for i in 0..q {
+                let (l_row, w_row) = (&mut s.l[i * q..(i + 1) * q], &mut s.w[i * q..(i + 1) * q]);
+                for (j, (l, w)) in l_row[..=i].iter_mut().zip(&mut w_row[..=i]).enumerate() {
+                    *l = (cum[i] - cum[j]).exp_fast();
+                    *w = products[i * q + j] * *l * dt[j];
+                }
+                w_row[i + 1..].fill(A::zero());
+            }
             matmul_into(&mut s.dw, q, (q, q, p), gy, view(x.data, x.cs, x.rs), false);
             matmul_into(dx, p, (q, p, q), view(&s.w, 1, q), gy, false);
             for i in 0..q {
-                for j in 0..=i {
-                    let (dw, w) = (s.dw[i * q + j], s.w[i * q + j]);
-                    let decay = (cum[i] - cum[j]).exp_fast();
-                    dcum[i] += dw * w;
-                    dcum[j] = dcum[j] - dw * w;
-                    ddt[j] += dw * decay * products[i * q + j];
-                    s.dw[i * q + j] = dw * decay * dt[j];
+                let row = i * q..i * q + i + 1;
+                let (dw_row, w_row, l_row) = (&mut s.dw[row.clone()], &s.w[row.clone()], &s.l[row.clone()]);
+                let through = &mut s.trow[..=i];
+                // Element-wise first (vectorises), the row's sum apart.
+                for (((((dw, &w), &l), &cb), t), ((dc, dd), &step)) in dw_row
+                    .iter_mut()
+                    .zip(w_row)
+                    .zip(l_row)
+                    .zip(&products[row])
+                    .zip(through.iter_mut())
+                    .zip(dcum[..=i].iter_mut().zip(ddt[..=i].iter_mut()).zip(&dt[..=i]))
+                {
+                    *t = *dw * w;
+                    *dc = *dc - *t;
+                    *dd += *dw * l * cb;
+                    *dw = *dw * l * step;
                 }
+                let sum: A = through.iter().copied().sum();
+                dcum[i] += sum;
                 s.dw[i * q + i + 1..(i + 1) * q].fill(A::zero());
             }
             // dL/d(C·B) goes to C and B once per group (`products_backward`), not per head.
