@@ -3,15 +3,62 @@
 
 use crate::layout::{broadcast_shapes, Layout};
 use crate::tensor::PAR_CHUNK;
-use crate::{Element, Result, Tensor};
+use crate::{Element, Real, Result, Tensor};
 use rayon::prelude::*;
+
+/// Runs `f` compiled for the widest vector instructions this CPU has (AVX2 + FMA, or AVX-512),
+/// chosen at run time: the build itself targets baseline x86-64, whose 4-wide SSE2 is what a
+/// plain loop would get. Kernels call it around their inner loops.
+#[inline(always)]
+pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    pulp::Arch::new().dispatch(f)
+}
+
+/// Lanes of the partial sums and maxima below.
+const LANES: usize = 16;
+
+/// Σ f(x) over `xs` in [`LANES`] interleaved partial sums, added up in lane order at the end: an
+/// order fixed by the length (not by threads) that vectorises, where a strictly sequential sum
+/// cannot.
+#[inline(always)]
+pub(crate) fn lane_sum<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
+    let mut acc = [A::zero(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a += f(v);
+    }
+    acc.iter().fold(A::zero(), |t, &a| t + a)
+}
+
+/// The largest f(x) over `xs` (NaN ignored, -inf when empty), in [`LANES`] interleaved maxima.
+#[inline(always)]
+pub(crate) fn lane_max<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
+    let mut acc = [A::neg_infinity(); LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(f(v));
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a = a.max(f(v));
+    }
+    acc.iter().fold(A::neg_infinity(), |m, &a| m.max(a))
+}
 
 /// Fills `out` in parallel chunks; `fill(start, chunk)` writes elements `start..start+chunk.len()`.
 fn par_fill<O: Element>(n: usize, fill: impl Fn(usize, &mut [O]) + Sync) -> Vec<O> {
     let mut out = vec![O::from_f64(0.0); n];
     out.par_chunks_mut(PAR_CHUNK)
         .enumerate()
-        .for_each(|(c, chunk)| fill(c * PAR_CHUNK, chunk));
+        .for_each(|(c, chunk)| with_simd(|| fill(c * PAR_CHUNK, chunk)));
     out
 }
 
@@ -96,7 +143,7 @@ impl Rows {
         let mut out = vec![O::from_f64(0.0); self.numel];
         out.par_chunks_mut(rows_per_task * self.len)
             .enumerate()
-            .for_each(|(c, chunk)| fill(c * rows_per_task, chunk));
+            .for_each(|(c, chunk)| with_simd(|| fill(c * rows_per_task, chunk)));
         out
     }
 }

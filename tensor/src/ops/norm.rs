@@ -5,6 +5,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::elementwise::{lane_sum, with_simd};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
 use cuda::kernels::{LayerNormGrads, NormSpec, Residual, RmsNormGrads};
@@ -67,8 +68,10 @@ fn rows_forward<T: FloatElement>(x: &Tensor, d: usize, f: impl Fn(&[T::Acc], &mu
             .zip(xs.par_chunks(d))
             .with_min_len((crate::tensor::PAR_CHUNK / d).max(1))
             .for_each_init(Vec::new, |buf, (y, row)| {
-                widen_into(row, buf);
-                f(buf, y);
+                with_simd(|| {
+                    widen_into(row, buf);
+                    f(buf, y);
+                });
             });
     }
     Tensor::from_cpu(CpuStorage::from_vec(out), x.shape())
@@ -98,11 +101,13 @@ fn rows_backward<T: FloatElement, const P: usize>(
             .map(|((dxb, xb), gb)| {
                 let mut acc = zeros();
                 let (mut xa, mut ga) = (Vec::with_capacity(d), Vec::with_capacity(d));
-                for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
-                    widen_into(xr, &mut xa);
-                    widen_into(gr, &mut ga);
-                    f(&xa, &ga, dxr, &mut acc);
-                }
+                with_simd(|| {
+                    for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                        widen_into(xr, &mut xa);
+                        widen_into(gr, &mut ga);
+                        f(&xa, &ga, dxr, &mut acc);
+                    }
+                });
                 acc
             })
             .collect();
@@ -199,15 +204,15 @@ fn layer_norm_backward_cuda(
 
 /// 1/sqrt(mean(x²) + eps) of a row.
 fn inv_rms<A: Real>(row: &[A], eps: f64) -> A {
-    let ms = row.iter().map(|&v| v * v).sum::<A>() / A::lit(row.len() as f64);
+    let ms = lane_sum(row, |v: A| v * v) / A::lit(row.len() as f64);
     A::one() / (ms + A::lit(eps)).sqrt()
 }
 
 /// Mean and 1/sqrt(var + eps) of a row (biased variance, two passes).
 fn moments<A: Real>(row: &[A], eps: f64) -> (A, A) {
     let n = A::lit(row.len() as f64);
-    let mean = row.iter().copied().sum::<A>() / n;
-    let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<A>() / n;
+    let mean = lane_sum(row, |v: A| v) / n;
+    let var = lane_sum(row, |v: A| (v - mean) * (v - mean)) / n;
     (mean, A::one() / (var + A::lit(eps)).sqrt())
 }
 

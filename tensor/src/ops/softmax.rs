@@ -5,6 +5,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::elementwise::{lane_max, lane_sum, with_simd};
 use crate::storage::CpuStorage;
 use crate::{Element, FloatElement, Real, Result, Tensor};
 use num_traits::Float;
@@ -62,7 +63,7 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
         out.par_chunks_mut(d.max(1)).enumerate().with_min_len(rows_per_task).for_each_init(Vec::new, |buf, (r, y)| {
             let rows = r * d..(r + 1) * d;
             let g = gr.map_or(&[][..], |g| &g[rows.clone()]);
-            row.run(&xr[rows], g, y, buf);
+            with_simd(|| row.run(&xr[rows], g, y, buf));
         });
         CpuStorage::from_vec(out)
     });
@@ -99,7 +100,7 @@ fn along_axis_cuda(gpu: &Gpu, x: &Tensor, g: Option<&Tensor>, axis: usize, row: 
 
 /// The largest element of a row, widened (NaN is ignored here and propagates through exp).
 fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
-    x.iter().fold(S::Acc::neg_infinity(), |m, v| m.max(v.to_acc()))
+    lane_max(x, |v: S| v.to_acc())
 }
 
 /// `exp(x - max) / Σ exp(x - max)`.
@@ -107,7 +108,7 @@ fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
     let m = row_max(x);
     buf.clear();
     buf.extend(x.iter().map(|v| (v.to_acc() - m).exp_fast()));
-    let s: S::Acc = buf.iter().copied().sum();
+    let s: S::Acc = lane_sum(buf, |e| e);
     for (o, &e) in y.iter_mut().zip(buf.iter()) {
         *o = S::from_acc(e / s);
     }
@@ -116,7 +117,7 @@ fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
 /// `(x - max) - ln Σ exp(x - max)`.
 fn log_softmax_row<S: FloatElement>(x: &[S], y: &mut [S]) {
     let m = row_max(x);
-    let s: S::Acc = x.iter().map(|v| (v.to_acc() - m).exp_fast()).sum();
+    let s: S::Acc = lane_sum(x, |v: S| (v.to_acc() - m).exp_fast());
     let ls = s.ln();
     for (o, v) in y.iter_mut().zip(x) {
         *o = S::from_acc((v.to_acc() - m) - ls);
@@ -133,7 +134,7 @@ fn softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
 
 /// `g - exp(y) · Σ g`.
 fn log_softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
-    let total: S::Acc = g.iter().map(|v| v.to_acc()).sum();
+    let total: S::Acc = lane_sum(g, |v: S| v.to_acc());
     for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
         *o = S::from_acc(gv.to_acc() - yv.to_acc().exp_fast() * total);
     }
