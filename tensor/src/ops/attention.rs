@@ -11,6 +11,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::tile_gemm;
 use crate::storage::CpuStorage;
 use crate::{DType, FloatElement, Real, Result, Tensor, TensorError};
 use num_traits::{Float, ToPrimitive, Zero};
@@ -215,46 +216,17 @@ impl<'a, A> Mat<'a, A> {
     }
 }
 
-/// `dst (a.rows x b.cols, rows `b.cols` apart) = [dst +] a · b` by the `gemm` crate on this
-/// thread.
+/// `dst (a.rows x b.cols, rows `b.cols` apart) = [dst +] a · b` on this thread.
 fn matmul_into<A: Real>(dst: &mut [A], accumulate: bool, a: Mat<'_, A>, b: Mat<'_, A>) {
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert_eq!(k, b.rows, "attention tile product: inner sizes differ");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].iter_mut().for_each(|x| *x = A::zero());
-        }
-        return;
-    }
-    let last = |v: Mat<'_, A>| (v.rows - 1) * v.rs + (v.cols - 1) * v.cs;
-    assert!(last(a) < a.data.len() && last(b) < b.data.len() && m * n <= dst.len());
-    // SAFETY: the asserts above keep every element the product reads or writes in bounds.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            A::one(),
-            A::one(),
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    assert_eq!(a.cols, b.rows, "attention tile product: inner sizes differ");
+    tile_gemm::matmul_into(
+        dst,
+        b.cols,
+        (a.rows, b.cols, a.cols),
+        tile_gemm::view(a.data, a.rs, a.cs),
+        tile_gemm::view(b.data, b.rs, b.cs),
+        accumulate,
+    );
 }
 
 /// Σ a·b.

@@ -17,40 +17,35 @@ pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
 /// Lanes of the partial sums and maxima below.
 const LANES: usize = 16;
 
-/// Σ f(x) over `xs` in [`LANES`] interleaved partial sums, added up in lane order at the end: an
-/// order fixed by the length (not by threads) that vectorises, where a strictly sequential sum
-/// cannot.
+/// `combine` of f(x) over `xs` from `init`, in [`LANES`] interleaved partial results combined in
+/// lane order at the end: an order fixed by the length (not by threads) that vectorises, where
+/// a strictly sequential fold cannot.
 #[inline(always)]
-pub(crate) fn lane_sum<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
-    let mut acc = [A::zero(); LANES];
+fn lane_fold<S: Copy, A: Real>(xs: &[S], init: A, f: impl Fn(S) -> A, combine: impl Fn(A, A) -> A) -> A {
+    let mut acc = [init; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
+            *a = combine(*a, f(v));
         }
     }
     for (a, &v) in acc.iter_mut().zip(rest) {
-        *a += f(v);
+        *a = combine(*a, f(v));
     }
-    acc.iter().fold(A::zero(), |t, &a| t + a)
+    acc.iter().fold(init, |t, &a| combine(t, a))
 }
 
-/// The largest f(x) over `xs` (NaN ignored, -inf when empty), in [`LANES`] interleaved maxima.
+/// Σ f(x) over `xs`, in [`LANES`] partial sums (see [`lane_fold`]).
+#[inline(always)]
+pub(crate) fn lane_sum<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
+    lane_fold(xs, A::zero(), f, |a, b| a + b)
+}
+
+/// The largest f(x) over `xs` (NaN ignored, -inf when empty), in [`LANES`] partial maxima.
 #[inline(always)]
 pub(crate) fn lane_max<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
-    let mut acc = [A::neg_infinity(); LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a = a.max(f(v));
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(rest) {
-        *a = a.max(f(v));
-    }
-    acc.iter().fold(A::neg_infinity(), |m, &a| m.max(a))
+    lane_fold(xs, A::neg_infinity(), f, |a, b| a.max(b))
 }
 
 /// Fills `out` in parallel chunks; `fill(start, chunk)` writes elements `start..start+chunk.len()`.

@@ -15,4 +15,5 @@ pub mod reduce;
 pub mod selective_scan;
 pub mod softmax;
 pub mod ssd;
+pub(crate) mod tile_gemm;
 pub mod unary;
