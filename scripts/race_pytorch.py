@@ -226,6 +226,13 @@ def main() -> None:
         torch_worker(args.work, args.worker, args.rounds, args.threads)
         return
 
+    known = [c[0] for c in cases()]
+    asked = [name for name in args.cases.split(",") if name] if args.cases else known
+    unknown = [name for name in asked if name not in known]
+    if unknown:
+        sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    chosen = [c for c in cases() if c[0] in asked]
+
     import torch
     import transformers
 
@@ -233,12 +240,6 @@ def main() -> None:
     prepare(args.work)
     (args.work / "out").mkdir(exist_ok=True)
     binary = rust_binary(repo, args.rust_bin)
-    known = [c[0] for c in cases()]
-    asked = [name for name in args.cases.split(",") if name] if args.cases else known
-    unknown = [name for name in asked if name not in known]
-    if unknown:
-        sys.exit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    chosen = [c for c in cases() if c[0] in asked]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     header = (f"{time.strftime('%Y-%m-%d')}, {cpu}, {args.threads} threads each, f32; torch {torch.__version__}, "
