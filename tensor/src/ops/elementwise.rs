@@ -69,18 +69,15 @@ pub(crate) fn map<A: Element, O: Element>(x: &Tensor, f: impl Fn(A) -> O + Sync)
         });
     }
     let rows = Rows::new(x.shape(), &[x.layout()]);
-    let (outer, step) = (&rows.outer[0], rows.steps[0]);
-    rows.fill(|first, chunk| {
-        let count = chunk.len() / rows.len;
-        for (row, i) in chunk.chunks_mut(rows.len).zip(outer.offsets_from(first, count)) {
-            if step == 1 {
-                for (o, &v) in row.iter_mut().zip(&src[i..]) {
-                    *o = f(v);
-                }
-            } else {
-                for (k, o) in row.iter_mut().enumerate() {
-                    *o = f(src[i + k * step]);
-                }
+    let step = rows.steps[0];
+    rows.fill(|piece, [i]| {
+        if step == 1 {
+            for (o, &v) in piece.iter_mut().zip(&src[i..]) {
+                *o = f(v);
+            }
+        } else {
+            for (k, o) in piece.iter_mut().enumerate() {
+                *o = f(src[i + k * step]);
             }
         }
     })
@@ -89,7 +86,7 @@ pub(crate) fn map<A: Element, O: Element>(x: &Tensor, f: impl Fn(A) -> O + Sync)
 /// A broadcast walk in rows: the trailing axes that every operand steps through at one stride
 /// are merged into rows of `len` elements; each operand's row starts are the offsets of its
 /// `outer` layout (the remaining axes) and it moves `steps` elements along a row (0 when it is
-/// broadcast there). Each row's loop then runs over plain slices or a repeated scalar.
+/// broadcast there). Each piece of a row then runs over plain slices or a repeated scalar.
 struct Rows {
     len: usize,
     outer: Vec<Layout>,
@@ -132,13 +129,30 @@ impl Rows {
         }
     }
 
-    /// Fills the output in parallel tasks of whole rows: `fill(first_row, chunk)`.
-    fn fill<O: Element>(&self, fill: impl Fn(usize, &mut [O]) + Sync) -> Vec<O> {
-        let rows_per_task = (PAR_CHUNK / self.len).max(1);
+    /// Fills the output in parallel tasks of [`PAR_CHUNK`] elements: `run(piece, starts)` writes
+    /// `piece`, a run of consecutive elements within one row, whose first element each operand
+    /// `k` holds at storage offset `starts[k]`. A row longer than a task is split across tasks.
+    fn fill<O: Element, const K: usize>(&self, run: impl Fn(&mut [O], [usize; K]) + Sync) -> Vec<O> {
         let mut out = vec![O::from_f64(0.0); self.numel];
-        out.par_chunks_mut(rows_per_task * self.len)
-            .enumerate()
-            .for_each(|(c, chunk)| with_simd(|| fill(c * rows_per_task, chunk)));
+        out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, chunk)| {
+            with_simd(|| {
+                let start = c * PAR_CHUNK;
+                let (first_row, mut col) = (start / self.len, start % self.len);
+                let rows = (col + chunk.len()).div_ceil(self.len);
+                let mut row_starts: [_; K] =
+                    std::array::from_fn(|k| self.outer[k].offsets_from(first_row, rows));
+                let mut done = 0;
+                while done < chunk.len() {
+                    let take = (self.len - col).min(chunk.len() - done);
+                    let starts = std::array::from_fn(|k| {
+                        row_starts[k].next().expect("one start per row") + col * self.steps[k]
+                    });
+                    run(&mut chunk[done..done + take], starts);
+                    done += take;
+                    col = 0;
+                }
+            })
+        });
         out
     }
 }
@@ -170,35 +184,30 @@ pub(crate) fn zip_map<A: Element, B: Element, O: Element>(
     let (la, lb) = (a.layout().broadcast_to(&shape)?, b.layout().broadcast_to(&shape)?);
     let (sa, sb) = (a.storage_slice::<A>(), b.storage_slice::<B>());
     let rows = Rows::new(&shape, &[&la, &lb]);
-    let (n, step_a, step_b) = (rows.len, rows.steps[0], rows.steps[1]);
-    let out = rows.fill(|first, chunk| {
-        let count = chunk.len() / n;
-        let starts = rows.outer[0]
-            .offsets_from(first, count)
-            .zip(rows.outer[1].offsets_from(first, count));
-        for (row, (i, j)) in chunk.chunks_mut(n).zip(starts) {
-            match (step_a, step_b) {
-                (1, 1) => {
-                    for ((o, &u), &v) in row.iter_mut().zip(&sa[i..i + n]).zip(&sb[j..j + n]) {
-                        *o = f(u, v);
-                    }
+    let (step_a, step_b) = (rows.steps[0], rows.steps[1]);
+    let out = rows.fill(|piece, [i, j]| {
+        let n = piece.len();
+        match (step_a, step_b) {
+            (1, 1) => {
+                for ((o, &u), &v) in piece.iter_mut().zip(&sa[i..i + n]).zip(&sb[j..j + n]) {
+                    *o = f(u, v);
                 }
-                (1, 0) => {
-                    let v = sb[j];
-                    for (o, &u) in row.iter_mut().zip(&sa[i..i + n]) {
-                        *o = f(u, v);
-                    }
+            }
+            (1, 0) => {
+                let v = sb[j];
+                for (o, &u) in piece.iter_mut().zip(&sa[i..i + n]) {
+                    *o = f(u, v);
                 }
-                (0, 1) => {
-                    let u = sa[i];
-                    for (o, &v) in row.iter_mut().zip(&sb[j..j + n]) {
-                        *o = f(u, v);
-                    }
+            }
+            (0, 1) => {
+                let u = sa[i];
+                for (o, &v) in piece.iter_mut().zip(&sb[j..j + n]) {
+                    *o = f(u, v);
                 }
-                _ => {
-                    for (k, o) in row.iter_mut().enumerate() {
-                        *o = f(sa[i + k * step_a], sb[j + k * step_b]);
-                    }
+            }
+            _ => {
+                for (k, o) in piece.iter_mut().enumerate() {
+                    *o = f(sa[i + k * step_a], sb[j + k * step_b]);
                 }
             }
         }
@@ -233,4 +242,29 @@ pub(crate) fn zip3_map<A: Element, B: Element, C: Element, O: Element>(
         }
     });
     Ok((out, shape))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Tensor;
+
+    /// Rows longer than a task, and tasks that start inside a row, give the plain loop's values.
+    #[test]
+    fn long_broadcast_rows_split_across_tasks() {
+        let n = 3 * super::PAR_CHUNK + 5;
+        let x = Tensor::from_vec((0..2 * n).map(|i| i as f64).collect(), &[2, n]).unwrap();
+        let y = Tensor::from_vec((0..n).map(|i| (i % 7) as f64).collect(), &[n]).unwrap();
+        let s = Tensor::from_vec(vec![0.5f64], &[1]).unwrap();
+        let (xv, yv) = (x.to_vec_f64(), y.to_vec_f64());
+        let by_row: Vec<f64> = (0..2 * n).map(|i| xv[i] + yv[i % n]).collect();
+        assert_eq!(x.add(&y).unwrap().to_vec_f64(), by_row);
+        let scaled: Vec<f64> = xv.iter().map(|v| v * 0.5).collect();
+        assert_eq!(x.mul(&s).unwrap().to_vec_f64(), scaled);
+        // A transposed view walks with a step of n; the unary map takes the same path.
+        let t = x.transpose(0, 1).unwrap();
+        let expected: Vec<f64> = (0..n).flat_map(|c| [xv[c], xv[n + c]]).map(|v| -v).collect();
+        assert_eq!(t.neg().unwrap().to_vec_f64(), expected);
+        let doubled: Vec<f64> = expected.iter().map(|v| -2.0 * v).collect();
+        assert_eq!(t.add(&t).unwrap().to_vec_f64(), doubled);
+    }
 }
