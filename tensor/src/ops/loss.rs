@@ -6,9 +6,9 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::softmax::log_sum_exp;
 use crate::storage::CpuStorage;
 use crate::{DType, Element, FloatElement, Real, Result, Tensor, TensorError};
-use num_traits::Float;
 use rayon::prelude::*;
 
 /// Checks shapes and dtypes; returns (rows, classes).
@@ -91,16 +91,6 @@ fn cross_entropy_backward_cuda(
         ))?;
         Ok(gpu.tensor(dx, &[n, c]))
     })
-}
-
-/// `log Σ exp(row)`, max-subtracted, in the compute type.
-fn log_sum_exp<S: FloatElement>(row: &[S]) -> S::Acc {
-    let m = row.iter().fold(S::Acc::neg_infinity(), |m, v| m.max(v.to_acc()));
-    m + row
-        .iter()
-        .map(|v| (v.to_acc() - m).exp_fast())
-        .sum::<S::Acc>()
-        .ln()
 }
 
 impl Tensor {

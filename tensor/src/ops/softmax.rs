@@ -114,11 +114,22 @@ fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
     }
 }
 
+/// A row's max `m` and `ln Σ exp(x - m)`, in the compute type (kept apart: adding them first
+/// would round away the small terms next to a large max).
+fn max_and_log_sum<S: FloatElement>(row: &[S]) -> (S::Acc, S::Acc) {
+    let m = row_max(row);
+    (m, lane_sum(row, |v: S| (v.to_acc() - m).exp_fast()).ln())
+}
+
+/// `log Σ exp(row)`, max-subtracted, in the compute type.
+pub(crate) fn log_sum_exp<S: FloatElement>(row: &[S]) -> S::Acc {
+    let (m, ls) = max_and_log_sum(row);
+    m + ls
+}
+
 /// `(x - max) - ln Σ exp(x - max)`.
 fn log_softmax_row<S: FloatElement>(x: &[S], y: &mut [S]) {
-    let m = row_max(x);
-    let s: S::Acc = lane_sum(x, |v: S| (v.to_acc() - m).exp_fast());
-    let ls = s.ln();
+    let (m, ls) = max_and_log_sum(x);
     for (o, v) in y.iter_mut().zip(x) {
         *o = S::from_acc((v.to_acc() - m) - ls);
     }
