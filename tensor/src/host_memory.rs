@@ -6,18 +6,18 @@
 //! to the kernel, so new buffers page-fault their memory in again (a tenth of a small SigLIP
 //! training step in a `perf` profile, page faults and their zero fill).
 
-/// Asks glibc to keep freed memory for reuse: buffers up to 32 MiB (glibc's largest mmap
-/// threshold) come from the heap, and the heap is never trimmed. The process then holds on to its
-/// peak resident memory instead of returning it between steps. Our binaries call this first
+/// Asks glibc to keep freed memory for reuse: every buffer comes from the heap (none is mapped
+/// and unmapped on its own, however large: a fresh 64 MiB output would otherwise page-fault
+/// 16,384 pages in on every call), and the heap is never trimmed. The process then holds on to
+/// its peak resident memory instead of returning it between steps. Our binaries call this first
 /// thing; a program embedding the library decides for itself. Returns whether the settings were
 /// applied (only with glibc).
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        const MMAP_THRESHOLD_MAX: libc::c_int = 32 << 20;
         // SAFETY: mallopt only changes allocator parameters; it is safe to call at any time.
         unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+            libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
         }
     }

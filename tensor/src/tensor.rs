@@ -6,7 +6,6 @@ use crate::gpu::Gpu;
 use crate::layout::{numel, Layout};
 use crate::storage::{CpuStorage, Device, Storage};
 use crate::{DType, Element, TensorError};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Elements per rayon task in memory-bound kernels.
@@ -226,18 +225,18 @@ impl Tensor {
         Ok(any_dispatch!(self.dtype(), T => {
             let src = self.storage_slice::<T>();
             let n = self.numel();
-            let mut out = Vec::<T>::with_capacity(n);
-            out.spare_capacity_mut()
-                .par_chunks_mut(PAR_CHUNK)
-                .enumerate()
-                .for_each(|(c, chunk)| {
+            // SAFETY: each chunk's offsets iterator yields one offset per element (checked).
+            let out = unsafe {
+                crate::ops::par_write::par_write(n, PAR_CHUNK, |c, chunk| {
                     let offs = self.layout.offsets_from(c * PAR_CHUNK, chunk.len());
+                    let mut written = 0;
                     for (dst, o) in chunk.iter_mut().zip(offs) {
                         dst.write(src[o]);
+                        written += 1;
                     }
-                });
-            // SAFETY: every one of the n slots was written above.
-            unsafe { out.set_len(n) };
+                    assert_eq!(written, chunk.len(), "one offset per element");
+                })
+            };
             Self::from_cpu(CpuStorage::from_vec(out), self.shape())
         }))
     }

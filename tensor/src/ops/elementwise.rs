@@ -2,9 +2,10 @@
 //! (broadcast) operands.
 
 use crate::layout::{broadcast_shapes, Layout};
+use crate::ops::par_write::par_write;
 use crate::tensor::PAR_CHUNK;
 use crate::{Element, Real, Result, Tensor};
-use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Runs `f` compiled for the widest vector instructions this CPU has (AVX2 + FMA, or AVX-512),
 /// chosen at run time: the build itself targets baseline x86-64, whose 4-wide SSE2 is what a
@@ -42,19 +43,45 @@ pub(crate) fn lane_sum<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
     lane_fold(xs, A::zero(), f, |a, b| a + b)
 }
 
+/// Σ f(a, b) over the pairs of `a` and `b` (the shorter length), in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn lane_sum_pairs<S: Copy, T: Copy, A: Real>(a: &[S], b: &[T], f: impl Fn(S, T) -> A) -> A {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [A::zero(); LANES];
+    for (ca, cb) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for ((s, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *s += f(x, y);
+        }
+    }
+    let tail = n - n % LANES;
+    for ((s, &x), &y) in acc.iter_mut().zip(&a[tail..]).zip(&b[tail..]) {
+        *s += f(x, y);
+    }
+    acc.iter().fold(A::zero(), |t, &s| t + s)
+}
+
 /// The largest f(x) over `xs` (NaN ignored, -inf when empty), in [`LANES`] partial maxima.
 #[inline(always)]
 pub(crate) fn lane_max<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
     lane_fold(xs, A::neg_infinity(), f, |a, b| a.max(b))
 }
 
-/// Fills `out` in parallel chunks; `fill(start, chunk)` writes elements `start..start+chunk.len()`.
-fn par_fill<O: Element>(n: usize, fill: impl Fn(usize, &mut [O]) + Sync) -> Vec<O> {
-    let mut out = vec![O::from_f64(0.0); n];
-    out.par_chunks_mut(PAR_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| with_simd(|| fill(c * PAR_CHUNK, chunk)));
-    out
+/// `n` elements written in parallel chunks of [`PAR_CHUNK`]: `fill(start, chunk)` writes
+/// elements `start..start+chunk.len()`, every one of them (see [`par_write`]).
+///
+/// # Safety
+/// `fill` must write every element of `chunk`.
+unsafe fn par_fill<O: Element>(n: usize, fill: impl Fn(usize, &mut [MaybeUninit<O>]) + Sync) -> Vec<O> {
+    // SAFETY: passed on to the caller.
+    unsafe {
+        par_write(n, PAR_CHUNK, |c, chunk| {
+            with_simd(
+                #[inline(always)]
+                || fill(c * PAR_CHUNK, chunk),
+            )
+        })
+    }
 }
 
 /// `f` applied to every element of `x`, in row-major order of its logical shape.
@@ -62,25 +89,32 @@ pub(crate) fn map<A: Element, O: Element>(x: &Tensor, f: impl Fn(A) -> O + Sync)
     let src = x.storage_slice::<A>();
     if x.is_contiguous() {
         let xs = x.contiguous_slice::<A>();
-        return par_fill(xs.len(), |start, chunk| {
-            for (o, &v) in chunk.iter_mut().zip(&xs[start..]) {
-                *o = f(v);
-            }
-        });
+        // SAFETY: `xs[start..]` is at least as long as the chunk, so every element is written.
+        return unsafe {
+            par_fill(xs.len(), |start, chunk| {
+                for (o, &v) in chunk.iter_mut().zip(&xs[start..]) {
+                    o.write(f(v));
+                }
+            })
+        };
     }
     let rows = Rows::new(x.shape(), &[x.layout()]);
     let step = rows.steps[0];
-    rows.fill(|piece, [i]| {
-        if step == 1 {
-            for (o, &v) in piece.iter_mut().zip(&src[i..]) {
-                *o = f(v);
+    // SAFETY: both loops write every element of the piece (the slice indexing panics otherwise).
+    unsafe {
+        rows.fill(|piece, [i]| {
+            let n = piece.len();
+            if step == 1 {
+                for (o, &v) in piece.iter_mut().zip(&src[i..i + n]) {
+                    o.write(f(v));
+                }
+            } else {
+                for (k, o) in piece.iter_mut().enumerate() {
+                    o.write(f(src[i + k * step]));
+                }
             }
-        } else {
-            for (k, o) in piece.iter_mut().enumerate() {
-                *o = f(src[i + k * step]);
-            }
-        }
-    })
+        })
+    }
 }
 
 /// A broadcast walk in rows: the trailing axes that every operand steps through at one stride
@@ -132,28 +166,38 @@ impl Rows {
     /// Fills the output in parallel tasks of [`PAR_CHUNK`] elements: `run(piece, starts)` writes
     /// `piece`, a run of consecutive elements within one row, whose first element each operand
     /// `k` holds at storage offset `starts[k]`. A row longer than a task is split across tasks.
-    fn fill<O: Element, const K: usize>(&self, run: impl Fn(&mut [O], [usize; K]) + Sync) -> Vec<O> {
-        let mut out = vec![O::from_f64(0.0); self.numel];
-        out.par_chunks_mut(PAR_CHUNK).enumerate().for_each(|(c, chunk)| {
-            with_simd(|| {
-                let start = c * PAR_CHUNK;
-                let (first_row, mut col) = (start / self.len, start % self.len);
-                let rows = (col + chunk.len()).div_ceil(self.len);
-                let mut row_starts: [_; K] =
-                    std::array::from_fn(|k| self.outer[k].offsets_from(first_row, rows));
-                let mut done = 0;
-                while done < chunk.len() {
-                    let take = (self.len - col).min(chunk.len() - done);
-                    let starts = std::array::from_fn(|k| {
-                        row_starts[k].next().expect("one start per row") + col * self.steps[k]
-                    });
-                    run(&mut chunk[done..done + take], starts);
-                    done += take;
-                    col = 0;
-                }
+    ///
+    /// # Safety
+    /// `run` must write every element of `piece`.
+    unsafe fn fill<O: Element, const K: usize>(
+        &self,
+        run: impl Fn(&mut [MaybeUninit<O>], [usize; K]) + Sync,
+    ) -> Vec<O> {
+        // SAFETY: the pieces below cover each chunk, and `run` writes each piece in full.
+        unsafe {
+            par_write(self.numel, PAR_CHUNK, |c, chunk| {
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        let start = c * PAR_CHUNK;
+                        let (first_row, mut col) = (start / self.len, start % self.len);
+                        let rows = (col + chunk.len()).div_ceil(self.len);
+                        let mut row_starts: [_; K] =
+                            std::array::from_fn(|k| self.outer[k].offsets_from(first_row, rows));
+                        let mut done = 0;
+                        while done < chunk.len() {
+                            let take = (self.len - col).min(chunk.len() - done);
+                            let starts = std::array::from_fn(|k| {
+                                row_starts[k].next().expect("one start per row") + col * self.steps[k]
+                            });
+                            run(&mut chunk[done..done + take], starts);
+                            done += take;
+                            col = 0;
+                        }
+                    },
+                )
             })
-        });
-        out
+        }
     }
 }
 
@@ -174,44 +218,50 @@ pub(crate) fn zip_map<A: Element, B: Element, O: Element>(
     let shape = broadcast_all(op, &[a, b])?;
     if a.shape() == b.shape() && a.is_contiguous() && b.is_contiguous() {
         let (xa, xb) = (a.contiguous_slice::<A>(), b.contiguous_slice::<B>());
-        let out = par_fill(xa.len(), |start, chunk| {
-            for ((o, &u), &v) in chunk.iter_mut().zip(&xa[start..]).zip(&xb[start..]) {
-                *o = f(u, v);
-            }
-        });
+        // SAFETY: both operands hold at least `chunk.len()` elements from `start`.
+        let out = unsafe {
+            par_fill(xa.len(), |start, chunk| {
+                for ((o, &u), &v) in chunk.iter_mut().zip(&xa[start..]).zip(&xb[start..]) {
+                    o.write(f(u, v));
+                }
+            })
+        };
         return Ok((out, shape));
     }
     let (la, lb) = (a.layout().broadcast_to(&shape)?, b.layout().broadcast_to(&shape)?);
     let (sa, sb) = (a.storage_slice::<A>(), b.storage_slice::<B>());
     let rows = Rows::new(&shape, &[&la, &lb]);
     let (step_a, step_b) = (rows.steps[0], rows.steps[1]);
-    let out = rows.fill(|piece, [i, j]| {
-        let n = piece.len();
-        match (step_a, step_b) {
-            (1, 1) => {
-                for ((o, &u), &v) in piece.iter_mut().zip(&sa[i..i + n]).zip(&sb[j..j + n]) {
-                    *o = f(u, v);
+    // SAFETY: every arm writes the whole piece (the slice indexing panics otherwise).
+    let out = unsafe {
+        rows.fill(|piece, [i, j]| {
+            let n = piece.len();
+            match (step_a, step_b) {
+                (1, 1) => {
+                    for ((o, &u), &v) in piece.iter_mut().zip(&sa[i..i + n]).zip(&sb[j..j + n]) {
+                        o.write(f(u, v));
+                    }
+                }
+                (1, 0) => {
+                    let v = sb[j];
+                    for (o, &u) in piece.iter_mut().zip(&sa[i..i + n]) {
+                        o.write(f(u, v));
+                    }
+                }
+                (0, 1) => {
+                    let u = sa[i];
+                    for (o, &v) in piece.iter_mut().zip(&sb[j..j + n]) {
+                        o.write(f(u, v));
+                    }
+                }
+                _ => {
+                    for (k, o) in piece.iter_mut().enumerate() {
+                        o.write(f(sa[i + k * step_a], sb[j + k * step_b]));
+                    }
                 }
             }
-            (1, 0) => {
-                let v = sb[j];
-                for (o, &u) in piece.iter_mut().zip(&sa[i..i + n]) {
-                    *o = f(u, v);
-                }
-            }
-            (0, 1) => {
-                let u = sa[i];
-                for (o, &v) in piece.iter_mut().zip(&sb[j..j + n]) {
-                    *o = f(u, v);
-                }
-            }
-            _ => {
-                for (k, o) in piece.iter_mut().enumerate() {
-                    *o = f(sa[i + k * step_a], sb[j + k * step_b]);
-                }
-            }
-        }
-    });
+        })
+    };
     Ok((out, shape))
 }
 
@@ -233,14 +283,20 @@ pub(crate) fn zip3_map<A: Element, B: Element, C: Element, O: Element>(
         b.storage_slice::<B>(),
         c.storage_slice::<C>(),
     );
-    let out = par_fill(crate::layout::numel(&shape), |start, chunk| {
-        let ia = layouts[0].offsets_from(start, chunk.len());
-        let ib = layouts[1].offsets_from(start, chunk.len());
-        let ic = layouts[2].offsets_from(start, chunk.len());
-        for (((o, i), j), k) in chunk.iter_mut().zip(ia).zip(ib).zip(ic) {
-            *o = f(sa[i], sb[j], sc[k]);
-        }
-    });
+    // SAFETY: each chunk is written in full, or the count check panics.
+    let out = unsafe {
+        par_fill(crate::layout::numel(&shape), |start, chunk| {
+            let ia = layouts[0].offsets_from(start, chunk.len());
+            let ib = layouts[1].offsets_from(start, chunk.len());
+            let ic = layouts[2].offsets_from(start, chunk.len());
+            let mut written = 0;
+            for (((o, i), j), k) in chunk.iter_mut().zip(ia).zip(ib).zip(ic) {
+                o.write(f(sa[i], sb[j], sc[k]));
+                written += 1;
+            }
+            assert_eq!(written, chunk.len(), "one offset per element");
+        })
+    };
     Ok((out, shape))
 }
 

@@ -216,10 +216,12 @@ fn batched<T: Element + Zero + One>(a: &Tensor, b: &Tensor, batch: &[usize], d: 
     let la = a.layout().broadcast_to(&[batch, &[d.m, d.k]].concat())?;
     let lb = b.layout().broadcast_to(&[batch, &[d.k, d.n]].concat())?;
     let count = numel(batch);
-    let mut out = vec![T::zero(); count * d.m * d.n];
+    let total = count * d.m * d.n;
     if d.m == 0 || d.n == 0 || d.k == 0 {
-        return Ok(out);
+        return Ok(vec![T::zero(); total]);
     }
+    // Not zero-filled: with `read_dst` false below, gemm writes every element of every product.
+    let mut out = Vec::<T>::with_capacity(total);
     let (sa, sb) = (a.storage_slice::<T>(), b.storage_slice::<T>());
     let r = batch.len();
     let (a_rs, a_cs) = (la.strides()[r] as isize, la.strides()[r + 1] as isize);
@@ -266,6 +268,8 @@ fn batched<T: Element + Zero + One>(a: &Tensor, b: &Tensor, batch: &[usize], d: 
         let threads = rayon::current_num_threads();
         (0..count).for_each(|i| run(i, Parallelism::Rayon(threads)));
     }
+    // SAFETY: the products above wrote all `total` elements (gemm does not read `dst`).
+    unsafe { out.set_len(total) };
     Ok(out)
 }
 

@@ -10,6 +10,7 @@ pub mod index;
 pub mod loss;
 pub mod matmul;
 pub mod norm;
+pub(crate) mod par_write;
 pub mod random;
 pub mod reduce;
 pub mod selective_scan;

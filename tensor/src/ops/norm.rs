@@ -6,11 +6,13 @@ use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::ops::elementwise::{lane_sum, with_simd};
+use crate::ops::par_write::par_write;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
 use cuda::kernels::{LayerNormGrads, NormSpec, Residual, RmsNormGrads};
 use num_traits::Zero;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Fewest rows per rayon task in the backward kernels.
 const MIN_ROWS_PER_TASK: usize = 64;
@@ -53,27 +55,40 @@ fn widen<T: FloatElement>(p: &Tensor) -> Vec<T::Acc> {
 }
 
 /// Overwrites `buf` with `row` widened.
+#[inline(always)]
 fn widen_into<T: FloatElement>(row: &[T], buf: &mut Vec<T::Acc>) {
-    buf.clear();
-    buf.extend(row.iter().map(|v| v.to_acc()));
+    buf.resize(row.len(), T::Acc::zero());
+    for (b, v) in buf.iter_mut().zip(row) {
+        *b = v.to_acc();
+    }
 }
 
-/// Normalises every row of D elements with `f(x_row, y_row)`.
-fn rows_forward<T: FloatElement>(x: &Tensor, d: usize, f: impl Fn(&[T::Acc], &mut [T]) + Sync) -> Tensor {
+/// Normalises every row of D elements with `f(x_row, y_row)`, which writes all of `y_row`.
+fn rows_forward<T: FloatElement>(
+    x: &Tensor,
+    d: usize,
+    f: impl Fn(&[T::Acc], &mut [MaybeUninit<T>]) + Sync,
+) -> Tensor {
     let x = x.contiguous();
     let xs = x.contiguous_slice::<T>();
-    let mut out = vec![T::from_acc(Zero::zero()); xs.len()];
-    if d > 0 {
-        out.par_chunks_mut(d)
-            .zip(xs.par_chunks(d))
-            .with_min_len((crate::tensor::PAR_CHUNK / d).max(1))
-            .for_each_init(Vec::new, |buf, (y, row)| {
-                with_simd(|| {
-                    widen_into(row, buf);
-                    f(buf, y);
-                });
-            });
-    }
+    let d1 = d.max(1);
+    let rows_per_task = (crate::tensor::PAR_CHUNK / d1).max(1);
+    // SAFETY: the rows tile each chunk and `f` writes each row in full.
+    let out = unsafe {
+        par_write(xs.len(), rows_per_task * d1, |c, chunk| {
+            let mut buf = Vec::with_capacity(d);
+            let first = c * rows_per_task * d1;
+            with_simd(
+                #[inline(always)]
+                || {
+                    for (y, row) in chunk.chunks_mut(d1).zip(xs[first..].chunks(d1)) {
+                        widen_into(row, &mut buf);
+                        f(&buf, y);
+                    }
+                },
+            );
+        })
+    };
     Tensor::from_cpu(CpuStorage::from_vec(out), x.shape())
 }
 
@@ -101,13 +116,16 @@ fn rows_backward<T: FloatElement, const P: usize>(
             .map(|((dxb, xb), gb)| {
                 let mut acc = zeros();
                 let (mut xa, mut ga) = (Vec::with_capacity(d), Vec::with_capacity(d));
-                with_simd(|| {
-                    for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
-                        widen_into(xr, &mut xa);
-                        widen_into(gr, &mut ga);
-                        f(&xa, &ga, dxr, &mut acc);
-                    }
-                });
+                with_simd(
+                    #[inline(always)]
+                    || {
+                        for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
+                            widen_into(xr, &mut xa);
+                            widen_into(gr, &mut ga);
+                            f(&xa, &ga, dxr, &mut acc);
+                        }
+                    },
+                );
                 acc
             })
             .collect();
@@ -203,12 +221,14 @@ fn layer_norm_backward_cuda(
 }
 
 /// 1/sqrt(mean(x²) + eps) of a row.
+#[inline(always)]
 fn inv_rms<A: Real>(row: &[A], eps: f64) -> A {
     let ms = lane_sum(row, |v: A| v * v) / A::lit(row.len() as f64);
     A::one() / (ms + A::lit(eps)).sqrt()
 }
 
 /// Mean and 1/sqrt(var + eps) of a row (biased variance, two passes).
+#[inline(always)]
 fn moments<A: Real>(row: &[A], eps: f64) -> (A, A) {
     let n = A::lit(row.len() as f64);
     let mean = lane_sum(row, |v: A| v) / n;
@@ -226,10 +246,10 @@ impl Tensor {
         }
         float_dispatch!("rms_norm", self.dtype(), T => {
             let w = widen::<T>(weight);
-            Ok(rows_forward::<T>(self, d, |x, y| {
+            Ok(rows_forward::<T>(self, d, #[inline(always)] |x, y| {
                 let r = inv_rms(x, eps);
                 for ((o, &v), &wv) in y.iter_mut().zip(x).zip(&w) {
-                    *o = T::from_acc(v * r * wv);
+                    o.write(T::from_acc(v * r * wv));
                 }
             }))
         })
@@ -247,7 +267,7 @@ impl Tensor {
             type A = <T as FloatElement>::Acc;
             let w = widen::<T>(weight);
             let n = A::lit(d as f64);
-            let (dx, [dw]) = rows_backward::<T, 1>(self, grad, d, |x, g, dx, [dw]| {
+            let (dx, [dw]) = rows_backward::<T, 1>(self, grad, d, #[inline(always)] |x, g, dx, [dw]| {
                 // With r = 1/rms: dx = r·(g·w) - x·r³·mean(g·w·x); dweight += g·x·r.
                 let r = inv_rms(x, eps);
                 let dot = x.iter().zip(g).zip(&w).map(|((&xv, &gv), &wv)| gv * wv * xv).sum::<A>() / n;
@@ -277,11 +297,11 @@ impl Tensor {
         float_dispatch!("layer_norm", self.dtype(), T => {
             let w = widen::<T>(weight);
             let b = bias.map(widen::<T>);
-            Ok(rows_forward::<T>(self, d, |x, y| {
+            Ok(rows_forward::<T>(self, d, #[inline(always)] |x, y| {
                 let (mean, rstd) = moments(x, eps);
                 for (i, o) in y.iter_mut().enumerate() {
                     let shift = b.as_ref().map_or(Zero::zero(), |b| b[i]);
-                    *o = T::from_acc((x[i] - mean) * rstd * w[i] + shift);
+                    o.write(T::from_acc((x[i] - mean) * rstd * w[i] + shift));
                 }
             }))
         })
@@ -353,7 +373,7 @@ impl Tensor {
             type A = <T as FloatElement>::Acc;
             let w = widen::<T>(weight);
             let n = A::lit(d as f64);
-            let (dx, [dw, db]) = rows_backward::<T, 2>(self, grad, d, |x, g, dx, [dw, db]| {
+            let (dx, [dw, db]) = rows_backward::<T, 2>(self, grad, d, #[inline(always)] |x, g, dx, [dw, db]| {
                 // With x̂ = (x - mean)·rstd: dx = rstd·(g·w - mean(g·w) - x̂·mean(g·w·x̂)).
                 let (mean, rstd) = moments(x, eps);
                 let (mut sum_gw, mut sum_gw_xhat) = (A::zero(), A::zero());

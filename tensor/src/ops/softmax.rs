@@ -5,11 +5,12 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
-use crate::ops::elementwise::{lane_max, lane_sum, with_simd};
+use crate::ops::elementwise::{lane_max, lane_sum, lane_sum_pairs, with_simd};
+use crate::ops::par_write::par_write;
 use crate::storage::CpuStorage;
-use crate::{Element, FloatElement, Real, Result, Tensor};
-use num_traits::Float;
-use rayon::prelude::*;
+use crate::{FloatElement, Real, Result, Tensor};
+use num_traits::{Float, One, Zero};
+use std::mem::MaybeUninit;
 
 /// The row computation: forward from x, or backward from the forward output y and gradient g.
 #[derive(Clone, Copy)]
@@ -22,7 +23,9 @@ enum Row {
 
 impl Row {
     /// Computes one row into `out`; `g` is empty for the forward rows; `buf` is scratch space.
-    fn run<S: FloatElement>(self, x: &[S], g: &[S], out: &mut [S], buf: &mut Vec<S::Acc>) {
+    /// Inlined (as are the row functions) into the caller's SIMD-compiled closure.
+    #[inline(always)]
+    fn run<S: FloatElement>(self, x: &[S], g: &[S], out: &mut [MaybeUninit<S>], buf: &mut Vec<S::Acc>) {
         match self {
             Row::Softmax => softmax_row(x, out, buf),
             Row::LogSoftmax => log_softmax_row(x, out),
@@ -56,15 +59,23 @@ fn along_axis(op: &'static str, x: &Tensor, g: Option<&Tensor>, axis: usize, row
     let out = float_dispatch!(op, x.dtype(), T => {
         let xr = xs.contiguous_slice::<T>();
         let gr = gs.as_ref().map(|g| g.contiguous_slice::<T>());
-        let mut out = vec![T::from_f64(0.0); xr.len()];
         // Tasks of whole rows, about PAR_CHUNK elements each (a task per short row costs more
         // than the row).
-        let rows_per_task = (crate::tensor::PAR_CHUNK / d.max(1)).max(1);
-        out.par_chunks_mut(d.max(1)).enumerate().with_min_len(rows_per_task).for_each_init(Vec::new, |buf, (r, y)| {
-            let rows = r * d..(r + 1) * d;
-            let g = gr.map_or(&[][..], |g| &g[rows.clone()]);
-            with_simd(|| row.run(&xr[rows], g, y, buf));
-        });
+        let d = d.max(1);
+        let rows_per_task = (crate::tensor::PAR_CHUNK / d).max(1);
+        // SAFETY: each row function writes its whole output row, and the rows tile the chunk.
+        let out = unsafe {
+            par_write(xr.len(), rows_per_task * d, |c, chunk| {
+                let mut buf = Vec::new();
+                with_simd(#[inline(always)] || {
+                    for (k, y) in chunk.chunks_mut(d).enumerate() {
+                        let rows = (c * rows_per_task + k) * d..(c * rows_per_task + k + 1) * d;
+                        let g = gr.map_or(&[][..], |g| &g[rows.clone()]);
+                        row.run(&xr[rows], g, y, &mut buf);
+                    }
+                })
+            })
+        };
         CpuStorage::from_vec(out)
     });
     Tensor::from_cpu(out, xs.shape())
@@ -99,23 +110,28 @@ fn along_axis_cuda(gpu: &Gpu, x: &Tensor, g: Option<&Tensor>, axis: usize, row: 
 }
 
 /// The largest element of a row, widened (NaN is ignored here and propagates through exp).
+#[inline(always)]
 fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
     lane_max(x, |v: S| v.to_acc())
 }
 
 /// `exp(x - max) / Σ exp(x - max)`.
-fn softmax_row<S: FloatElement>(x: &[S], y: &mut [S], buf: &mut Vec<S::Acc>) {
+#[inline(always)]
+fn softmax_row<S: FloatElement>(x: &[S], y: &mut [MaybeUninit<S>], buf: &mut Vec<S::Acc>) {
     let m = row_max(x);
-    buf.clear();
-    buf.extend(x.iter().map(|v| (v.to_acc() - m).exp_fast()));
-    let s: S::Acc = lane_sum(buf, |e| e);
+    buf.resize(x.len(), S::Acc::zero());
+    for (e, v) in buf.iter_mut().zip(x) {
+        *e = (v.to_acc() - m).exp_fast();
+    }
+    let inv = S::Acc::one() / lane_sum(buf, |e| e);
     for (o, &e) in y.iter_mut().zip(buf.iter()) {
-        *o = S::from_acc(e / s);
+        o.write(S::from_acc(e * inv));
     }
 }
 
 /// A row's max `m` and `ln Σ exp(x - m)`, in the compute type (kept apart: adding them first
 /// would round away the small terms next to a large max).
+#[inline(always)]
 fn max_and_log_sum<S: FloatElement>(row: &[S]) -> (S::Acc, S::Acc) {
     let m = row_max(row);
     (m, lane_sum(row, |v: S| (v.to_acc() - m).exp_fast()).ln())
@@ -128,26 +144,29 @@ pub(crate) fn log_sum_exp<S: FloatElement>(row: &[S]) -> S::Acc {
 }
 
 /// `(x - max) - ln Σ exp(x - max)`.
-fn log_softmax_row<S: FloatElement>(x: &[S], y: &mut [S]) {
+#[inline(always)]
+fn log_softmax_row<S: FloatElement>(x: &[S], y: &mut [MaybeUninit<S>]) {
     let (m, ls) = max_and_log_sum(x);
     for (o, v) in y.iter_mut().zip(x) {
-        *o = S::from_acc((v.to_acc() - m) - ls);
+        o.write(S::from_acc((v.to_acc() - m) - ls));
     }
 }
 
 /// `y · (g - Σ g·y)`.
-fn softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
-    let dot: S::Acc = y.iter().zip(g).map(|(a, b)| a.to_acc() * b.to_acc()).sum();
+#[inline(always)]
+fn softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [MaybeUninit<S>]) {
+    let dot: S::Acc = lane_sum_pairs(y, g, |a: S, b: S| a.to_acc() * b.to_acc());
     for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
-        *o = S::from_acc(yv.to_acc() * (gv.to_acc() - dot));
+        o.write(S::from_acc(yv.to_acc() * (gv.to_acc() - dot)));
     }
 }
 
 /// `g - exp(y) · Σ g`.
-fn log_softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [S]) {
+#[inline(always)]
+fn log_softmax_backward_row<S: FloatElement>(y: &[S], g: &[S], dx: &mut [MaybeUninit<S>]) {
     let total: S::Acc = lane_sum(g, |v: S| v.to_acc());
     for ((o, yv), gv) in dx.iter_mut().zip(y).zip(g) {
-        *o = S::from_acc(gv.to_acc() - yv.to_acc().exp_fast() * total);
+        o.write(S::from_acc(gv.to_acc() - yv.to_acc().exp_fast() * total));
     }
 }
 
