@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import race_tiny_emma  # noqa: E402  (the tiny EMMA twin, beside this script)
+
 LM_LENGTHS = (512, 1024)
 TOWER_BATCH = 32
 
@@ -52,6 +55,7 @@ def cases():
     for tower in ("siglip", "dinov2"):
         out.append((f"{tower}-forward-b{TOWER_BATCH}", tower, "forward", "pixels"))
         out.append((f"{tower}-forward-backward-b{TOWER_BATCH}", tower, "forward-backward", "pixels"))
+    out.append((f"tiny-emma-train-step-b{race_tiny_emma.BATCH}", "tiny-emma", "train-step", "emma"))
     return out
 
 
@@ -92,6 +96,7 @@ def prepare(work: Path) -> None:
     import torch
     from safetensors.numpy import save_file
 
+    race_tiny_emma.prepare(work / "tiny-emma")
     stamp = work / "prepared.json"
     if stamp.exists():
         return
@@ -128,6 +133,8 @@ def torch_worker(work: Path, case: str, rounds: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     name, model_dir, kind, input_name = next(c for c in cases() if c[0] == case)
+    if kind == "train-step":
+        return tiny_emma_worker(work, case, rounds)
     cls, _ = configs()[model_dir]
     model = cls.from_pretrained(work / model_dir, dtype=torch.float32).eval()
     files = load_file(str(work / "inputs.safetensors"))
@@ -166,6 +173,27 @@ def torch_worker(work: Path, case: str, rounds: int, threads: int) -> None:
     else:
         grad = first_weight(model, model_dir).grad
         outputs = {"loss": np.array(result.item(), dtype=np.float32), "grad": grad.numpy()}
+    save_file(outputs, str(work / "out" / f"{case}.torch.safetensors"))
+    print(json.dumps({"ms": best * 1e3, "peak_mb": status_mb("VmHWM"), "loaded_mb": loaded_mb}))
+
+
+def tiny_emma_worker(work: Path, case: str, rounds: int) -> None:
+    """One training step of the tiny EMMA twin: timed over `rounds` steps after a first one,
+    whose losses and gradients (from the initial weights, as on our side) are compared."""
+    from safetensors.numpy import load_file, save_file
+
+    files = load_file(str(work / "tiny-emma" / "inputs.safetensors"))
+    step = race_tiny_emma.train_step_runner(files)
+    loaded_mb = status_mb("VmRSS")
+    (total, text, pixel), grads = step()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    outputs = {k: np.array(v.item(), dtype=np.float32) for k, v in
+               (("loss", total), ("text_loss", text), ("pixel_loss", pixel))}
+    outputs.update({k: g.numpy() for k, g in grads.items()})
     save_file(outputs, str(work / "out" / f"{case}.torch.safetensors"))
     print(json.dumps({"ms": best * 1e3, "peak_mb": status_mb("VmHWM"), "loaded_mb": loaded_mb}))
 

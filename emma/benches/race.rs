@@ -12,10 +12,19 @@
 //! `sum(last_hidden_state * weights)`, the weights random and given as `<model>_weights`). A forward writes `out` (logits `[T, vocab]` or the last hidden
 //! state); a backward writes `loss` and `grad`, the gradient of the first layer's input
 //! projection.
+//!
+//! `tiny-emma-train-step-b32` is one training step of the `tiny` preset as `train` takes it
+//! (the model built over the current weights, losses, backward, AdamW), on the weights and batch
+//! in `DIR/tiny-emma` (written by the script's twin, `scripts/race_tiny_emma.py`). It writes the
+//! first step's losses (`loss`, `text_loss`, `pixel_loss`) and two of its gradients (`grad`:
+//! `projector.fc1.weight`; `grad_decoder`: the pixel decoder's first Mamba-2 input projection).
 
 use anyhow::{bail, Context};
 use autograd::Var;
-use nn::{Dinov2, MambaLm, ParamStore, SiglipHead, SiglipVision};
+use emma::config::EmmaConfig;
+use emma::model::{Batch, Emma};
+use nn::{AdamW, AdamWConfig, Dinov2, MambaLm, ParamStore, SiglipHead, SiglipVision};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tensor::{Device, Tensor};
@@ -144,6 +153,9 @@ fn main() -> anyhow::Result<()> {
     let (Some(work), Some(name)) = (work, case) else {
         bail!("usage: race --work DIR --case NAME [--rounds N] (scripts/race_pytorch.py runs it)");
     };
+    if name == TINY_EMMA_CASE {
+        return tiny_emma_train_step(&work, rounds);
+    }
     let case = parse_case(&name)?;
     let backward = case.backward;
     let (pre, store) = emma::commands::load(&work.join(&case.model), backward, Device::Cpu)?;
@@ -187,6 +199,83 @@ fn main() -> anyhow::Result<()> {
     write_outputs(
         &work.join("out").join(format!("{name}.ours.safetensors")),
         &result,
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({"ms": best * 1e3, "peak_mb": status_mb("VmHWM:")?, "loaded_mb": loaded_mb})
+    );
+    Ok(())
+}
+
+/// The tiny EMMA case's name.
+const TINY_EMMA_CASE: &str = "tiny-emma-train-step-b32";
+
+/// The gradients the tiny EMMA case writes: (output name, parameter).
+const TINY_EMMA_GRADS: [(&str, &str); 2] = [
+    ("grad", "projector.fc1.weight"),
+    ("grad_decoder", "alignment.decoder.blocks.0.mixer.in_proj.weight"),
+];
+
+/// Times training steps of the tiny EMMA: the first step's losses and gradients are written (both
+/// sides start from the same weights), the best of `rounds` further steps is reported.
+fn tiny_emma_train_step(work: &Path, rounds: usize) -> anyhow::Result<()> {
+    let dir = work.join("tiny-emma");
+    let read = |file: &str| {
+        let path = dir.join(file);
+        tensor::safetensors::load(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let mut params = read("model.safetensors")?;
+    // The weights are memory-mapped: read them once so that they count as loaded, not as work.
+    for t in params.values() {
+        t.sum_all()?;
+    }
+    let inputs = read("inputs.safetensors")?;
+    let input = |k: &str| {
+        inputs
+            .get(k)
+            .cloned()
+            .with_context(|| format!("no '{k}' in {}", dir.join("inputs.safetensors").display()))
+    };
+    let batch = Batch {
+        siglip_pixels: input("emma_siglip_pixels")?,
+        dinov2_pixels: input("emma_dinov2_pixels")?,
+        ids: input("emma_ids")?,
+        labels: input("emma_labels")?,
+    };
+    let cfg = EmmaConfig::named("tiny")?;
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let loaded_mb = status_mb("VmRSS:")?;
+    let mut step = |params: &mut BTreeMap<String, Tensor>| -> anyhow::Result<Vec<(String, Tensor)>> {
+        let store = ParamStore::new(params.clone(), true, "tiny EMMA");
+        let model = Emma::new(&cfg, store.clone())?;
+        let losses = model.losses(&batch)?;
+        losses.total.backward()?;
+        let grads = store.grads();
+        opt.step(params, &grads)?;
+        let pixel = losses.pixel.context("the tiny preset has a pixel loss")?;
+        let mut out = vec![
+            ("loss".to_string(), losses.total.value().clone()),
+            ("text_loss".to_string(), losses.text.value().clone()),
+            ("pixel_loss".to_string(), pixel.value().clone()),
+        ];
+        for (name, key) in TINY_EMMA_GRADS {
+            let g = grads.get(key).with_context(|| format!("no gradient for {key}"))?;
+            out.push((name.to_string(), g.clone()));
+        }
+        Ok(out)
+    };
+    let first = step(&mut params)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        step(&mut params)?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    write_outputs(
+        &work
+            .join("out")
+            .join(format!("{TINY_EMMA_CASE}.ours.safetensors")),
+        &first,
     )?;
     println!(
         "{}",
