@@ -164,10 +164,10 @@ impl Real for f32 {
             * r
             + 0.5;
         let e_r = p * (r * r) + r + 1.0;
-        // 2^k as two factors, each a normal number for every k in [-126, 128].
-        let half = k_int >> 1;
-        let pow2 = |e: i32| f32::from_bits(((e + 127) << 23) as u32);
-        let v = e_r * pow2(half) * pow2(k_int - half);
+        // e_r · 2^k by adding k to e_r's exponent. No overflow or subnormal on the way: k = 128
+        // only when x > 127.5·ln2, where r < 0 and so e_r < 1; k = -126 only when
+        // x < -125.5·ln2, where r > 0 and e_r > 1 (the clamp keeps |x·log2 e| under 128 and 126).
+        let v = f32::from_bits((e_r.to_bits() as i32 + (k_int << 23)) as u32);
         if self > 88.72 {
             f32::INFINITY
         } else if self < -87.33 {

@@ -22,7 +22,12 @@ const LANES: usize = 16;
 /// lane order at the end: an order fixed by the length (not by threads) that vectorises, where
 /// a strictly sequential fold cannot.
 #[inline(always)]
-fn lane_fold<S: Copy, A: Real>(xs: &[S], init: A, f: impl Fn(S) -> A, combine: impl Fn(A, A) -> A) -> A {
+pub(crate) fn lane_fold<S: Copy, A: Real>(
+    xs: &[S],
+    init: A,
+    f: impl Fn(S) -> A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
     let mut acc = [init; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -59,12 +64,6 @@ pub(crate) fn lane_sum_pairs<S: Copy, T: Copy, A: Real>(a: &[S], b: &[T], f: imp
         *s += f(x, y);
     }
     acc.iter().fold(A::zero(), |t, &s| t + s)
-}
-
-/// The largest f(x) over `xs` (NaN ignored, -inf when empty), in [`LANES`] partial maxima.
-#[inline(always)]
-pub(crate) fn lane_max<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
-    lane_fold(xs, A::neg_infinity(), f, |a, b| a.max(b))
 }
 
 /// `n` elements written in parallel chunks of [`PAR_CHUNK`]: `fill(start, chunk)` writes

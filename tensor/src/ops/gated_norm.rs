@@ -8,7 +8,7 @@ use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
 use crate::ops::norm;
-use crate::ops::unary::sigmoid;
+use crate::ops::unary::{sigmoid, silu};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
 use cuda::kernels::{GatedNormGrads, NormSpec};
@@ -37,10 +37,7 @@ fn round<T: FloatElement>(v: T::Acc) -> T::Acc {
 
 /// One group's forward quantities: silu(z) and x · silu(z) (each rounded) and 1/rms.
 fn group_forward<T: FloatElement>(x: &[T], z: &[T], eps: f64) -> (Vec<T::Acc>, Vec<T::Acc>, T::Acc) {
-    let s: Vec<T::Acc> = z
-        .iter()
-        .map(|&v| round::<T>(v.to_acc() * sigmoid(v.to_acc())))
-        .collect();
+    let s: Vec<T::Acc> = z.iter().map(|&v| round::<T>(silu(v.to_acc()))).collect();
     let h: Vec<T::Acc> = x
         .iter()
         .zip(&s)

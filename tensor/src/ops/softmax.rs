@@ -5,7 +5,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
-use crate::ops::elementwise::{lane_max, lane_sum, lane_sum_pairs, with_simd};
+use crate::ops::elementwise::{lane_fold, lane_sum, lane_sum_pairs, with_simd};
 use crate::ops::par_write::par_write;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
@@ -109,10 +109,17 @@ fn along_axis_cuda(gpu: &Gpu, x: &Tensor, g: Option<&Tensor>, axis: usize, row: 
     out.transpose(axis, last)?.try_contiguous()
 }
 
-/// The largest element of a row, widened (NaN is ignored here and propagates through exp).
+/// The largest element of a row, widened, by a plain comparison (one vector max, where
+/// `f32::max`'s NaN rule costs a compare and a blend more): a NaN may or may not win here, and
+/// either way it reaches every output through `exp` and the row sum.
 #[inline(always)]
 fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
-    lane_max(x, |v: S| v.to_acc())
+    lane_fold(
+        x,
+        S::Acc::neg_infinity(),
+        |v: S| v.to_acc(),
+        |a, b| if b > a { b } else { a },
+    )
 }
 
 /// `exp(x - max) / Σ exp(x - max)`.
