@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use emma::device::{resolve, DeviceChoice};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use train::data::{Dataset, ShapesData};
 use train::easy_vqa::Split;
 use train::options::{expand_config_file, TrainOptions};
@@ -82,6 +83,17 @@ enum Command {
     Plot {
         /// The run folder (train's --out).
         run_dir: PathBuf,
+    },
+    /// Joins the rendezvous of a multi-process run (torchrun's RANK, WORLD_SIZE, MASTER_ADDR and
+    /// MASTER_PORT), prints the id every rank receives, then watches the other ranks for --hold
+    /// seconds: a check that the processes (and machines) reach each other before a long run.
+    Rendezvous {
+        /// Seconds to wait for every rank to arrive.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Seconds to stay connected afterwards, failing as soon as a rank leaves.
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
     /// Writes examples of the shapes set in LLaVA format (data.json + images/).
     Shapes {
@@ -173,6 +185,19 @@ fn run() -> anyhow::Result<()> {
         Some(Command::Plot { run_dir }) => {
             let png = train::loss_plot::draw_loss_png(&run_dir)?;
             println!("drew {}", png.display());
+            Ok(())
+        }
+        Some(Command::Rendezvous { timeout, hold }) => {
+            let env = |k: &str| std::env::var(k).ok();
+            let peer = train::rendezvous::Peer::from_vars(env, Duration::from_secs(timeout))?
+                .context("WORLD_SIZE is not set: set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")?;
+            // The size of an NCCL unique id.
+            let watch = peer
+                .join(|| (0..128).map(|_| rand::random::<u8>()).collect())?
+                .watch();
+            let hex: String = watch.id.iter().map(|b| format!("{b:02x}")).collect();
+            println!("rank {} of {}: id {hex}", watch.rank, watch.world);
+            watch.hold(Duration::from_secs(hold), Duration::from_millis(100))?;
             Ok(())
         }
         Some(Command::Shapes {
