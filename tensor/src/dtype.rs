@@ -95,6 +95,11 @@ pub trait Real:
     /// f32's normal range, tested; results below the smallest normal number, x < -87.33, flush
     /// to zero; x > 88.72 gives infinity and NaN stays NaN); for f64 the standard library's `exp`.
     fn exp_fast(self) -> Self;
+    /// `exp_fast` with fused multiply-adds (the same bound, tested): for loops run inside
+    /// `ops::elementwise::with_simd`, whose AVX2 and AVX-512 paths have FMA instructions.
+    /// Anywhere else each fused multiply-add is a call to the C library's `fmaf`: right, but
+    /// many times slower. For f64 the standard library's `exp`.
+    fn exp_fused(self) -> Self;
     /// Converts from f64.
     fn lit(v: f64) -> Self {
         Self::from_f64(v).expect("every f64 converts to a float type")
@@ -151,30 +156,51 @@ impl Real for f32 {
 
     #[inline(always)]
     fn exp_fast(self) -> Self {
-        // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
-        const ROUND: f32 = 12_582_912.0;
-        let x = self.clamp(-87.33, 88.72);
-        let shifted = x * std::f32::consts::LOG2_E + ROUND;
-        let k = shifted - ROUND;
-        let k_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-        // x - k·ln2 in two parts, so that the reduced argument keeps its precision.
-        let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
-        let p = ((((1.987_569_2e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-            + 1.666_666_5e-1)
-            * r
-            + 0.5;
-        let e_r = p * (r * r) + r + 1.0;
-        // e_r · 2^k by adding k to e_r's exponent. No overflow or subnormal on the way: k = 128
-        // only when x > 127.5·ln2, where r < 0 and so e_r < 1; k = -126 only when
-        // x < -125.5·ln2, where r > 0 and e_r > 1 (the clamp keeps |x·log2 e| under 128 and 126).
-        let v = f32::from_bits((e_r.to_bits() as i32 + (k_int << 23)) as u32);
-        if self > 88.72 {
-            f32::INFINITY
-        } else if self < -87.33 {
-            0.0
-        } else {
-            v
-        }
+        exp_f32::<false>(self)
+    }
+
+    #[inline(always)]
+    fn exp_fused(self) -> Self {
+        exp_f32::<true>(self)
+    }
+}
+
+/// `a·b + c`, fused into one rounding when `FUSED`.
+#[inline(always)]
+fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FUSED {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// e^x for f32 (see [`Real::exp_fast`]), its multiply-adds fused when `FUSED`.
+#[inline(always)]
+fn exp_f32<const FUSED: bool>(v: f32) -> f32 {
+    // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = v.clamp(-87.33, 88.72);
+    let shifted = madd::<FUSED>(x, std::f32::consts::LOG2_E, ROUND);
+    let k = shifted - ROUND;
+    let k_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    // x - k·ln2 in two parts, so that the reduced argument keeps its precision.
+    let r = madd::<FUSED>(k, 2.121_944_4e-4, madd::<FUSED>(-k, 0.693_359_4, x));
+    let mut p = 1.987_569_2e-4;
+    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+        p = madd::<FUSED>(p, r, c);
+    }
+    let e_r = madd::<FUSED>(p, r * r, r) + 1.0;
+    // e_r · 2^k by adding k to e_r's exponent. No overflow or subnormal on the way: k = 128
+    // only when x > 127.5·ln2, where r < 0 and so e_r < 1; k = -126 only when
+    // x < -125.5·ln2, where r > 0 and e_r > 1 (the clamp keeps |x·log2 e| under 128 and 126).
+    let scaled = f32::from_bits((e_r.to_bits() as i32 + (k_int << 23)) as u32);
+    if v > 88.72 {
+        f32::INFINITY
+    } else if v < -87.33 {
+        0.0
+    } else {
+        scaled
     }
 }
 
@@ -192,6 +218,10 @@ impl Real for f64 {
     }
 
     fn exp_fast(self) -> Self {
+        self.exp()
+    }
+
+    fn exp_fused(self) -> Self {
         self.exp()
     }
 }
@@ -296,23 +326,35 @@ mod tests {
 
     #[test]
     fn fast_f32_exp_is_within_3e7_of_the_f64_exp() {
-        let mut worst = (0.0f64, 0.0f32);
-        let steps = 400_000;
-        for i in 0..=steps {
-            let x = -87.3f32 + (88.7 + 87.3) * i as f32 / steps as f32;
-            let want = f64::from(x).exp();
-            let err = (f64::from(x.exp_fast()) - want).abs() / want;
-            if err > worst.0 {
-                worst = (err, x);
+        type Exp = fn(f32) -> f32;
+        for (name, exp) in [
+            ("exp_fast", Real::exp_fast as Exp),
+            ("exp_fused", Real::exp_fused),
+        ] {
+            let mut worst = (0.0f64, 0.0f32);
+            let steps = 400_000;
+            for i in 0..=steps {
+                let x = -87.3f32 + (88.7 + 87.3) * i as f32 / steps as f32;
+                let want = f64::from(x).exp();
+                let err = (f64::from(exp(x)) - want).abs() / want;
+                if err > worst.0 {
+                    worst = (err, x);
+                }
             }
+            assert!(
+                worst.0 < 3e-7,
+                "{name}: relative error {} at x = {}",
+                worst.0,
+                worst.1
+            );
+            assert_eq!(exp(0.0), 1.0, "{name}");
+            assert_eq!(exp(-100.0), 0.0, "{name}");
+            assert_eq!(exp(100.0), f32::INFINITY, "{name}");
+            assert_eq!(exp(f32::NEG_INFINITY), 0.0, "{name}");
+            assert!(exp(f32::NAN).is_nan(), "{name}");
         }
-        assert!(worst.0 < 3e-7, "relative error {} at x = {}", worst.0, worst.1);
-        assert_eq!(0f32.exp_fast(), 1.0);
-        assert_eq!((-100f32).exp_fast(), 0.0);
-        assert_eq!(100f32.exp_fast(), f32::INFINITY);
-        assert_eq!(f32::NEG_INFINITY.exp_fast(), 0.0);
-        assert!(f32::NAN.exp_fast().is_nan());
         assert_eq!(1.5f64.exp_fast(), 1.5f64.exp());
+        assert_eq!(1.5f64.exp_fused(), 1.5f64.exp());
     }
 
     /// The largest relative error of `fast` against `exact` on a dense grid over [lo, hi], and

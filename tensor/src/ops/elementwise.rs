@@ -22,12 +22,7 @@ const LANES: usize = 16;
 /// lane order at the end: an order fixed by the length (not by threads) that vectorises, where
 /// a strictly sequential fold cannot.
 #[inline(always)]
-pub(crate) fn lane_fold<S: Copy, A: Real>(
-    xs: &[S],
-    init: A,
-    f: impl Fn(S) -> A,
-    combine: impl Fn(A, A) -> A,
-) -> A {
+fn lane_fold<S: Copy, A: Real>(xs: &[S], init: A, f: impl Fn(S) -> A, combine: impl Fn(A, A) -> A) -> A {
     let mut acc = [init; LANES];
     let chunks = xs.chunks_exact(LANES);
     let rest = chunks.remainder();

@@ -7,8 +7,9 @@
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::elementwise::{lane_sum, with_simd};
 use crate::ops::norm;
-use crate::ops::unary::{sigmoid, silu};
+use crate::ops::unary::{sigmoid, silu_fused};
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
 use cuda::kernels::{GatedNormGrads, NormSpec};
@@ -31,20 +32,25 @@ fn check(op: &'static str, x: &Tensor, z: &Tensor, weight: &Tensor, group: usize
 }
 
 /// `v` rounded to `T` and widened again.
+#[inline(always)]
 fn round<T: FloatElement>(v: T::Acc) -> T::Acc {
     T::from_acc(v).to_acc()
 }
 
-/// One group's forward quantities: silu(z) and x · silu(z) (each rounded) and 1/rms.
+/// One group's forward quantities: silu(z) and x · silu(z) (each rounded) and 1/rms. Inlined
+/// into the callers' `with_simd` loops (the fused exp of `silu_fused` needs them).
+#[inline(always)]
 fn group_forward<T: FloatElement>(x: &[T], z: &[T], eps: f64) -> (Vec<T::Acc>, Vec<T::Acc>, T::Acc) {
-    let s: Vec<T::Acc> = z.iter().map(|&v| round::<T>(silu(v.to_acc()))).collect();
-    let h: Vec<T::Acc> = x
-        .iter()
-        .zip(&s)
-        .map(|(&v, &sv)| round::<T>(v.to_acc() * sv))
-        .collect();
+    let mut s = vec![T::Acc::zero(); z.len()];
+    for (o, &v) in s.iter_mut().zip(z) {
+        *o = round::<T>(silu_fused(v.to_acc()));
+    }
+    let mut h = vec![T::Acc::zero(); x.len()];
+    for ((o, &v), &sv) in h.iter_mut().zip(x).zip(&s) {
+        *o = round::<T>(v.to_acc() * sv);
+    }
     let n = T::Acc::lit(h.len() as f64);
-    let ms = h.iter().map(|&v| v * v).sum::<T::Acc>() / n;
+    let ms = lane_sum(&h, |v: T::Acc| v * v) / n;
     (s, h, T::Acc::one() / (ms + T::Acc::lit(eps)).sqrt())
 }
 
@@ -78,11 +84,13 @@ impl Tensor {
                 .zip(xs.par_chunks(group).zip(zs.par_chunks(group)))
                 .enumerate()
                 .for_each(|(item, (yg, (xg, zg)))| {
-                    let (_, h, inv) = group_forward::<T>(xg, zg, eps);
-                    let col0 = (item * group) % d;
-                    for (j, o) in yg.iter_mut().enumerate() {
-                        *o = T::from_acc(round::<T>(h[j] * inv) * ws[col0 + j]);
-                    }
+                    with_simd(#[inline(always)] || {
+                        let (_, h, inv) = group_forward::<T>(xg, zg, eps);
+                        let col0 = (item * group) % d;
+                        for (j, o) in yg.iter_mut().enumerate() {
+                            *o = T::from_acc(round::<T>(h[j] * inv) * ws[col0 + j]);
+                        }
+                    })
                 });
             Ok(Tensor::from_cpu(CpuStorage::from_vec(y), self.shape()))
         })
@@ -140,7 +148,7 @@ impl Tensor {
                 .par_chunks_mut(block)
                 .zip(dz.par_chunks_mut(block))
                 .zip(xs.par_chunks(block).zip(zs.par_chunks(block)).zip(gs.par_chunks(block)))
-                .map(|((dxb, dzb), ((xb, zb), gb))| {
+                .map(|((dxb, dzb), ((xb, zb), gb))| with_simd(#[inline(always)] || {
                     let mut dw = vec![A::zero(); d];
                     for (i, ((xg, zg), gg)) in xb.chunks(group).zip(zb.chunks(group)).zip(gb.chunks(group)).enumerate() {
                         let (s, h, inv) = group_forward::<T>(xg, zg, eps);
@@ -161,7 +169,7 @@ impl Tensor {
                         }
                     }
                     dw
-                })
+                }))
                 .collect();
             let mut dw = vec![A::zero(); d];
             for part in &partials {

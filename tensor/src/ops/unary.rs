@@ -143,6 +143,13 @@ pub(crate) fn silu<A: Real>(x: A) -> A {
     x / (A::one() + (-x).exp_fast())
 }
 
+/// [`silu`] on [`Real::exp_fused`]: for loops inside `with_simd` (the `silu` tensor op and the
+/// gated norm, which must round alike).
+#[inline(always)]
+pub(crate) fn silu_fused<A: Real>(x: A) -> A {
+    x / (A::one() + (-x).exp_fused())
+}
+
 impl UnaryOp {
     /// The same function as the `cuda` crate names it.
     fn to_cuda(self) -> CudaUnaryOp {
@@ -208,6 +215,8 @@ impl Tensor {
             ($T:ty; $($v:ident),*) => {
                 match op {
                     $(UnaryOp::$v => run::<$T>(self, |x| UnaryOp::$v.apply(x)),)*
+                    // The map runs inside `with_simd`: the fused exp is fast there.
+                    UnaryOp::Silu => run::<$T>(self, silu_fused),
                     UnaryOp::Affine(a, b) => run::<$T>(self, |x| UnaryOp::Affine(a, b).apply(x)),
                     UnaryOp::Clamp(lo, hi) => run::<$T>(self, |x| UnaryOp::Clamp(lo, hi).apply(x)),
                     UnaryOp::Powf(p) => run::<$T>(self, |x| UnaryOp::Powf(p).apply(x)),
@@ -215,7 +224,7 @@ impl Tensor {
             };
         }
         float_dispatch!("unary", self.dtype(), T => specialised!(T; Neg, Exp, Log, Sqrt, Rsqrt, Tanh, Sigmoid,
-            Silu, GeluTanh, GeluErf, Softplus, Abs, Sqr, Recip))
+            GeluTanh, GeluErf, Softplus, Abs, Sqr, Recip))
     }
 
     /// `grad · f'(x)` elementwise, with `self` as x: the backward of `unary(op)`.
