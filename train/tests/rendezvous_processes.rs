@@ -5,13 +5,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free local port (bound, then released).
+/// A free local port for rank 0.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    train::rendezvous::free_local_port().expect("a free local port")
 }
 
 /// Starts rank `rank` of `world` against rank 0 at `port`.
