@@ -174,10 +174,7 @@ fn main() -> anyhow::Result<()> {
         x.clone()
     };
     let weights = inputs.get(&format!("{}_weights", case.model));
-    // The weights are memory-mapped: read them once so that they count as loaded, not as work.
-    for t in store.tensors().values() {
-        t.sum_all()?;
-    }
+    touch(store.tensors().values())?;
     let loaded_mb = status_mb("VmRSS:")?;
 
     let mut result = model.run(&x, weights, backward, &store)?;
@@ -225,10 +222,7 @@ fn tiny_emma_train_step(work: &Path, rounds: usize) -> anyhow::Result<()> {
         tensor::safetensors::load(&path).with_context(|| format!("reading {}", path.display()))
     };
     let mut params = read("model.safetensors")?;
-    // The weights are memory-mapped: read them once so that they count as loaded, not as work.
-    for t in params.values() {
-        t.sum_all()?;
-    }
+    touch(params.values())?;
     let inputs = read("inputs.safetensors")?;
     let input = |k: &str| {
         inputs
@@ -281,6 +275,15 @@ fn tiny_emma_train_step(work: &Path, rounds: usize) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({"ms": best * 1e3, "peak_mb": status_mb("VmHWM:")?, "loaded_mb": loaded_mb})
     );
+    Ok(())
+}
+
+/// Reads every tensor once: weights are memory-mapped, and this makes them count as loaded, not
+/// as the work's memory.
+fn touch<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> anyhow::Result<()> {
+    for t in tensors {
+        t.sum_all()?;
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@ use crate::dispatch::any_dispatch;
 use crate::error::{shape_err, Result};
 use crate::gpu::Gpu;
 use crate::layout::{numel, Layout};
+use crate::ops::par_write::{par_write, write_each};
 use crate::storage::{CpuStorage, Device, Storage};
 use crate::{DType, Element, TensorError};
 use std::sync::Arc;
@@ -225,16 +226,11 @@ impl Tensor {
         Ok(any_dispatch!(self.dtype(), T => {
             let src = self.storage_slice::<T>();
             let n = self.numel();
-            // SAFETY: each chunk's offsets iterator yields one offset per element (checked).
+            // SAFETY: `write_each` writes every element of the chunk (or panics).
             let out = unsafe {
-                crate::ops::par_write::par_write(n, PAR_CHUNK, |c, chunk| {
+                par_write(n, PAR_CHUNK, |c, chunk| {
                     let offs = self.layout.offsets_from(c * PAR_CHUNK, chunk.len());
-                    let mut written = 0;
-                    for (dst, o) in chunk.iter_mut().zip(offs) {
-                        dst.write(src[o]);
-                        written += 1;
-                    }
-                    assert_eq!(written, chunk.len(), "one offset per element");
+                    write_each(chunk, offs.map(|o| src[o]));
                 })
             };
             Self::from_cpu(CpuStorage::from_vec(out), self.shape())

@@ -2,7 +2,7 @@
 //! (broadcast) operands.
 
 use crate::layout::{broadcast_shapes, Layout};
-use crate::ops::par_write::par_write;
+use crate::ops::par_write::{par_write, write_each};
 use crate::tensor::PAR_CHUNK;
 use crate::{Element, Real, Result, Tensor};
 use std::mem::MaybeUninit;
@@ -15,35 +15,52 @@ pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     pulp::Arch::new().dispatch(f)
 }
 
-/// Lanes of the partial sums and maxima below.
+/// Lanes of a group of partial results: one AVX-512 register of f32.
 const LANES: usize = 16;
 
-/// `combine` of f(x) over `xs` from `init`, in [`LANES`] interleaved partial results combined in
-/// lane order at the end: an order fixed by the length (not by threads) that vectorises, where
-/// a strictly sequential fold cannot.
+/// `combine` of f(x) over `xs` from `init`, in `G` groups of [`LANES`] interleaved partial
+/// results combined in order at the end: an order fixed by the length (not by threads) that
+/// vectorises, where a strictly sequential fold cannot. More groups keep more independent chains
+/// in flight (for a cheap `combine`, such as a max).
 #[inline(always)]
-fn lane_fold<S: Copy, A: Real>(xs: &[S], init: A, f: impl Fn(S) -> A, combine: impl Fn(A, A) -> A) -> A {
-    let mut acc = [init; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a = combine(*a, f(v));
+pub(crate) fn lane_fold<const G: usize, S: Copy, A: Real>(
+    xs: &[S],
+    init: A,
+    f: impl Fn(S) -> A,
+    combine: impl Fn(A, A) -> A,
+) -> A {
+    let mut acc = [[init; LANES]; G];
+    let blocks = xs.chunks_exact(G * LANES);
+    let rest = blocks.remainder();
+    for block in blocks {
+        for (lanes, part) in acc.iter_mut().zip(block.chunks_exact(LANES)) {
+            for (s, &v) in lanes.iter_mut().zip(part) {
+                *s = combine(*s, f(v));
+            }
         }
     }
-    for (a, &v) in acc.iter_mut().zip(rest) {
-        *a = combine(*a, f(v));
+    for (lanes, part) in acc.iter_mut().zip(rest.chunks(LANES)) {
+        for (s, &v) in lanes.iter_mut().zip(part) {
+            *s = combine(*s, f(v));
+        }
     }
-    acc.iter().fold(init, |t, &a| combine(t, a))
+    let mut total = init;
+    for lanes in &acc {
+        for &s in lanes {
+            total = combine(total, s);
+        }
+    }
+    total
 }
 
 /// Σ f(x) over `xs`, in [`LANES`] partial sums (see [`lane_fold`]).
 #[inline(always)]
 pub(crate) fn lane_sum<S: Copy, A: Real>(xs: &[S], f: impl Fn(S) -> A) -> A {
-    lane_fold(xs, A::zero(), f, |a, b| a + b)
+    lane_fold::<1, _, _>(xs, A::zero(), f, |a, b| a + b)
 }
 
-/// Σ f(a, b) over the pairs of `a` and `b` (the shorter length), in [`LANES`] partial sums.
+/// Σ f(a, b) over the pairs of `a` and `b` (the shorter length), in [`LANES`] partial sums as
+/// [`lane_sum`] takes them (a fold over two slices, not one).
 #[inline(always)]
 pub(crate) fn lane_sum_pairs<S: Copy, T: Copy, A: Real>(a: &[S], b: &[T], f: impl Fn(S, T) -> A) -> A {
     let n = a.len().min(b.len());
@@ -277,18 +294,14 @@ pub(crate) fn zip3_map<A: Element, B: Element, C: Element, O: Element>(
         b.storage_slice::<B>(),
         c.storage_slice::<C>(),
     );
-    // SAFETY: each chunk is written in full, or the count check panics.
+    // SAFETY: `write_each` writes every element of the chunk (or panics).
     let out = unsafe {
         par_fill(crate::layout::numel(&shape), |start, chunk| {
             let ia = layouts[0].offsets_from(start, chunk.len());
             let ib = layouts[1].offsets_from(start, chunk.len());
             let ic = layouts[2].offsets_from(start, chunk.len());
-            let mut written = 0;
-            for (((o, i), j), k) in chunk.iter_mut().zip(ia).zip(ib).zip(ic) {
-                o.write(f(sa[i], sb[j], sc[k]));
-                written += 1;
-            }
-            assert_eq!(written, chunk.len(), "one offset per element");
+            let values = ia.zip(ib).zip(ic).map(|((i, j), k)| f(sa[i], sb[j], sc[k]));
+            write_each(chunk, values);
         })
     };
     Ok((out, shape))

@@ -26,9 +26,20 @@ pub(crate) unsafe fn par_write<O: Send>(
     out
 }
 
+/// Writes `values` into `piece`, one per element, in order.
+///
+/// # Panics
+/// When `values` runs out before `piece` is full: a piece is never left partly unwritten.
+#[inline(always)]
+pub(crate) fn write_each<O>(piece: &mut [MaybeUninit<O>], mut values: impl Iterator<Item = O>) {
+    for slot in piece {
+        slot.write(values.next().expect("one value per element"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::par_write;
+    use super::{par_write, write_each};
 
     #[test]
     fn every_task_writes_its_own_elements() {
@@ -48,5 +59,12 @@ mod tests {
                 "n {n} chunk {chunk}"
             );
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "one value per element")]
+    fn too_few_values_panic_rather_than_leave_elements_unwritten() {
+        let mut piece = [std::mem::MaybeUninit::<u8>::uninit(); 3];
+        write_each(&mut piece, [1, 2].into_iter());
     }
 }

@@ -5,7 +5,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
-use crate::ops::elementwise::{lane_sum, lane_sum_pairs, with_simd};
+use crate::ops::elementwise::{lane_fold, lane_sum, lane_sum_pairs, with_simd};
 use crate::ops::par_write::par_write;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
@@ -110,36 +110,13 @@ fn along_axis_cuda(gpu: &Gpu, x: &Tensor, g: Option<&Tensor>, axis: usize, row: 
 }
 
 /// The largest element of a row, widened, by a plain comparison (a single vector max, where
-/// `f32::max`'s NaN rule costs a compare and a blend more), in 4 x 16 lanes so that the maxima
-/// do not wait on each other: a NaN may or may not win here, and either way it reaches every
-/// output through `exp` and the row sum.
+/// `f32::max`'s NaN rule costs a compare and a blend more), in four groups of lanes so that the
+/// maxima do not wait on each other: a NaN may or may not win here, and either way it reaches
+/// every output through `exp` and the row sum.
 #[inline(always)]
 fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
     let bigger = |a: S::Acc, b: S::Acc| if b > a { b } else { a };
-    let mut acc = [[S::Acc::neg_infinity(); 16]; 4];
-    let blocks = x.chunks_exact(64);
-    let rest = blocks.remainder();
-    for block in blocks {
-        for (lanes, part) in acc.iter_mut().zip(block.chunks_exact(16)) {
-            for (a, &v) in lanes.iter_mut().zip(part) {
-                *a = bigger(*a, v.to_acc());
-            }
-        }
-    }
-    // The last 0-63 elements: the first 16 into lanes, the others one by one.
-    for (a, &v) in acc[0].iter_mut().zip(rest) {
-        *a = bigger(*a, v.to_acc());
-    }
-    let mut m = rest
-        .iter()
-        .skip(16)
-        .fold(S::Acc::neg_infinity(), |m, &v| bigger(m, v.to_acc()));
-    for lanes in &acc {
-        for &a in lanes {
-            m = bigger(m, a);
-        }
-    }
-    m
+    lane_fold::<4, _, _>(x, S::Acc::neg_infinity(), |v: S| v.to_acc(), bigger)
 }
 
 /// `exp(x - max) / Σ exp(x - max)`.
@@ -147,24 +124,10 @@ fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
 fn softmax_row<S: FloatElement>(x: &[S], y: &mut [MaybeUninit<S>], buf: &mut Vec<S::Acc>) {
     let m = row_max(x);
     buf.resize(x.len(), S::Acc::zero());
-    // The exponentials and their sum in one pass, the sum in 16 lanes as `lane_sum` takes it.
-    let mut lanes = [S::Acc::zero(); 16];
-    let whole = x.len() - x.len() % 16;
-    for (es, xs) in buf[..whole].chunks_exact_mut(16).zip(x.chunks_exact(16)) {
-        for ((e, &v), l) in es.iter_mut().zip(xs).zip(lanes.iter_mut()) {
-            *e = (v.to_acc() - m).exp_fused();
-            *l += *e;
-        }
-    }
-    for ((e, &v), l) in buf[whole..].iter_mut().zip(&x[whole..]).zip(lanes.iter_mut()) {
+    for (e, v) in buf.iter_mut().zip(x) {
         *e = (v.to_acc() - m).exp_fused();
-        *l += *e;
     }
-    let mut sum = S::Acc::zero();
-    for l in lanes {
-        sum += l;
-    }
-    let inv = S::Acc::one() / sum;
+    let inv = S::Acc::one() / lane_sum(buf, |e| e);
     for (o, &e) in y.iter_mut().zip(buf.iter()) {
         o.write(S::from_acc(e * inv));
     }
