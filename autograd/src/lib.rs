@@ -10,6 +10,7 @@
 mod error;
 pub mod gradcheck;
 mod ops;
+mod recompute;
 mod scan_ops;
 mod var;
 

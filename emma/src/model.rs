@@ -151,6 +151,12 @@ impl Emma {
         &self.lm
     }
 
+    /// Recomputes each language-model block in the backward pass instead of keeping its
+    /// activations (`train --recompute`; see [`MambaLm::set_recompute`]).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.lm.set_recompute(on);
+    }
+
     /// Per-patch features `[B, N, dinov2 + siglip]`: each tower's second-to-last block, DINOv2's
     /// CLS and register tokens dropped.
     pub fn vision_features(&self, siglip_pixels: &Tensor, dinov2_pixels: &Tensor) -> nn::Result<Var> {

@@ -7,6 +7,7 @@ use crate::mamba1::{Mamba1Dims, Mamba1Mixer};
 use crate::mamba2::{Mamba2Dims, Mamba2Mixer};
 use crate::{Cache, Embedding, HfConfig, LayerCache, Linear, NnError, ParamStore, Result, RmsNorm};
 use autograd::Var;
+use std::sync::Arc;
 use tensor::{DType, Tensor};
 
 /// The mixer of every block.
@@ -68,9 +69,11 @@ enum Head {
 /// A Mamba or Mamba-2 causal language model.
 pub struct MambaLm {
     embeddings: Embedding,
-    blocks: Vec<MambaBlock>,
+    blocks: Vec<Arc<MambaBlock>>,
     norm_f: RmsNorm,
     head: Head,
+    /// Whether [`MambaLm::forward_embeds`] recomputes each block in the backward pass.
+    recompute: bool,
 }
 
 impl MambaLm {
@@ -102,10 +105,10 @@ impl MambaLm {
                         )))
                     }
                 };
-                Ok(MambaBlock {
+                Ok(Arc::new(MambaBlock {
                     norm: RmsNorm::new(store, &format!("{prefix}.norm"), hidden, eps)?,
                     mixer,
-                })
+                }))
             })
             .collect::<Result<Vec<_>>>()?;
         let tied = cfg.bool_or("tie_word_embeddings", true)?;
@@ -121,6 +124,7 @@ impl MambaLm {
             blocks,
             norm_f: RmsNorm::new(store, "backbone.norm_f", hidden, eps)?,
             head,
+            recompute: false,
         };
         store.check_all_used()?;
         Ok(model)
@@ -133,9 +137,28 @@ impl MambaLm {
 
     /// Runs the blocks over `embeds [B, L, hidden]`; returns the final-normed hidden states and
     /// the output of every block (before the final norm).
+    /// With [`MambaLm::set_recompute`] on, each block keeps only its output for the backward
+    /// pass and runs again when the backward pass reaches it.
     pub fn forward_embeds(&self, embeds: &Var) -> Result<(Var, Vec<Var>)> {
-        let (hidden, per_layer, _) = self.run(embeds)?;
-        Ok((hidden, per_layer))
+        if !self.recompute {
+            let (hidden, per_layer, _) = self.run(embeds)?;
+            return Ok((hidden, per_layer));
+        }
+        let mut x = embeds.clone();
+        let mut per_layer = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let block = block.clone();
+            x = x.recomputed(move |x| block.forward(x))?;
+            per_layer.push(x.clone());
+        }
+        Ok((self.norm_f.forward(&x)?, per_layer))
+    }
+
+    /// Trades compute for memory in [`MambaLm::forward_embeds`]: on, a block's activations are
+    /// computed again in the backward pass instead of being kept (about a third more compute
+    /// for the blocks; the activations of a block shrink to its output).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     /// The parallel pass over `embeds [B, L, hidden]`: the final-normed hidden states, every
@@ -247,7 +270,7 @@ impl MambaLm {
     }
 
     /// The residual blocks.
-    pub fn blocks(&self) -> &[MambaBlock] {
+    pub fn blocks(&self) -> &[Arc<MambaBlock>] {
         &self.blocks
     }
 }

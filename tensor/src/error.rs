@@ -92,6 +92,15 @@ pub enum TensorError {
         /// What is wrong, naming the tensor.
         detail: String,
     },
+    /// A backward rule that re-runs a forward computation (activation recomputation) failed
+    /// for a reason other than a tensor op.
+    #[error("{op} (backward): {detail}")]
+    Recompute {
+        /// The operation.
+        op: &'static str,
+        /// What failed.
+        detail: String,
+    },
 }
 
 /// Result alias for tensor operations.

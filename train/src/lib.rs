@@ -13,6 +13,7 @@ pub mod eval;
 pub mod loss_plot;
 pub mod metrics;
 pub mod options;
+pub mod plan;
 pub mod rendezvous;
 pub mod replaced;
 pub mod schedule;

@@ -216,6 +216,11 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
+    if opts.plan {
+        opts.validate()?;
+        println!("{}", train::plan::report(opts)?);
+        return Ok(());
+    }
     let summary = train::trainer::train(opts)?;
     if !summary.skipped.is_empty() {
         println!("skipped {} bad training sample(s)", summary.skipped.len());

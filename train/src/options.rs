@@ -4,6 +4,7 @@
 
 use crate::easy_vqa::{Split, DEFAULT_VAL_IMAGES};
 use crate::error::{Result, TrainError};
+use emma::config::EmmaConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -96,7 +97,8 @@ pub struct TrainOptions {
     /// Examples per optimizer step, over all ranks and accumulation steps.
     #[arg(long)]
     pub global_batch: Option<usize>,
-    /// Examples per forward pass on each rank (default: global batch / ranks).
+    /// Examples per forward pass on each rank (default: global batch / ranks; the paper
+    /// presets at most 4).
     #[arg(long)]
     pub micro_batch: Option<usize>,
     /// Data-parallel ranks (threads on CPU, one GPU each on CUDA).
@@ -163,6 +165,22 @@ pub struct TrainOptions {
     /// with a notice).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Recompute each language-model block's activations in the backward pass instead of
+    /// keeping them: a block keeps only its output (far less memory for long sequences, about
+    /// a third more compute in the blocks).
+    /// (the paper presets' default)
+    #[arg(long)]
+    pub recompute: bool,
+    /// Keep every activation (the paper presets recompute by default).
+    #[arg(long, conflicts_with = "recompute")]
+    pub no_recompute: bool,
+    /// Print the memory plan of this setup (bytes per GPU of weights, gradients, optimizer
+    /// state, activations and workspace) and whether it fits --gpu-memory, then exit.
+    #[arg(long)]
+    pub plan: bool,
+    /// The GPU memory in GiB that --plan checks the setup against.
+    #[arg(long, default_value_t = 80.0)]
+    pub gpu_memory: f64,
 }
 
 /// The defaults a preset trains with.
@@ -186,6 +204,10 @@ pub struct Recipe {
     pub vision_warmup: usize,
     /// The vision warm-up's constant learning rate.
     pub vision_warmup_lr: f64,
+    /// The most examples per forward pass on a rank (0: all of the rank's share of a step).
+    pub max_micro_batch: usize,
+    /// Recompute each language-model block in the backward pass (`--recompute`).
+    pub recompute: bool,
 }
 
 impl Recipe {
@@ -204,6 +226,8 @@ impl Recipe {
                 open_first: true,
                 vision_warmup: 2500,
                 vision_warmup_lr: 2e-3,
+                max_micro_batch: 0,
+                recompute: false,
             },
             "small" => Recipe {
                 lr: 1e-3,
@@ -215,6 +239,8 @@ impl Recipe {
                 open_first: false,
                 vision_warmup: 0,
                 vision_warmup_lr: 1e-3,
+                max_micro_batch: 0,
+                recompute: false,
             },
             _ => Recipe {
                 lr: 2e-5,
@@ -226,6 +252,10 @@ impl Recipe {
                 open_first: false,
                 vision_warmup: 0,
                 vision_warmup_lr: 2e-5,
+                // Chosen with `train --plan`: with recomputation, micro-batches of 4 fit the
+                // paper's 8 x 40 GB and one 80 GB GPU (README, "Memory").
+                max_micro_batch: 4,
+                recompute: true,
             },
         }
     }
@@ -248,6 +278,8 @@ impl TrainOptions {
                 .vision_warmup
                 .unwrap_or(if easy_vqa { d.vision_warmup } else { 0 }),
             vision_warmup_lr: self.vision_warmup_lr.unwrap_or(d.vision_warmup_lr),
+            max_micro_batch: d.max_micro_batch,
+            recompute: self.recompute || (d.recompute && !self.no_recompute),
         }
     }
 
@@ -263,6 +295,14 @@ impl TrainOptions {
             ("weight-decay", self.weight_decay, 0.0, 1.0, true, "in [0, 1]"),
             ("epochs", self.epochs, 0.0, 1e6, false, "in (0, 1e6]"),
             ("pixel-weight", self.pixel_weight, 0.0, 1e6, true, "in [0, 1e6]"),
+            (
+                "gpu-memory",
+                Some(self.gpu_memory),
+                0.0,
+                1e6,
+                false,
+                "in (0, 1e6]",
+            ),
             (
                 "vision-warmup-lr",
                 self.vision_warmup_lr,
@@ -419,6 +459,19 @@ impl TrainOptions {
         !self.train_vision && (self.freeze_vision || preset_frozen || self.recipe().vision_warmup > 0)
     }
 
+    /// The model to train: the preset with the switches of the flags applied (fusion, pixel
+    /// loss and its weight, frozen towers).
+    pub fn model_config(&self) -> Result<EmmaConfig> {
+        let mut cfg = EmmaConfig::named(&self.preset)?;
+        cfg.alignment.mff &= !self.no_mff;
+        cfg.alignment.pixel_loss &= !self.no_pixel_loss;
+        if let Some(w) = self.pixel_weight {
+            cfg.alignment.weight = w;
+        }
+        cfg.vision.frozen = self.vision_frozen(cfg.vision.frozen);
+        Ok(cfg)
+    }
+
     /// The output directory.
     pub fn out_dir(&self) -> PathBuf {
         self.out.clone().unwrap_or_else(|| {
@@ -444,7 +497,14 @@ impl TrainOptions {
             )));
         }
         let per_rank = global / self.ranks;
-        let micro = self.micro_batch.unwrap_or(per_rank);
+        let micro = self.micro_batch.unwrap_or_else(|| {
+            // The largest divisor of the rank's share within the preset's limit.
+            let limit = self.recipe().max_micro_batch;
+            (1..=per_rank)
+                .rev()
+                .find(|&m| per_rank.is_multiple_of(m) && (limit == 0 || m <= limit))
+                .unwrap_or(1)
+        });
         if micro == 0 || !per_rank.is_multiple_of(micro) {
             return Err(TrainError::Options(format!(
                 "--micro-batch {micro} must divide the {per_rank} examples each rank takes per step \

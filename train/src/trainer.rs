@@ -96,13 +96,7 @@ struct Run<'a> {
 pub fn train(opts: &TrainOptions) -> Result<Summary> {
     opts.validate()?;
     opts.check_out_holds_no_input()?;
-    let mut cfg = EmmaConfig::named(&opts.preset)?;
-    cfg.alignment.mff &= !opts.no_mff;
-    cfg.alignment.pixel_loss &= !opts.no_pixel_loss;
-    if let Some(w) = opts.pixel_weight {
-        cfg.alignment.weight = w;
-    }
-    cfg.vision.frozen = opts.vision_frozen(cfg.vision.frozen);
+    let cfg = opts.model_config()?;
     if cfg.alignment.mff && !cfg.alignment.pixel_loss {
         eprintln!(
             "note: multi-scale feature fusion only feeds the pixel loss (as in the paper); with \
@@ -485,7 +479,7 @@ fn initial_state(opts: &TrainOptions, cfg: &EmmaConfig, out: &Path, root: &Path)
 
 /// Whether parameter `name` of a model of `cfg` is trained (the vision towers only when not
 /// frozen).
-fn is_trainable(cfg: &EmmaConfig, name: &str) -> bool {
+pub fn is_trainable(cfg: &EmmaConfig, name: &str) -> bool {
     !(cfg.vision.frozen && name.starts_with("vision."))
 }
 
@@ -834,7 +828,8 @@ fn accumulate(
     for mb in batches {
         let store = ParamStore::new(weights.clone(), true, "training weights");
         store.set_device(device);
-        let model = Emma::new(&run.cfg, store)?;
+        let mut model = Emma::new(&run.cfg, store)?;
+        model.set_recompute(run.opts.recipe().recompute);
         // (term, whether it is a pixel-loss term)
         let mut terms: Vec<(Var, bool)> = Vec::new();
         if let Some(batch) = &mb.with_images {

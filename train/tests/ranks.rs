@@ -1,12 +1,13 @@
 //! Data parallelism and gradient accumulation change how a global batch is split, not what is
 //! learned: two ranks with half the micro-batch, and one rank accumulating two halves, reach the
-//! weights of one rank taking the whole batch at once (to float rounding).
+//! weights of one rank taking the whole batch at once (to float rounding). Recomputing the
+//! language model's blocks in the backward pass (`--recompute`) changes nothing either.
 
 use std::collections::BTreeMap;
 use tensor::Tensor;
 use train::options::TrainOptions;
 
-fn options(out: &std::path::Path, ranks: usize, micro: usize) -> TrainOptions {
+fn options(out: &std::path::Path, ranks: usize, micro: usize, recompute: bool) -> TrainOptions {
     use clap::Parser;
     #[derive(Parser)]
     struct Wrap {
@@ -20,27 +21,28 @@ fn options(out: &std::path::Path, ranks: usize, micro: usize) -> TrainOptions {
     o.steps = Some(6);
     o.ranks = ranks;
     o.micro_batch = Some(micro);
+    o.recompute = recompute;
     o.out = Some(out.to_owned());
     o
 }
 
-fn final_weights(ranks: usize, micro: usize) -> (BTreeMap<String, Tensor>, f64) {
+fn final_weights(ranks: usize, micro: usize, recompute: bool) -> (BTreeMap<String, Tensor>, f64) {
     let dir = tempfile::tempdir().unwrap();
-    let summary = train::trainer::train(&options(dir.path(), ranks, micro)).unwrap();
+    let summary = train::trainer::train(&options(dir.path(), ranks, micro, recompute)).unwrap();
     let weights = tensor::safetensors::load(summary.final_model.join("model.safetensors")).unwrap();
     (weights, summary.final_loss)
 }
 
 #[test]
 fn two_ranks_and_accumulation_match_one_rank() {
-    let (one, loss_one) = final_weights(1, 8);
+    let (one, loss_one) = final_weights(1, 8, false);
     let cfg = emma::config::EmmaConfig::preset("tiny").unwrap();
     let start = emma::checkpoint::from_pretrained_parts(&cfg, &Default::default(), 0, false)
         .unwrap()
         .store()
         .tensors();
-    for (ranks, micro) in [(2, 4), (1, 4), (2, 2)] {
-        let (other, loss) = final_weights(ranks, micro);
+    for (ranks, micro, recompute) in [(2, 4, false), (1, 4, false), (2, 2, false), (1, 8, true)] {
+        let (other, loss) = final_weights(ranks, micro, recompute);
         assert!(
             (loss - loss_one).abs() < 1e-5 * loss_one.abs(),
             "loss {loss} vs {loss_one}"
@@ -55,7 +57,10 @@ fn two_ranks_and_accumulation_match_one_rank() {
             }
         }
         let rel = (diff / moved).sqrt();
-        eprintln!("{ranks} rank(s) x micro {micro}: weight change differs by {rel:.2e} (relative)");
+        eprintln!(
+            "{ranks} rank(s) x micro {micro}, recompute {recompute}: weight change differs by \
+             {rel:.2e} (relative)"
+        );
         assert!(
             moved > 0.0 && rel < 1e-4,
             "{ranks} ranks x {micro}: relative difference {rel}"
