@@ -1,11 +1,17 @@
 //! Communication between data-parallel ranks. The training loop is written against
-//! [`Collective`]; on CPU the ranks are threads of one process ([`ThreadGroup`]), and a GPU
-//! backend implements the same operations over NCCL, one rank per GPU.
+//! [`Collective`]; the ranks are threads of one process ([`ThreadGroup`], `--ranks`) or
+//! processes that met at the rendezvous ([`crate::process_group::ProcessGroup`], one per
+//! `train --nproc-per-node` worker).
 //!
 //! Every rank must make the same calls in the same order (as with NCCL). Sums are taken in rank
-//! order on every rank, so all ranks see bit-identical results and a run is deterministic.
+//! order on every rank, so all ranks see bit-identical results and a run is deterministic,
+//! whichever kind of group it runs on.
 
+use crate::rendezvous::RendezvousError;
 use std::sync::{Arc, Barrier, Mutex};
+
+/// What a collective call can fail with: another rank left, hung or aborted the run.
+pub type CollectiveError = RendezvousError;
 
 /// The collective operations of one rank.
 pub trait Collective: Send + Sync {
@@ -14,22 +20,35 @@ pub trait Collective: Send + Sync {
     /// The number of ranks.
     fn world(&self) -> usize;
     /// Every rank's `local` buffer, in rank order (the buffers may differ in length).
-    fn all_gather(&self, local: Vec<f32>) -> Vec<Arc<Vec<f32>>>;
+    fn all_gather(&self, local: Vec<f32>) -> Result<Vec<Arc<Vec<f32>>>, CollectiveError>;
 
     /// The element-wise sum over ranks of equally long buffers, written into `data` on every
     /// rank (summed in rank order).
-    fn all_reduce_sum(&self, data: &mut [f32]) {
-        let all = self.all_gather(data.to_vec());
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let all = self.all_gather(data.to_vec())?;
         data.copy_from_slice(&all[0]);
         for other in &all[1..] {
             for (d, o) in data.iter_mut().zip(other.iter()) {
                 *d += o;
             }
         }
+        Ok(())
+    }
+
+    /// Rank 0's `data` on every rank (the others' `data` is replaced).
+    fn broadcast(&self, data: &mut Vec<f32>) -> Result<(), CollectiveError> {
+        let mine = if self.rank() == 0 {
+            std::mem::take(data)
+        } else {
+            Vec::new()
+        };
+        let all = self.all_gather(mine)?;
+        *data = all[0].as_ref().clone();
+        Ok(())
     }
 
     /// The sum over ranks of each value of `local`, in f64 (for counts and losses).
-    fn sum_f64(&self, local: &[f64]) -> Vec<f64> {
+    fn sum_f64(&self, local: &[f64]) -> Result<Vec<f64>, CollectiveError> {
         // Each f64 travels as two f32 halves of its bits, so nothing is rounded.
         let bits: Vec<f32> = local
             .iter()
@@ -38,7 +57,7 @@ pub trait Collective: Send + Sync {
                 [f32::from_bits((b >> 32) as u32), f32::from_bits(b as u32)]
             })
             .collect();
-        let all = self.all_gather(bits);
+        let all = self.all_gather(bits)?;
         let mut out = vec![0.0; local.len()];
         for buf in &all {
             for (i, o) in out.iter_mut().enumerate() {
@@ -46,12 +65,12 @@ pub trait Collective: Send + Sync {
                 *o += f64::from_bits(b);
             }
         }
-        out
+        Ok(out)
     }
 
     /// Waits until every rank has arrived.
-    fn barrier(&self) {
-        self.all_gather(Vec::new());
+    fn barrier(&self) -> Result<(), CollectiveError> {
+        self.all_gather(Vec::new()).map(drop)
     }
 }
 
@@ -94,14 +113,14 @@ impl Collective for ThreadGroup {
         self.world
     }
 
-    fn all_gather(&self, local: Vec<f32>) -> Vec<Arc<Vec<f32>>> {
+    fn all_gather(&self, local: Vec<f32>) -> Result<Vec<Arc<Vec<f32>>>, CollectiveError> {
         self.shared.slot_lock()[self.rank] = Arc::new(local);
         // Every rank has written before anyone reads ...
         self.shared.barrier.wait();
         let all = self.shared.slot_lock().clone();
         // ... and every rank has read before anyone writes the next call's buffer.
         self.shared.barrier.wait();
-        all
+        Ok(all)
     }
 }
 
@@ -129,11 +148,19 @@ mod tests {
                         let mut data = vec![r, 10.0 * r, 1.0];
                         for _ in 0..5 {
                             // Repeated calls must not mix up rounds.
-                            g.barrier();
+                            g.barrier().unwrap();
                         }
-                        g.all_reduce_sum(&mut data);
-                        let sums = g.sum_f64(&[0.1 * g.rank() as f64, 1e-17]);
-                        let lens = g.all_gather(vec![0.0; g.rank()]).iter().map(|b| b.len()).sum();
+                        g.all_reduce_sum(&mut data).unwrap();
+                        let sums = g.sum_f64(&[0.1 * g.rank() as f64, 1e-17]).unwrap();
+                        let lens = g
+                            .all_gather(vec![0.0; g.rank()])
+                            .unwrap()
+                            .iter()
+                            .map(|b| b.len())
+                            .sum();
+                        let mut shared = vec![g.rank() as f32; 2 + g.rank()];
+                        g.broadcast(&mut shared).unwrap();
+                        assert_eq!(shared, vec![0.0, 0.0]);
                         (data, sums, lens)
                     })
                 })

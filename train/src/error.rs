@@ -71,6 +71,9 @@ pub enum TrainError {
     /// The options cannot work together.
     #[error("invalid options: {0}")]
     Options(String),
+    /// The other ranks could not be reached, left the run or stopped answering.
+    #[error(transparent)]
+    Ranks(#[from] crate::rendezvous::RendezvousError),
     /// Another rank failed (its own error is reported by that rank).
     #[error("rank {0} failed; stopping every rank")]
     PeerFailed(usize),

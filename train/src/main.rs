@@ -17,7 +17,11 @@ use train::shapes::{write_llava, ShapesConfig};
     version,
     about = "Train EMMA (default: the tiny preset on the easy-VQA visual-question set)",
     args_override_self = true,
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_help = "Several processes (one per GPU): train --nproc-per-node N [--nnodes M --node-rank K] \
+                  [FLAGS | COMMAND]. Starts N workers of `train FLAGS` (or of the command) with \
+                  RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; with several \
+                  machines, set MASTER_ADDR and MASTER_PORT to machine 0's address and a free port."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -120,6 +124,12 @@ fn main() -> std::process::ExitCode {
 
 /// The command line's work.
 fn run() -> anyhow::Result<()> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((launch, rest)) = train::launch::Launch::split(raw.get(1..).unwrap_or_default())? {
+        let program = std::env::current_exe().context("locating this program to start the workers")?;
+        launch.run(&program, &rest)?;
+        return Ok(());
+    }
     let known: Vec<String> = Cli::command()
         .get_arguments()
         .filter_map(|a| a.get_long().map(str::to_owned))
@@ -196,7 +206,12 @@ fn run() -> anyhow::Result<()> {
                 .join(|| (0..128).map(|_| rand::random::<u8>()).collect())?
                 .watch();
             let hex: String = watch.id.iter().map(|b| format!("{b:02x}")).collect();
-            println!("rank {} of {}: id {hex}", watch.rank, watch.world);
+            println!(
+                "rank {} of {} (pid {}): id {hex}",
+                watch.rank,
+                watch.world,
+                std::process::id()
+            );
             watch.hold(Duration::from_secs(hold), Duration::from_millis(100))?;
             Ok(())
         }
@@ -222,6 +237,10 @@ fn run_training(opts: &TrainOptions) -> anyhow::Result<()> {
         return Ok(());
     }
     let summary = train::trainer::train(opts)?;
+    if summary.rank != 0 {
+        // One worker of a multi-process run: rank 0 reports.
+        return Ok(());
+    }
     if !summary.skipped.is_empty() {
         println!("skipped {} bad training sample(s)", summary.skipped.len());
     }

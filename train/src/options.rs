@@ -178,6 +178,11 @@ pub struct TrainOptions {
     /// state, activations and workspace) and whether it fits --gpu-memory, then exit.
     #[arg(long)]
     pub plan: bool,
+    /// Seconds a rank of a multi-process run (`--nproc-per-node`, or RANK and WORLD_SIZE set)
+    /// waits for the others, at the rendezvous and at each exchange, before it names the
+    /// missing rank and stops (rank 0's vision warm-up and validation run in that time).
+    #[arg(long, default_value_t = 1800)]
+    pub rank_timeout: u64,
     /// The GPU memory in GiB that --plan checks the setup against.
     #[arg(long, default_value_t = 80.0)]
     pub gpu_memory: f64,
@@ -336,6 +341,7 @@ impl TrainOptions {
             ("ranks", Some(self.ranks)),
             ("checkpoint-every", Some(self.checkpoint_every as usize)),
             ("keep", Some(self.keep)),
+            ("rank-timeout", Some(self.rank_timeout as usize)),
             ("eval-max-new-tokens", Some(self.eval_max_new_tokens)),
         ];
         for (flag, value) in counts {

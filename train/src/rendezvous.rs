@@ -85,6 +85,17 @@ pub enum RendezvousError {
         /// Rank 0's message.
         reason: String,
     },
+    /// A rank sent nothing for longer than the timeout during the run (hung, or far slower
+    /// than the others).
+    #[error("rank {rank} sent nothing to rank {seen_by} for {waited:?} (hung? raise --rank-timeout if a rank is legitimately busy this long)")]
+    Silent {
+        /// The silent rank.
+        rank: usize,
+        /// The rank that waited.
+        seen_by: usize,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// A rank's process died or closed its connection during the run.
     #[error("rank {dead} left the run (its connection to rank {seen_by} closed: {detail})")]
     RankLost {
@@ -356,7 +367,7 @@ fn read_hello(stream: &mut TcpStream) -> std::io::Result<Hello> {
 }
 
 /// Sends a tagged message.
-fn send(stream: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
+pub(crate) fn send(stream: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::Result<()> {
     let mut msg = vec![tag];
     msg.extend((payload.len() as u32).to_le_bytes());
     msg.extend(payload);
@@ -399,6 +410,12 @@ pub struct Rendezvous {
 }
 
 impl Rendezvous {
+    /// The connections (rank 0: one to every other rank, in rank order; the others: one to
+    /// rank 0), for a process group to carry its collectives on.
+    pub(crate) fn into_links(self) -> Vec<(usize, TcpStream)> {
+        self.links
+    }
+
     /// Starts watching the other ranks: a thread per connection waits for it to close. When a
     /// rank's connection closes, rank 0 tells the remaining ranks which rank left, and
     /// [`Watch::check`] reports it on every rank from then on.

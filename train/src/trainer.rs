@@ -20,6 +20,8 @@ use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
 use crate::metrics::Metrics;
 use crate::options::TrainOptions;
+use crate::process_group::ProcessGroup;
+use crate::rendezvous::Peer;
 use crate::replaced::Replaced;
 use crate::schedule::learning_rate;
 use crate::shapes::ShapesConfig;
@@ -39,7 +41,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tensor::{DType, Device, Tensor};
 
 /// The first example index of the held-out shapes split: far from the training indices, so
@@ -48,6 +50,9 @@ pub const SHAPES_EVAL_FIRST: u64 = 1 << 40;
 
 /// What a finished run reports.
 pub struct Summary {
+    /// This process's rank (0 unless it is one process of a multi-process run; only rank 0
+    /// saves the final model and evaluates it).
+    pub rank: usize,
     /// Steps of the whole run.
     pub steps: u64,
     /// The step this invocation started from (0, or the resumed checkpoint's).
@@ -71,8 +76,11 @@ struct Run<'a> {
     /// The trainable parameters' names (sorted): the order of the flat gradient.
     trainable: Vec<String>,
     compute: DType,
-    /// Rank 0's device; rank r runs on the r-th device after it.
+    /// Rank 0's device; rank r runs on the r-th device after it (the local rank's, when the
+    /// ranks are processes on several machines).
     device: Device,
+    /// This process's rank among the ranks of its machine, when it is one process of a run.
+    local_rank: Option<usize>,
     adamw: AdamWConfig,
     total: u64,
     /// The open questions in their (seeded) order, a whole number of global batches, trained
@@ -84,7 +92,8 @@ struct Run<'a> {
     root: PathBuf,
     out: PathBuf,
     progress: ProgressBar,
-    metrics: Mutex<std::fs::File>,
+    /// metrics.jsonl, open on rank 0 only.
+    metrics: Option<Mutex<std::fs::File>>,
     /// An earlier run's outputs set aside by `--overwrite`, until the first checkpoint.
     replaced: Option<Replaced>,
     /// The validation questions answered at every checkpoint (easy-VQA, `--val-questions`).
@@ -93,11 +102,48 @@ struct Run<'a> {
 
 /// Trains as `opts` says (on the CPU or on GPUs, per `--device`) and evaluates on the held-out
 /// data.
+///
+/// When `WORLD_SIZE` is set above 1 (by `train --nproc-per-node`, or by hand in torchrun's
+/// convention), this process is one rank of a multi-process run: it meets the others at the
+/// rendezvous and exchanges gradients with them over its connections; rank 0 prepares the run
+/// (output folder, starting weights, vision warm-up) and hands the others the weights, and
+/// writes the metrics, checkpoints' model files and the final model.
 pub fn train(opts: &TrainOptions) -> Result<Summary> {
     opts.validate()?;
+    let timeout = Duration::from_secs(opts.rank_timeout);
+    let peer = Peer::from_vars(|k| std::env::var(k).ok(), timeout)?;
+    let Some(peer) = peer.filter(|p| p.world > 1) else {
+        return train_on(opts, None, None);
+    };
+    if opts.ranks != 1 {
+        return Err(TrainError::Options(format!(
+            "--ranks {} with WORLD_SIZE {}: each process of a multi-process run is one rank \
+             (leave --ranks out)",
+            opts.ranks, peer.world
+        )));
+    }
+    let mut opts = opts.clone();
+    opts.ranks = peer.world;
+    // The id is NCCL's on GPUs; the processes' own exchanges need none.
+    let local_rank = match std::env::var("LOCAL_RANK") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| TrainError::Options(format!("LOCAL_RANK '{v}' is not a non-negative integer")))?,
+        Err(_) => peer.rank,
+    };
+    let group = ProcessGroup::new(peer.join(Vec::new)?, timeout)?;
+    train_on(&opts, Some(&group), Some(local_rank))
+}
+
+/// [`train`] as one rank of `group` (on the `local_rank`-th device from `--device`'s), or as
+/// every rank (threads) of this process without one.
+fn train_on(opts: &TrainOptions, group: Option<&ProcessGroup>, local_rank: Option<usize>) -> Result<Summary> {
+    let rank = group.map_or(0, |g| g.rank());
+    let lead = rank == 0;
     opts.check_out_holds_no_input()?;
     let cfg = opts.model_config()?;
-    if cfg.alignment.mff && !cfg.alignment.pixel_loss {
+    if lead && cfg.alignment.mff && !cfg.alignment.pixel_loss {
         eprintln!(
             "note: multi-scale feature fusion only feeds the pixel loss (as in the paper); with \
              --no-pixel-loss it does not change what the model learns"
@@ -122,7 +168,8 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
         None => Tokenizer::train_builtin(cfg.lm.vocab)?,
     };
     tok.check_fits(cfg.lm.vocab)?;
-    let (train_data, eval_data, skipped) = datasets(opts)?;
+    // Rank 0 first: it may fetch the data into the shared cache.
+    let (train_data, eval_data, skipped) = rank_zero_first(group, || datasets(opts))?;
     let n = train_data.len() as u64;
     let global = recipe.global_batch as u64;
     if n < global {
@@ -153,7 +200,212 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
 
     let out = opts.out_dir();
     let root = out.join("checkpoints");
-    let (mut params, state, replaced) = initial_state(opts, &cfg, &out, &root)?;
+    let prepared = if lead {
+        prepare(opts, &cfg, train_data.as_ref(), device, &out, &root)
+    } else {
+        Ok((BTreeMap::new(), None, None))
+    };
+    let (params, state, replaced) = match group {
+        Some(g) => {
+            let prepared = agree(g, prepared)?;
+            let (params, state, replaced) = prepared;
+            (share_weights(g, &cfg, params)?, share_state(g, state)?, replaced)
+        }
+        None => {
+            let (params, state, replaced) = prepared?;
+            (params, state.map(|s| (s.step, s.loss)), replaced)
+        }
+    };
+    let trainable: Vec<String> = params.keys().filter(|k| is_trainable(&cfg, k)).cloned().collect();
+    let start = state.as_ref().map_or(0, |s| s.0);
+    let metrics = if lead {
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        Some(Mutex::new(open_metrics(&out, start)?))
+    } else {
+        None
+    };
+    let progress = if lead {
+        ProgressBar::new(total).with_position(start)
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (ETA {eta})")
+            .map_err(|e| TrainError::Options(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    if lead {
+        eprintln!(
+            "training {} ({} trainable of {} parameters) on {}: {} of {} ({} x {accum} x {micro}{}), \
+             {:?} on {device}{}",
+            cfg.name,
+            trainable.iter().map(|k| params[k].numel()).sum::<usize>(),
+            params.values().map(Tensor::numel).sum::<usize>(),
+            train_data.describe(),
+            counted(total, "step"),
+            counted(global, "example"),
+            counted(opts.ranks as u64, "rank"),
+            if group.is_some() { ", one process each" } else { "" },
+            compute,
+            if start > 0 {
+                format!(", resuming at step {start}")
+            } else {
+                String::new()
+            }
+        );
+    }
+    let run = Run {
+        opts,
+        cfg,
+        tok,
+        data: train_data.as_ref(),
+        trainable,
+        compute,
+        device,
+        local_rank,
+        adamw: AdamWConfig {
+            lr: recipe.lr,
+            weight_decay: recipe.weight_decay,
+            ..Default::default()
+        },
+        total,
+        open_first,
+        steps_per_epoch,
+        micro,
+        accum,
+        root,
+        out: out.clone(),
+        progress,
+        metrics,
+        replaced,
+        val_slice: if lead { validation_slice(opts)? } else { None },
+    };
+    let resume_dir = (start > 0).then(|| checkpoint::step_dir(&run.root, start));
+    let start_loss = state.map_or(f64::NAN, |s| s.1);
+    let (final_loss, params) = match group {
+        Some(g) => {
+            let (loss, params) = rank_loop(&run, g, params, start, start_loss, resume_dir.as_deref())?;
+            run.progress.finish();
+            (loss, params)
+        }
+        None => thread_ranks(&run, params, start, start_loss, resume_dir.as_deref())?,
+    };
+    let final_model = out.join("final");
+    if !lead {
+        return Ok(Summary {
+            rank,
+            steps: total,
+            resumed_from: start,
+            final_loss,
+            final_model,
+            skipped,
+            eval: None,
+        });
+    }
+    let model = model_on_device(&run, params, "trained model")?;
+    save_model(&model, &run.tok, &final_model)?;
+    let eval = match &eval_data {
+        Some(data) => {
+            let bar = ProgressBar::new(data.len() as u64);
+            bar.set_message("evaluating");
+            let report = evaluate(
+                &model,
+                &run.tok,
+                data.as_ref(),
+                opts.eval_max_new_tokens,
+                Some(&bar),
+            )?;
+            bar.finish_and_clear();
+            let file = out.join("eval.json");
+            report.save(&file)?;
+            report.save_answers(&out.join("answers.jsonl"))?;
+            Some((report, file))
+        }
+        None => None,
+    };
+    Ok(Summary {
+        rank,
+        steps: total,
+        resumed_from: start,
+        final_loss,
+        final_model,
+        skipped,
+        eval,
+    })
+}
+
+/// Runs `f` on rank 0 before the other ranks run it (everything at once without a group); a
+/// failure on rank 0 stops every rank.
+fn rank_zero_first<T>(group: Option<&ProcessGroup>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let Some(g) = group else { return f() };
+    if g.rank() == 0 {
+        agree(g, f())
+    } else {
+        agree(g, Ok(()))?;
+        f()
+    }
+}
+
+/// Rank 0's weights on every rank: the others receive them in name order, shaped after the
+/// model's parameters.
+fn share_weights(
+    g: &ProcessGroup,
+    cfg: &EmmaConfig,
+    params: BTreeMap<String, Tensor>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut flat = Vec::new();
+    if g.rank() == 0 {
+        for t in params.values() {
+            flat.extend(t.to_vec::<f32>()?);
+        }
+    }
+    g.broadcast(&mut flat)?;
+    if g.rank() == 0 {
+        return Ok(params);
+    }
+    let shapes = Emma::new(cfg, ParamStore::placeholders("the shapes of rank 0's weights"))?
+        .store()
+        .tensors();
+    let mut at = 0;
+    let mut out = BTreeMap::new();
+    for (name, t) in shapes {
+        let n = t.numel();
+        let values = flat.get(at..at + n).ok_or_else(|| {
+            TrainError::Options(format!(
+                "rank 0 sent {} weights, fewer than the model's parameters",
+                flat.len()
+            ))
+        })?;
+        out.insert(name, Tensor::from_slice(values, t.shape())?);
+        at += n;
+    }
+    Ok(out)
+}
+
+/// Rank 0's starting point on every rank: the step resumed from and its loss (none when
+/// starting afresh).
+fn share_state(g: &ProcessGroup, state: Option<TrainState>) -> Result<Option<(u64, f64)>> {
+    let mine = match (&state, g.rank()) {
+        (Some(s), 0) => [1.0, s.step as f64, s.loss],
+        _ => [0.0, 0.0, 0.0],
+    };
+    // Only rank 0 adds anything: its values arrive exactly (the f64 sum is exact here).
+    let sums = g.sum_f64(&mine)?;
+    Ok((sums[0] > 0.0).then_some((sums[1] as u64, sums[2])))
+}
+
+/// The starting weights and state of rank 0 (see [`initial_state`]), after the vision warm-up
+/// when the run starts afresh.
+fn prepare(
+    opts: &TrainOptions,
+    cfg: &EmmaConfig,
+    train_data: &dyn Dataset,
+    device: Device,
+    out: &Path,
+    root: &Path,
+) -> Result<Start> {
+    let recipe = opts.recipe();
+    let (mut params, state, replaced) = initial_state(opts, cfg, out, root)?;
     let warmup_steps = recipe.vision_warmup;
     if state.is_none() && warmup_steps > 0 {
         let names: Vec<&str> = opts.vision_warmup_labels.iter().map(String::as_str).collect();
@@ -164,7 +416,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             .map_err(|e| TrainError::Options(format!("--vision-warmup: {e}")))?;
         let timer = Instant::now();
         let (warmed, summary) = warm_up_vision(
-            &cfg,
+            cfg,
             params,
             &images,
             warmup_steps,
@@ -188,67 +440,24 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
             timer.elapsed().as_secs_f64()
         );
     }
-    let trainable: Vec<String> = params.keys().filter(|k| is_trainable(&cfg, k)).cloned().collect();
-    let start = state.as_ref().map_or(0, |s| s.step);
-    std::fs::create_dir_all(&root).map_err(io_err(&root))?;
-    let metrics = open_metrics(&out, start)?;
-    let progress = ProgressBar::new(total).with_position(start);
-    progress.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (ETA {eta})")
-            .map_err(|e| TrainError::Options(e.to_string()))?
-            .progress_chars("=> "),
-    );
-    eprintln!(
-        "training {} ({} trainable of {} parameters) on {}: {} of {} ({} x {accum} x {micro}), \
-         {:?} on {device}{}",
-        cfg.name,
-        trainable.iter().map(|k| params[k].numel()).sum::<usize>(),
-        params.values().map(Tensor::numel).sum::<usize>(),
-        train_data.describe(),
-        counted(total, "step"),
-        counted(global, "example"),
-        counted(opts.ranks as u64, "rank"),
-        compute,
-        if start > 0 {
-            format!(", resuming at step {start}")
-        } else {
-            String::new()
-        }
-    );
-    let run = Run {
-        opts,
-        cfg,
-        tok,
-        data: train_data.as_ref(),
-        trainable,
-        compute,
-        device,
-        adamw: AdamWConfig {
-            lr: recipe.lr,
-            weight_decay: recipe.weight_decay,
-            ..Default::default()
-        },
-        total,
-        open_first,
-        steps_per_epoch,
-        micro,
-        accum,
-        root,
-        out: out.clone(),
-        progress,
-        metrics: Mutex::new(metrics),
-        replaced,
-        val_slice: validation_slice(opts)?,
-    };
-    let resume_dir = state.as_ref().map(|s| checkpoint::step_dir(&run.root, s.step));
-    let start_loss = state.as_ref().map_or(f64::NAN, |s| s.loss);
-    let group = ThreadGroup::new(opts.ranks);
+    Ok((params, state, replaced))
+}
+
+/// Every rank of the run as a thread of this process; returns rank 0's last loss and weights.
+fn thread_ranks(
+    run: &Run,
+    params: BTreeMap<String, Tensor>,
+    start: u64,
+    start_loss: f64,
+    resume_dir: Option<&Path>,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let group = ThreadGroup::new(run.opts.ranks);
     let results: Vec<Result<(f64, BTreeMap<String, Tensor>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = group
             .iter()
             .map(|coll| {
-                let (run, params, resume_dir) = (&run, params.clone(), resume_dir.clone());
-                s.spawn(move || rank_loop(run, coll, params, start, start_loss, resume_dir.as_deref()))
+                let params = params.clone();
+                s.spawn(move || rank_loop(run, coll, params, start, start_loss, resume_dir))
             })
             .collect();
         handles
@@ -272,38 +481,7 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     if let Some(e) = first_err {
         return Err(e);
     }
-    let (final_loss, params) = rank0.ok_or(TrainError::PeerFailed(usize::MAX))?;
-
-    let final_model = out.join("final");
-    let model = model_on_device(&run, params, "trained model")?;
-    save_model(&model, &run.tok, &final_model)?;
-    let eval = match &eval_data {
-        Some(data) => {
-            let bar = ProgressBar::new(data.len() as u64);
-            bar.set_message("evaluating");
-            let report = evaluate(
-                &model,
-                &run.tok,
-                data.as_ref(),
-                opts.eval_max_new_tokens,
-                Some(&bar),
-            )?;
-            bar.finish_and_clear();
-            let file = out.join("eval.json");
-            report.save(&file)?;
-            report.save_answers(&out.join("answers.jsonl"))?;
-            Some((report, file))
-        }
-        None => None,
-    };
-    Ok(Summary {
-        steps: total,
-        resumed_from: start,
-        final_loss,
-        final_model,
-        skipped,
-        eval,
-    })
+    rank0.ok_or(TrainError::PeerFailed(usize::MAX))
 }
 
 /// Writes a model directory with its tokenizer.
@@ -633,7 +811,7 @@ fn open_metrics(out: &Path, start: u64) -> Result<std::fs::File> {
 fn agree<T>(coll: &dyn Collective, local: Result<T>) -> Result<T> {
     let mut flags = vec![0.0; coll.world()];
     flags[coll.rank()] = f64::from(u8::from(local.is_err()));
-    let failed = coll.sum_f64(&flags);
+    let failed = coll.sum_f64(&flags)?;
     match local {
         Err(e) => Err(e),
         Ok(v) => match failed.iter().position(|&f| f > 0.0) {
@@ -697,16 +875,16 @@ fn rank_loop(
                 .sum(),
             batches.iter().map(|b| b.images as f64).sum(),
             batches.iter().map(|b| b.positions as f64).sum(),
-        ]);
-        let device = rank_device(run.device, coll.rank());
+        ])?;
+        let device = rank_device(run.device, run.local_rank.unwrap_or(coll.rank()));
         let local = agree(
             coll,
             accumulate(run, device, &params, &batches, counts[0], counts[1]),
         );
         let (grads, text, pixel) = local?;
         let mut flat = flatten(run, &params, &grads)?;
-        coll.all_reduce_sum(&mut flat);
-        let losses = coll.sum_f64(&[text, pixel]);
+        coll.all_reduce_sum(&mut flat)?;
+        let losses = coll.sum_f64(&[text, pixel])?;
         let loss = losses[0] + losses[1];
         let grad_norm = flat
             .iter()
@@ -919,8 +1097,10 @@ fn unflatten(run: &Run, params: &BTreeMap<String, Tensor>, flat: &[f32]) -> Resu
 fn record(run: &Run, m: &Metrics, positions_per_s: f64) -> Result<()> {
     let line = serde_json::to_string(m).map_err(|e| TrainError::Options(e.to_string()))?;
     let path = run.out.join("metrics.jsonl");
-    let mut file = run.metrics.lock().unwrap_or_else(|e| e.into_inner());
-    writeln!(file, "{line}").map_err(io_err(&path))?;
+    if let Some(metrics) = &run.metrics {
+        let mut file = metrics.lock().unwrap_or_else(|e| e.into_inner());
+        writeln!(file, "{line}").map_err(io_err(&path))?;
+    }
     run.progress.set_message(format!(
         "loss {:.4} pixel {:.4} lr {:.2e} {:.0} tok/s",
         m.text_loss, m.pixel_loss, m.lr, positions_per_s

@@ -79,7 +79,7 @@ impl ShardedAdamW {
         for t in mine.values() {
             flat.extend(t.to_vec::<f32>()?);
         }
-        let all = coll.all_gather(flat);
+        let all = coll.all_gather(flat)?;
         for (r, buf) in all.iter().enumerate() {
             let mut at = 0;
             for (name, _) in self.owner.iter().filter(|(_, &o)| o == r) {
