@@ -254,6 +254,12 @@ fn train_on(opts: &TrainOptions, group: Option<&ProcessGroup>, local_rank: Optio
             }
         );
     }
+    if lead && group.is_some() && device != Device::Cpu {
+        eprintln!(
+            "note: the processes exchange gradients through host memory over their TCP \
+             connections (NCCL collectives are not built yet): correct, but slower than NCCL"
+        );
+    }
     let run = Run {
         opts,
         cfg,
@@ -291,37 +297,17 @@ fn train_on(opts: &TrainOptions, group: Option<&ProcessGroup>, local_rank: Optio
         None => thread_ranks(&run, params, start, start_loss, resume_dir.as_deref())?,
     };
     let final_model = out.join("final");
-    if !lead {
-        return Ok(Summary {
-            rank,
-            steps: total,
-            resumed_from: start,
-            final_loss,
-            final_model,
-            skipped,
-            eval: None,
-        });
-    }
-    let model = model_on_device(&run, params, "trained model")?;
-    save_model(&model, &run.tok, &final_model)?;
-    let eval = match &eval_data {
-        Some(data) => {
-            let bar = ProgressBar::new(data.len() as u64);
-            bar.set_message("evaluating");
-            let report = evaluate(
-                &model,
-                &run.tok,
-                data.as_ref(),
-                opts.eval_max_new_tokens,
-                Some(&bar),
-            )?;
-            bar.finish_and_clear();
-            let file = out.join("eval.json");
-            report.save(&file)?;
-            report.save_answers(&out.join("answers.jsonl"))?;
-            Some((report, file))
+    // Rank 0 saves and evaluates the model; the other processes are done.
+    let eval = match (&eval_data, lead) {
+        (_, false) => None,
+        (data, true) => {
+            let model = model_on_device(&run, params, "trained model")?;
+            save_model(&model, &run.tok, &final_model)?;
+            match data {
+                Some(data) => Some(evaluate_and_save(&run, &model, data.as_ref())?),
+                None => None,
+            }
         }
-        None => None,
     };
     Ok(Summary {
         rank,
@@ -332,6 +318,19 @@ fn train_on(opts: &TrainOptions, group: Option<&ProcessGroup>, local_rank: Optio
         skipped,
         eval,
     })
+}
+
+/// The held-out report of the trained `model` on `data`, written to `eval.json` and
+/// `answers.jsonl` in the run's folder; returns it and the JSON file.
+fn evaluate_and_save(run: &Run, model: &Emma, data: &dyn Dataset) -> Result<(EvalReport, PathBuf)> {
+    let bar = ProgressBar::new(data.len() as u64);
+    bar.set_message("evaluating");
+    let report = evaluate(model, &run.tok, data, run.opts.eval_max_new_tokens, Some(&bar))?;
+    bar.finish_and_clear();
+    let file = run.out.join("eval.json");
+    report.save(&file)?;
+    report.save_answers(&run.out.join("answers.jsonl"))?;
+    Ok((report, file))
 }
 
 /// Runs `f` on rank 0 before the other ranks run it (everything at once without a group); a

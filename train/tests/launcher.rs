@@ -58,15 +58,8 @@ fn two_processes_train_exactly_like_two_threads() {
         assert!(read(&procs, &file) == read(&threads, &file), "{file} differs");
     }
     let losses = |dir: &Path| -> Vec<f64> {
-        String::from_utf8(read(dir, "metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect()
+        let metrics = train::metrics::read_metrics(&dir.join("metrics.jsonl")).unwrap();
+        metrics.iter().map(|m| m.loss).collect()
     };
     assert_eq!(losses(&procs).len(), 6);
     assert_eq!(losses(&procs), losses(&threads));

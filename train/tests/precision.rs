@@ -20,14 +20,10 @@ fn first_losses(precision: &str) -> Vec<f64> {
     o.precision = precision.to_owned();
     o.out = Some(dir.path().to_owned());
     train::trainer::train(&o).unwrap();
-    std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+    train::metrics::read_metrics(&dir.path().join("metrics.jsonl"))
         .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
+        .iter()
+        .map(|m| m.loss)
         .collect()
 }
 
