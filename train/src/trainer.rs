@@ -825,7 +825,7 @@ fn agree<T>(coll: &dyn Collective, local: Result<T>) -> Result<T> {
 fn rank_loop(
     run: &Run,
     coll: &dyn Collective,
-    mut params: BTreeMap<String, Tensor>,
+    params: BTreeMap<String, Tensor>,
     start: u64,
     start_loss: f64,
     resume_dir: Option<&Path>,
@@ -841,6 +841,16 @@ fn rank_loop(
         None => Ok(BTreeMap::new()),
     };
     let moments = agree(coll, moments)?;
+    // On a GPU the f32 master weights and the moments live on the device from here on: the
+    // compute weights are cast from them there, and the optimizer updates them there.
+    let device = rank_device(run.device, run.local_rank.unwrap_or(rank));
+    let params = agree(coll, on_device(params, device))?;
+    let moments = moments
+        .into_iter()
+        .map(|(k, (m, v))| Ok((k, (m.to_device(device)?, v.to_device(device)?))))
+        .collect::<Result<_>>();
+    let moments = agree(coll, moments)?;
+    let mut params = params;
     let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
     let global = run.micro * run.accum * world;
     let mut order: Option<(u64, Vec<usize>)> = None;
@@ -875,21 +885,14 @@ fn rank_loop(
             batches.iter().map(|b| b.images as f64).sum(),
             batches.iter().map(|b| b.positions as f64).sum(),
         ])?;
-        let device = rank_device(run.device, run.local_rank.unwrap_or(coll.rank()));
         let local = agree(
             coll,
             accumulate(run, device, &params, &batches, counts[0], counts[1]),
         );
         let (grads, text, pixel) = local?;
-        let mut flat = flatten(run, &params, &grads)?;
-        coll.all_reduce_sum(&mut flat)?;
+        let (grads, grad_norm) = reduce_gradients(run, coll, &params, grads)?;
         let losses = coll.sum_f64(&[text, pixel])?;
         let loss = losses[0] + losses[1];
-        let grad_norm = flat
-            .iter()
-            .map(|&g| f64::from(g) * f64::from(g))
-            .sum::<f64>()
-            .sqrt();
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
                 step: step + 1,
@@ -899,11 +902,15 @@ fn rank_loop(
             });
         }
         let max = run.opts.max_grad_norm;
-        if max > 0.0 && grad_norm > max {
-            let scale = (max / grad_norm) as f32;
-            flat.iter_mut().for_each(|g| *g *= scale);
-        }
-        let grads = unflatten(run, &params, &flat)?;
+        let grads = if max > 0.0 && grad_norm > max {
+            let scale = f64::from((max / grad_norm) as f32);
+            grads
+                .into_iter()
+                .map(|(k, g)| Ok((k, g.affine(scale, 0.0)?)))
+                .collect::<Result<_>>()?
+        } else {
+            grads
+        };
         let lr = learning_rate(step, run.total, run.adamw.lr, run.opts.recipe().warmup_ratio);
         opt.step(coll, &mut params, &grads, lr)?;
         last_loss = loss;
@@ -1063,12 +1070,38 @@ fn accumulate(
     Ok((grads, text, pixel))
 }
 
-/// The trainable gradients in name order as one f32 buffer (zeros where a rank had none).
-fn flatten(
+/// `params` on `device` (nothing is copied when they are there already).
+fn on_device(params: BTreeMap<String, Tensor>, device: Device) -> Result<BTreeMap<String, Tensor>> {
+    params
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_device(device)?)))
+        .collect()
+}
+
+/// The sum over ranks of every trainable parameter's gradient (zeros where no rank had one),
+/// on this rank's device, and the sum's global L2 norm. One rank keeps its gradients where they
+/// are (on a GPU they never leave it); several exchange them as one f32 buffer in name order
+/// through the collective.
+fn reduce_gradients(
     run: &Run,
+    coll: &dyn Collective,
     params: &BTreeMap<String, Tensor>,
-    grads: &BTreeMap<String, Tensor>,
-) -> Result<Vec<f32>> {
+    mut grads: BTreeMap<String, Tensor>,
+) -> Result<(BTreeMap<String, Tensor>, f64)> {
+    if coll.world() == 1 {
+        let mut out = BTreeMap::new();
+        let mut squares = 0.0;
+        for k in &run.trainable {
+            let p = &params[k];
+            let g = match grads.remove(k) {
+                Some(g) => g,
+                None => Tensor::zeros_on(p.shape(), DType::F32, p.device())?,
+            };
+            squares += g.sqr()?.sum_all()?.to_scalar_f64()?;
+            out.insert(k.clone(), g);
+        }
+        return Ok((out, squares.sqrt()));
+    }
     let mut flat = Vec::new();
     for k in &run.trainable {
         match grads.get(k) {
@@ -1076,20 +1109,24 @@ fn flatten(
             None => flat.extend(std::iter::repeat_n(0.0, params[k].numel())),
         }
     }
-    Ok(flat)
-}
-
-/// The inverse of [`flatten`].
-fn unflatten(run: &Run, params: &BTreeMap<String, Tensor>, flat: &[f32]) -> Result<BTreeMap<String, Tensor>> {
+    coll.all_reduce_sum(&mut flat)?;
+    let norm = flat
+        .iter()
+        .map(|&g| f64::from(g) * f64::from(g))
+        .sum::<f64>()
+        .sqrt();
     let mut out = BTreeMap::new();
     let mut at = 0;
     for k in &run.trainable {
-        let shape = params[k].shape();
-        let n = params[k].numel();
-        out.insert(k.clone(), Tensor::from_slice(&flat[at..at + n], shape)?);
+        let p = &params[k];
+        let n = p.numel();
+        out.insert(
+            k.clone(),
+            Tensor::from_slice(&flat[at..at + n], p.shape())?.to_device(p.device())?,
+        );
         at += n;
     }
-    Ok(out)
+    Ok((out, norm))
 }
 
 /// Appends a metrics line and updates the progress bar (rank 0).

@@ -75,6 +75,11 @@ impl ShardedAdamW {
             .filter_map(|k| grads.get(k).map(|g| (k.clone(), g.clone())))
             .collect();
         self.opt.step(&mut mine, &my_grads)?;
+        if coll.world() == 1 {
+            // Nothing to gather: the updated weights stay where they are (on a GPU, there).
+            params.extend(mine);
+            return Ok(());
+        }
         let mut flat = Vec::new();
         for t in mine.values() {
             flat.extend(t.to_vec::<f32>()?);
@@ -91,7 +96,11 @@ impl ShardedAdamW {
                         buf.len()
                     ))
                 })?;
-                params.insert(name.clone(), Tensor::from_slice(slice, &shape)?);
+                let device = params[name].device();
+                params.insert(
+                    name.clone(),
+                    Tensor::from_slice(slice, &shape)?.to_device(device)?,
+                );
                 at += n;
             }
         }

@@ -1,12 +1,17 @@
-//! A short training run on the emulated GPU (`EMMA_GPU=emulate`, `--device cuda`) follows the
-//! CPU run step for step: every kernel, GEMM and optimizer step of the device path runs.
+//! Short training runs on the emulated GPU (`EMMA_GPU=emulate`, `--device cuda`) follow the CPU
+//! run step for step: every kernel, GEMM and optimizer step of the device path runs, with the
+//! master weights, gradients and AdamW moments on the device. One rank keeps them there for the
+//! whole run; two ranks (threads on `cuda:0` and `cuda:1`) each update their shard on their
+//! device and exchange through the host, and reach the same weights.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use tensor::Tensor;
 
-/// The per-step losses of a two-step f32 run on `device`, or `None` (after one line) when the
-/// emulator has no C++ compiler.
-fn losses(device: &str, out: &Path) -> Option<Vec<f64>> {
+/// The per-step losses and final weights of a two-step f32 run on `device` with `ranks`
+/// ranks, or `None` (after one line) when the emulator has no C++ compiler.
+fn run(device: &str, ranks: usize, out: &Path) -> Option<(Vec<f64>, BTreeMap<String, Tensor>)> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
     cmd.args([
         "--data",
@@ -19,40 +24,68 @@ fn losses(device: &str, out: &Path) -> Option<Vec<f64>> {
         "2",
     ])
     .args(["--shapes-train", "8", "--shapes-eval", "0", "--global-batch", "4"])
-    .arg("--out")
+    .args(["--ranks", &ranks.to_string(), "--out"])
     .arg(out)
     .env("EMMA_GPU", "emulate");
-    let run = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    if !run.status.success() {
+    let done = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    if !done.status.success() {
         if stderr.contains("no C++ compiler") {
             println!("skipped: {}", stderr.lines().last().unwrap_or(""));
             return None;
         }
-        panic!("train --device {device} failed:\n{stderr}");
+        panic!("train --device {device} --ranks {ranks} failed:\n{stderr}");
     }
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    Some(
-        metrics
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
-            })
-            .collect(),
-    )
+    let metrics = train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    let weights = tensor::safetensors::load(out.join("final/model.safetensors")).unwrap();
+    Some((metrics.iter().map(|m| m.loss).collect(), weights))
+}
+
+/// ‖a − b‖ / ‖a − start‖: how far apart two runs' weights ended, relative to how far they
+/// moved.
+fn relative_difference(
+    a: &BTreeMap<String, Tensor>,
+    b: &BTreeMap<String, Tensor>,
+    start: &BTreeMap<String, Tensor>,
+) -> f64 {
+    let (mut moved, mut diff) = (0.0f64, 0.0f64);
+    for (k, t) in a {
+        let (x, y, s) = (t.to_vec_f64(), b[k].to_vec_f64(), start[k].to_vec_f64());
+        for i in 0..x.len() {
+            assert!(y[i].is_finite(), "{k} is not finite");
+            moved += (x[i] - s[i]).powi(2);
+            diff += (x[i] - y[i]).powi(2);
+        }
+    }
+    assert!(moved > 0.0);
+    (diff / moved).sqrt()
 }
 
 #[test]
-fn a_short_run_on_the_emulated_gpu_follows_the_cpu() {
+fn runs_on_the_emulated_gpu_follow_the_cpu_with_the_state_on_the_devices() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(gpu) = losses("cuda", &dir.path().join("gpu")) else {
+    let Some((gpu, gpu_weights)) = run("cuda", 1, &dir.path().join("gpu")) else {
         return;
     };
-    let cpu = losses("cpu", &dir.path().join("cpu")).unwrap();
-    assert_eq!(gpu.len(), 2);
-    for (c, g) in cpu.iter().zip(&gpu) {
-        assert!(((c - g) / c).abs() < 1e-5, "cpu {c} vs emulated gpu {g}");
+    let (cpu, cpu_weights) = run("cpu", 1, &dir.path().join("cpu")).unwrap();
+    let (two, two_weights) = run("cuda", 2, &dir.path().join("gpu2")).unwrap();
+    let cfg = emma::config::EmmaConfig::preset("tiny").unwrap();
+    let start = emma::checkpoint::from_pretrained_parts(&cfg, &Default::default(), 0, false)
+        .unwrap()
+        .store()
+        .tensors();
+    for losses in [&gpu, &two] {
+        assert_eq!(losses.len(), 2);
+        for (c, g) in cpu.iter().zip(losses) {
+            assert!(((c - g) / c).abs() < 1e-5, "cpu {c} vs emulated gpu {g}");
+        }
+    }
+    for (what, weights) in [("one rank", &gpu_weights), ("two ranks", &two_weights)] {
+        let rel = relative_difference(&cpu_weights, weights, &start);
+        println!("{what} on the emulated GPU: weight change differs from the CPU's by {rel:.2e}");
+        assert!(
+            rel < 1e-4,
+            "{what}: weights differ from the CPU run's by {rel:.2e}"
+        );
     }
 }
