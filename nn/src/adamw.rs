@@ -69,7 +69,8 @@ impl AdamW {
         &self.moments
     }
 
-    /// Updates every parameter that has a gradient in `grads`; others are left as they are.
+    /// Updates every parameter that has a gradient in `grads`; others are left as they are. A
+    /// parameter and its moments are updated in their own memory when nothing else holds them.
     pub fn step(
         &mut self,
         params: &mut BTreeMap<String, Tensor>,
@@ -79,7 +80,7 @@ impl AdamW {
         let c = self.config;
         for (name, g) in grads {
             let Some(p) = params.get_mut(name) else { continue };
-            let (m, v) = match self.moments.remove(name) {
+            let (mut m, mut v) = match self.moments.remove(name) {
                 Some(mv) => mv,
                 None => (
                     Tensor::zeros_on(p.shape(), p.dtype(), p.device())?,
@@ -95,8 +96,8 @@ impl AdamW {
                 weight_decay: if p.rank() >= 2 { c.weight_decay } else { 0.0 },
                 step: self.step,
             };
-            let [p2, m, v] = p.adamw_update(g, &m, &v, &hyper)?;
-            *p = p2;
+            // In place when the optimizer holds the only handles (see adamw_update_in_place).
+            p.adamw_update_in_place(g, &mut m, &mut v, &hyper)?;
             self.moments.insert(name.clone(), (m, v));
         }
         Ok(())
@@ -131,5 +132,28 @@ mod tests {
         for (p, e) in params["w"].to_vec_f64().iter().zip(expected) {
             assert!((p - e).abs() < 1e-12, "{p} vs {e}");
         }
+    }
+
+    #[test]
+    fn parameters_and_moments_are_updated_in_their_own_memory() {
+        let mut params = BTreeMap::from([(
+            "w".to_string(),
+            Tensor::from_vec(vec![1.0f32, -2.0, 0.5], &[3]).unwrap(),
+        )]);
+        let grads = BTreeMap::from([(
+            "w".to_string(),
+            Tensor::from_vec(vec![0.5f32, -3.0, 1.0], &[3]).unwrap(),
+        )]);
+        let mut opt = AdamW::new(AdamWConfig::default());
+        opt.step(&mut params, &grads).unwrap();
+        let memory = |params: &BTreeMap<String, Tensor>, opt: &AdamW| {
+            let (m, v) = &opt.moments()["w"];
+            [&params["w"], m, v].map(|t| std::sync::Arc::as_ptr(t.storage()))
+        };
+        let before = memory(&params, &opt);
+        let old = params["w"].to_vec_f64();
+        opt.step(&mut params, &grads).unwrap();
+        assert_eq!(memory(&params, &opt), before);
+        assert_ne!(params["w"].to_vec_f64(), old);
     }
 }

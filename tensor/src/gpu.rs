@@ -58,6 +58,11 @@ impl CudaStorage {
         &self.buffer
     }
 
+    /// The typed device buffer, for writing in place.
+    pub(crate) fn buffer_mut(&mut self) -> &mut CudaBuffer {
+        &mut self.buffer
+    }
+
     /// Number of elements in the buffer.
     pub fn len(&self) -> usize {
         match &self.buffer {

@@ -114,6 +114,23 @@ impl CpuStorage {
         (self.dtype() == T::DTYPE).then(|| bytemuck::cast_slice(bytes))
     }
 
+    /// The owned elements as a mutable slice of `T`: `None` when the element type differs or
+    /// the elements are borrowed from a mapped file.
+    pub fn as_mut_slice<T: Element>(&mut self) -> Option<&mut [T]> {
+        if self.dtype() != T::DTYPE {
+            return None;
+        }
+        let bytes: &mut [u8] = match self {
+            CpuStorage::F32(Buffer::Owned(v)) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F64(Buffer::Owned(v)) => bytemuck::cast_slice_mut(v),
+            CpuStorage::BF16(Buffer::Owned(v)) => bytemuck::cast_slice_mut(v),
+            CpuStorage::F16(Buffer::Owned(v)) => bytemuck::cast_slice_mut(v),
+            CpuStorage::U32(Buffer::Owned(v)) => bytemuck::cast_slice_mut(v),
+            _ => return None,
+        };
+        Some(bytemuck::cast_slice_mut(bytes))
+    }
+
     /// Wraps owned elements.
     pub fn from_vec<T: Element>(v: Vec<T>) -> Self {
         Self::from_buffer(Buffer::Owned(v))

@@ -128,6 +128,21 @@ impl Tensor {
         &self.storage
     }
 
+    /// The storage for writing in place: `Some` when this tensor is the only handle on it and
+    /// covers all of it, contiguously from its start.
+    pub(crate) fn sole_storage_mut(&mut self) -> Option<&mut Storage> {
+        let len = match &*self.storage {
+            Storage::Cpu(s) => s.len(),
+            Storage::Cuda(s) => s.len(),
+        };
+        let whole = self.layout.is_contiguous() && self.layout.offset() == 0 && self.numel() == len;
+        if whole {
+            Arc::get_mut(&mut self.storage)
+        } else {
+            None
+        }
+    }
+
     /// Whether the elements are row-major without gaps.
     pub fn is_contiguous(&self) -> bool {
         self.layout.is_contiguous()

@@ -742,6 +742,25 @@ fn fused_adamw_update_on_f32_master_weights() {
             for (c, g) in cpu.iter().zip(&gpu) {
                 check_close("AdamW output", c, g, tol(F32))?;
             }
+            // In place, on copies that are the only handles on their memory: the same values,
+            // written into the same buffers.
+            let fresh = |t: &Tensor| t.to_device(Device::Cpu)?.to_device(Device::Cuda(0));
+            let (mut pi, mut mi, mut vi) = (
+                fresh(&p.gpu).or_fail()?,
+                fresh(&m.gpu).or_fail()?,
+                fresh(&v.gpu).or_fail()?,
+            );
+            let before = [&pi, &mi, &vi].map(|t| std::sync::Arc::as_ptr(t.storage()));
+            pi.adamw_update_in_place(&g.gpu, &mut mi, &mut vi, &hyper)
+                .or_fail()?;
+            let after = [&pi, &mi, &vi].map(|t| std::sync::Arc::as_ptr(t.storage()));
+            prop_assert_eq!(before, after, "not updated in place");
+            for (copied, in_place) in gpu.iter().zip([&pi, &mi, &vi]) {
+                prop_assert_eq!(
+                    copied.to_vec::<f32>().or_fail()?,
+                    in_place.to_vec::<f32>().or_fail()?
+                );
+            }
             Ok(())
         },
     );

@@ -852,6 +852,8 @@ fn rank_loop(
     let moments = agree(coll, moments)?;
     let mut params = params;
     let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
+    // Its tensors are the starting weights: dropped, the optimizer's are the only handles.
+    drop(trainable_map);
     let global = run.micro * run.accum * world;
     let mut order: Option<(u64, Vec<usize>)> = None;
     let mut last_loss = start_loss;

@@ -68,24 +68,35 @@ impl ShardedAdamW {
     ) -> Result<()> {
         self.opt.config.lr = lr;
         let owned: Vec<String> = self.owned().cloned().collect();
-        let mut mine: BTreeMap<String, Tensor> =
-            owned.iter().map(|k| (k.clone(), params[k].clone())).collect();
+        // Taken out of `params`, so that the optimizer holds the only handles on them and
+        // updates them in their own memory.
+        let mut mine: BTreeMap<String, Tensor> = owned
+            .iter()
+            .filter_map(|k| params.remove(k).map(|t| (k.clone(), t)))
+            .collect();
         let my_grads: BTreeMap<String, Tensor> = owned
             .iter()
             .filter_map(|k| grads.get(k).map(|g| (k.clone(), g.clone())))
             .collect();
-        self.opt.step(&mut mine, &my_grads)?;
+        let stepped = self.opt.step(&mut mine, &my_grads);
+        let device = mine.values().next().map(Tensor::device);
+        let mut flat = Vec::new();
+        if coll.world() > 1 {
+            for t in mine.values() {
+                flat.extend(t.to_vec::<f32>()?);
+            }
+        }
+        params.extend(mine);
+        stepped?;
         if coll.world() == 1 {
             // Nothing to gather: the updated weights stay where they are (on a GPU, there).
-            params.extend(mine);
             return Ok(());
-        }
-        let mut flat = Vec::new();
-        for t in mine.values() {
-            flat.extend(t.to_vec::<f32>()?);
         }
         let all = coll.all_gather(flat)?;
         for (r, buf) in all.iter().enumerate() {
+            if r == self.rank {
+                continue;
+            }
             let mut at = 0;
             for (name, _) in self.owner.iter().filter(|(_, &o)| o == r) {
                 let shape = params[name].shape().to_vec();
@@ -96,7 +107,7 @@ impl ShardedAdamW {
                         buf.len()
                     ))
                 })?;
-                let device = params[name].device();
+                let device = device.unwrap_or(params[name].device());
                 params.insert(
                     name.clone(),
                     Tensor::from_slice(slice, &shape)?.to_device(device)?,
