@@ -167,8 +167,7 @@ pub struct TrainOptions {
     pub device: String,
     /// Recompute each language-model block's activations in the backward pass instead of
     /// keeping them: a block keeps only its output (far less memory for long sequences, about
-    /// a third more compute in the blocks).
-    /// (the paper presets' default)
+    /// a third more compute in the blocks; the paper presets' default)
     #[arg(long)]
     pub recompute: bool,
     /// Keep every activation (the paper presets recompute by default).
