@@ -7,8 +7,11 @@
 //! order on every rank, so all ranks see bit-identical results and a run is deterministic,
 //! whichever kind of group it runs on.
 
+use crate::error::TrainError;
 use crate::rendezvous::RendezvousError;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Barrier, Mutex};
+use tensor::{Device, Tensor};
 
 /// What a collective call can fail with: another rank left, hung or aborted the run.
 pub type CollectiveError = RendezvousError;
@@ -72,6 +75,43 @@ pub trait Collective: Send + Sync {
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.all_gather(Vec::new()).map(drop)
     }
+}
+
+/// The f32 values of `tensors`, one after another: a buffer for a collective.
+pub fn flatten<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> crate::error::Result<Vec<f32>> {
+    let mut flat = Vec::new();
+    for t in tensors {
+        flat.extend(t.to_vec::<f32>()?);
+    }
+    Ok(flat)
+}
+
+/// The inverse of [`flatten`]: tensors named and shaped as `shapes` says, cut in order from
+/// `flat` (a buffer `sender` sent through a collective) and placed on `device`; an error naming
+/// the sender when `flat` is too short.
+pub fn unflatten<'a>(
+    flat: &[f32],
+    shapes: impl IntoIterator<Item = (&'a String, &'a [usize])>,
+    device: Device,
+    sender: &str,
+) -> crate::error::Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    let mut at = 0;
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let values = flat.get(at..at + n).ok_or_else(|| {
+            TrainError::Options(format!(
+                "{sender} sent {} values, fewer than the tensors it stands for",
+                flat.len()
+            ))
+        })?;
+        out.insert(
+            name.clone(),
+            Tensor::from_slice(values, shape)?.to_device(device)?,
+        );
+        at += n;
+    }
+    Ok(out)
 }
 
 /// State shared by the threads of a [`ThreadGroup`].

@@ -7,6 +7,7 @@ use crate::error::{Result, TrainError};
 use emma::config::EmmaConfig;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use tensor::{DType, Device};
 
 /// Default of `--val-questions`.
 pub const DEFAULT_VAL_QUESTIONS: usize = 256;
@@ -462,6 +463,19 @@ impl TrainOptions {
     /// them frozen or a vision warm-up pre-trains them.
     pub fn vision_frozen(&self, preset_frozen: bool) -> bool {
         !self.train_vision && (self.freeze_vision || preset_frozen || self.recipe().vision_warmup > 0)
+    }
+
+    /// The precision the model computes in on `device`: `--precision auto` is bf16 on a GPU
+    /// and f32 on the CPU.
+    pub fn compute_dtype(&self, device: Device) -> Result<DType> {
+        match self.precision.as_str() {
+            "auto" if device != Device::Cpu => Ok(DType::BF16),
+            "auto" | "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => Err(TrainError::Options(format!(
+                "--precision {other}: use f32, bf16 or auto"
+            ))),
+        }
     }
 
     /// The model to train: the preset with the switches of the flags applied (fusion, pixel

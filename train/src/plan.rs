@@ -11,7 +11,7 @@
 //! the code of the layers (see the `*_per_token` functions). With recomputation a Mamba block
 //! keeps only its output and recomputes its inside during the backward pass.
 
-use crate::error::{Result, TrainError};
+use crate::error::Result;
 use crate::options::TrainOptions;
 use crate::trainer::is_trainable;
 use crate::zero::partition;
@@ -19,6 +19,7 @@ use emma::config::{EmmaConfig, LmConfig, LmKind, PixelTarget, VitConfig};
 use nn::ParamStore;
 use std::collections::BTreeMap;
 use std::fmt;
+use tensor::Device;
 
 /// f32 bytes.
 const F32: usize = 4;
@@ -52,15 +53,8 @@ pub struct Setup {
 impl Setup {
     /// The setup `opts` describe, on GPUs: `--precision auto` computes in bf16 there.
     pub fn from_options(opts: &TrainOptions) -> Result<Setup> {
-        let compute_bytes = match opts.precision.as_str() {
-            "auto" | "bf16" => 2,
-            "f32" => F32,
-            other => {
-                return Err(TrainError::Options(format!(
-                    "--precision {other}: use f32, bf16 or auto"
-                )))
-            }
-        };
+        // The plan is for GPUs.
+        let compute_bytes = opts.compute_dtype(Device::Cuda(0))?.size_in_bytes();
         let (micro_batch, accumulation) = opts.batching()?;
         Ok(Setup {
             cfg: opts.model_config()?,

@@ -222,6 +222,7 @@ mod tests {
                     s.spawn(move || {
                         let peer = Peer {
                             rank,
+                            local_rank: rank,
                             world,
                             addr: format!("127.0.0.1:{port}"),
                             timeout: Duration::from_secs(20),

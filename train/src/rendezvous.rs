@@ -124,6 +124,9 @@ fn list(ranks: &[usize]) -> String {
 pub struct Peer {
     /// This process's rank, 0 ≤ rank < world.
     pub rank: usize,
+    /// Its rank among the processes of its machine (`LOCAL_RANK`; the rank when unset): which
+    /// of the machine's GPUs it runs on.
+    pub local_rank: usize,
     /// The number of processes.
     pub world: usize,
     /// Rank 0's `host:port`.
@@ -155,6 +158,10 @@ impl Peer {
         };
         let world = number("WORLD_SIZE", Some(world))?;
         let rank = number("RANK", var("RANK"))?;
+        let local_rank = match var("LOCAL_RANK") {
+            Some(v) => number("LOCAL_RANK", Some(v))?,
+            None => rank,
+        };
         if world == 0 || rank >= world {
             return Err(RendezvousError::Env {
                 name: "RANK",
@@ -174,6 +181,7 @@ impl Peer {
         }
         Ok(Some(Peer {
             rank,
+            local_rank,
             world,
             addr: format!("{host}:{port}"),
             timeout,
@@ -571,9 +579,17 @@ mod tests {
         ]);
         let peer = Peer::from_vars(ok, t).unwrap().unwrap();
         assert_eq!(
-            (peer.rank, peer.world, peer.addr.as_str()),
-            (3, 4, "10.0.0.1:29500")
+            (peer.rank, peer.local_rank, peer.world, peer.addr.as_str()),
+            (3, 3, 4, "10.0.0.1:29500")
         );
+        let with_local = vars(&[
+            ("WORLD_SIZE", "4"),
+            ("RANK", "3"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ]);
+        assert_eq!(Peer::from_vars(with_local, t).unwrap().unwrap().local_rank, 1);
         for (bad, name) in [
             (
                 vec![("WORLD_SIZE", "4"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")],
@@ -636,6 +652,7 @@ mod tests {
     fn peer(rank: usize, world: usize, port: u16, timeout_ms: u64) -> Peer {
         Peer {
             rank,
+            local_rank: rank,
             world,
             addr: format!("127.0.0.1:{port}"),
             timeout: Duration::from_millis(timeout_ms),

@@ -13,7 +13,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::collate::{collate, MicroBatch};
-use crate::collective::{Collective, ThreadGroup};
+use crate::collective::{flatten, unflatten, Collective, ThreadGroup};
 use crate::data::{Dataset, LlavaData, ShapesData, Skipped};
 use crate::easy_vqa::{self, EasyVqaData, Split};
 use crate::error::{io_err, Result, TrainError};
@@ -125,15 +125,8 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     let mut opts = opts.clone();
     opts.ranks = peer.world;
     // The id is NCCL's on GPUs; the processes' own exchanges need none.
-    let local_rank = match std::env::var("LOCAL_RANK") {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| TrainError::Options(format!("LOCAL_RANK '{v}' is not a non-negative integer")))?,
-        Err(_) => peer.rank,
-    };
     let group = ProcessGroup::new(peer.join(Vec::new)?, timeout)?;
-    train_on(&opts, Some(&group), Some(local_rank))
+    train_on(&opts, Some(&group), Some(peer.local_rank))
 }
 
 /// [`train`] as one rank of `group` (on the `local_rank`-th device from `--device`'s), or as
@@ -151,16 +144,7 @@ fn train_on(opts: &TrainOptions, group: Option<&ProcessGroup>, local_rank: Optio
     }
     let choice: DeviceChoice = opts.device.parse().map_err(TrainError::Options)?;
     let device = resolve(choice).map_err(|e| TrainError::Device(format!("{e:#}")))?;
-    let compute = match opts.precision.as_str() {
-        "auto" if device != Device::Cpu => DType::BF16,
-        "auto" | "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => {
-            return Err(TrainError::Options(format!(
-                "--precision {other}: use f32, bf16 or auto"
-            )))
-        }
-    };
+    let compute = opts.compute_dtype(device)?;
     let recipe = opts.recipe();
     let (micro, accum) = opts.batching()?;
     let tok = match &opts.tokenizer {
@@ -352,12 +336,11 @@ fn share_weights(
     cfg: &EmmaConfig,
     params: BTreeMap<String, Tensor>,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let mut flat = Vec::new();
-    if g.rank() == 0 {
-        for t in params.values() {
-            flat.extend(t.to_vec::<f32>()?);
-        }
-    }
+    let mut flat = if g.rank() == 0 {
+        flatten(params.values())?
+    } else {
+        Vec::new()
+    };
     g.broadcast(&mut flat)?;
     if g.rank() == 0 {
         return Ok(params);
@@ -365,20 +348,8 @@ fn share_weights(
     let shapes = Emma::new(cfg, ParamStore::placeholders("the shapes of rank 0's weights"))?
         .store()
         .tensors();
-    let mut at = 0;
-    let mut out = BTreeMap::new();
-    for (name, t) in shapes {
-        let n = t.numel();
-        let values = flat.get(at..at + n).ok_or_else(|| {
-            TrainError::Options(format!(
-                "rank 0 sent {} weights, fewer than the model's parameters",
-                flat.len()
-            ))
-        })?;
-        out.insert(name, Tensor::from_slice(values, t.shape())?);
-        at += n;
-    }
-    Ok(out)
+    let shapes = shapes.iter().map(|(name, t)| (name, t.shape()));
+    unflatten(&flat, shapes, Device::Cpu, "rank 0")
 }
 
 /// Rank 0's starting point on every rank: the step resumed from and its loss (none when
@@ -844,13 +815,12 @@ fn rank_loop(
     // On a GPU the f32 master weights and the moments live on the device from here on: the
     // compute weights are cast from them there, and the optimizer updates them there.
     let device = rank_device(run.device, run.local_rank.unwrap_or(rank));
-    let params = agree(coll, on_device(params, device))?;
+    let mut params = agree(coll, on_device(params, device))?;
     let moments = moments
         .into_iter()
         .map(|(k, (m, v))| Ok((k, (m.to_device(device)?, v.to_device(device)?))))
         .collect::<Result<_>>();
     let moments = agree(coll, moments)?;
-    let mut params = params;
     let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
     // Its tensors are the starting weights: dropped, the optimizer's are the only handles.
     drop(trainable_map);
@@ -1117,18 +1087,10 @@ fn reduce_gradients(
         .map(|&g| f64::from(g) * f64::from(g))
         .sum::<f64>()
         .sqrt();
-    let mut out = BTreeMap::new();
-    let mut at = 0;
-    for k in &run.trainable {
-        let p = &params[k];
-        let n = p.numel();
-        out.insert(
-            k.clone(),
-            Tensor::from_slice(&flat[at..at + n], p.shape())?.to_device(p.device())?,
-        );
-        at += n;
-    }
-    Ok((out, norm))
+    // Every weight is on this rank's device: the summed gradients go there too.
+    let device = params.values().next().map_or(Device::Cpu, Tensor::device);
+    let shapes = run.trainable.iter().map(|k| (k, params[k].shape()));
+    Ok((unflatten(&flat, shapes, device, "the gradient all-reduce")?, norm))
 }
 
 /// Appends a metrics line and updates the progress bar (rank 0).

@@ -3,7 +3,7 @@
 //! then gathered so that every rank holds the whole model again. Moments are saved one file per
 //! rank under the parameters' names, so a run can resume on any number of ranks.
 
-use crate::collective::Collective;
+use crate::collective::{flatten, unflatten, Collective};
 use crate::error::{io_err, Result, TrainError};
 use nn::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
@@ -79,13 +79,11 @@ impl ShardedAdamW {
             .filter_map(|k| grads.get(k).map(|g| (k.clone(), g.clone())))
             .collect();
         let stepped = self.opt.step(&mut mine, &my_grads);
-        let device = mine.values().next().map(Tensor::device);
-        let mut flat = Vec::new();
-        if coll.world() > 1 {
-            for t in mine.values() {
-                flat.extend(t.to_vec::<f32>()?);
-            }
-        }
+        let flat = if coll.world() > 1 {
+            flatten(mine.values())?
+        } else {
+            Vec::new()
+        };
         params.extend(mine);
         stepped?;
         if coll.world() == 1 {
@@ -97,23 +95,19 @@ impl ShardedAdamW {
             if r == self.rank {
                 continue;
             }
-            let mut at = 0;
-            for (name, _) in self.owner.iter().filter(|(_, &o)| o == r) {
-                let shape = params[name].shape().to_vec();
-                let n: usize = shape.iter().product();
-                let slice = buf.get(at..at + n).ok_or_else(|| {
-                    TrainError::Options(format!(
-                        "rank {r} sent {} values, fewer than its parameters",
-                        buf.len()
-                    ))
-                })?;
-                let device = device.unwrap_or(params[name].device());
-                params.insert(
-                    name.clone(),
-                    Tensor::from_slice(slice, &shape)?.to_device(device)?,
-                );
-                at += n;
-            }
+            // Every weight is on this rank's device already: the others' updates go there.
+            let theirs: Vec<(&String, Vec<usize>)> = self
+                .owner
+                .iter()
+                .filter(|(_, &o)| o == r)
+                .map(|(name, _)| (name, params[name].shape().to_vec()))
+                .collect();
+            let Some(device) = theirs.first().map(|(name, _)| params[*name].device()) else {
+                continue;
+            };
+            let shapes = theirs.iter().map(|(name, shape)| (*name, shape.as_slice()));
+            let updated = unflatten(buf, shapes, device, &format!("rank {r}"))?;
+            params.extend(updated);
         }
         Ok(())
     }

@@ -127,9 +127,7 @@ impl Tensor {
             Ok([wrap(p), wrap(m), wrap(v)])
         })
     }
-}
 
-impl Tensor {
     /// [`Tensor::adamw_update`] written into `self`, `m` and `v` themselves: one pass of the
     /// fused update over their own memory, no new buffers, when each is the only handle on its
     /// memory (as an optimizer's parameters and moments are between steps). A tensor whose
