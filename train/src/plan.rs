@@ -143,8 +143,6 @@ pub struct MemoryPlan {
     /// The largest transient during the backward pass: the logits' gradient and the loss's
     /// f32 temporaries, and with recomputation one block's activations.
     pub transient: usize,
-    /// The transient, two gradient buckets and cuBLAS's workspace.
-    pub workspace: usize,
 }
 
 impl MemoryPlan {
@@ -182,13 +180,22 @@ impl MemoryPlan {
             moments: 2 * owned * F32,
             activations: acts.kept,
             transient: acts.transient,
-            workspace: acts.transient + 2 * BUCKET_BYTES + CUBLAS_WORKSPACE,
         })
+    }
+
+    /// The transient, two gradient buckets and cuBLAS's workspace.
+    pub fn workspace(&self) -> usize {
+        self.transient + 2 * BUCKET_BYTES + CUBLAS_WORKSPACE
     }
 
     /// The sum of every kind.
     pub fn total(&self) -> usize {
-        self.weights + self.gradients + self.master_weights + self.moments + self.activations + self.workspace
+        self.weights
+            + self.gradients
+            + self.master_weights
+            + self.moments
+            + self.activations
+            + self.workspace()
     }
 
     /// The rows of the table: what, bytes.
@@ -199,7 +206,7 @@ impl MemoryPlan {
             ("master weights (f32, this rank's share)", self.master_weights),
             ("AdamW moments (f32, this rank's share)", self.moments),
             ("activations (one micro-batch)", self.activations),
-            ("workspace", self.workspace),
+            ("workspace", self.workspace()),
         ]
     }
 }

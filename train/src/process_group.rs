@@ -39,7 +39,7 @@ impl ProcessGroup {
             stream
                 .set_read_timeout(Some(timeout))
                 .and_then(|()| stream.set_nodelay(true))
-                .map_err(|e| lost(*peer, rank, &e))?;
+                .map_err(|e| RendezvousError::lost(*peer, rank, &e))?;
         }
         Ok(ProcessGroup {
             rank,
@@ -58,21 +58,8 @@ impl ProcessGroup {
                 waited: self.timeout,
             }
         } else {
-            lost(peer, self.rank, e)
+            RendezvousError::lost(peer, self.rank, e)
         }
-    }
-}
-
-/// A [`RendezvousError::RankLost`] for `dead`, seen by `seen_by`.
-fn lost(dead: usize, seen_by: usize, e: &std::io::Error) -> CollectiveError {
-    RendezvousError::RankLost {
-        dead,
-        seen_by,
-        detail: if e.kind() == ErrorKind::UnexpectedEof {
-            "end of stream".into()
-        } else {
-            e.to_string()
-        },
     }
 }
 

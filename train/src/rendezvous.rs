@@ -108,6 +108,21 @@ pub enum RendezvousError {
     },
 }
 
+impl RendezvousError {
+    /// [`RendezvousError::RankLost`]: `dead`'s connection, read by `seen_by`, failed with `e`.
+    pub(crate) fn lost(dead: usize, seen_by: usize, e: &std::io::Error) -> Self {
+        RendezvousError::RankLost {
+            dead,
+            seen_by,
+            detail: if e.kind() == ErrorKind::UnexpectedEof {
+                "end of stream".into()
+            } else {
+                e.to_string()
+            },
+        }
+    }
+}
+
 /// A local TCP port that is free right now (bound, then released): a `MASTER_PORT` for ranks
 /// that all run on this machine.
 pub fn free_local_port() -> std::io::Result<u16> {
@@ -456,15 +471,7 @@ impl Rendezvous {
                         addr: format!("the connection to rank {peer}"),
                         detail: format!("an unexpected message '{}' during the run", tag as char),
                     },
-                    Err(e) => RendezvousError::RankLost {
-                        dead: peer,
-                        seen_by: me,
-                        detail: if e.kind() == ErrorKind::UnexpectedEof {
-                            "end of stream".into()
-                        } else {
-                            e.to_string()
-                        },
-                    },
+                    Err(e) => RendezvousError::lost(peer, me, &e),
                 };
                 if me == 0 {
                     let mut senders = senders.lock().unwrap_or_else(|p| p.into_inner());
