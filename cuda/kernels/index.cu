@@ -1,7 +1,7 @@
 // Gathers, scatter-add and concatenation over contiguous tensors seen as [outer, len, inner]
 // along the indexed axis, as the CPU reference (tensor/src/ops/index.rs).
 //   index_select: out[o, i, k] = x[o, ids[i], k]        (an embedding lookup is outer = 1)
-//   index_add:    acc[o, ids[i], k] += src[o, i, k]     (f32 atomics; the embedding backward)
+//   index_add:    acc[o, ids[i], k] += src[o, i, k]     (f32; the embedding backward)
 //   concat:       one part copied into its slot of each output row
 // An id >= len is recorded in `bad` (see record_bad_index) and skipped (its output is 0); the
 // host turns it into an error. Gathers and copies work by element width, so they serve every
@@ -24,18 +24,24 @@ __device__ void index_select(const T *x, const u32 *ids, T *out, u64 outer, u64 
     }
 }
 
+// Without atomics: thread (o, s, k) owns column k of the rows whose id is s modulo `slots` and
+// walks all ids in order, so every row's sum is taken in order of i (as the CPU reference does)
+// whatever `slots` is, and the result is bitwise reproducible.
 template <typename T>
 __device__ void index_add(const T *src, const u32 *ids, float *acc, u64 outer, u64 len, u64 inner, u64 n_ids,
-                          u64 *bad) {
-    const u64 total = outer * n_ids * inner;
+                          u64 slots, u64 *bad) {
+    const u64 total = outer * slots * inner;
     for (u64 e = global_thread(); e < total; e += grid_threads()) {
-        const u64 k = e % inner, i = (e / inner) % n_ids, o = e / (inner * n_ids);
-        const u32 id = ids[i];
-        if ((u64)id >= len) {
-            if (k == 0 && o == 0) record_bad_index(bad, i, id);
-            continue;
+        const u64 k = e % inner, s = (e / inner) % slots, o = e / (inner * slots);
+        for (u64 i = 0; i < n_ids; ++i) {
+            const u32 id = ids[i];
+            if (id % slots != s) continue;
+            if ((u64)id >= len) {
+                if (k == 0 && o == 0) record_bad_index(bad, i, id);
+                continue;
+            }
+            acc[(o * len + id) * inner + k] += to_float(src[(o * n_ids + i) * inner + k]);
         }
-        atomicAdd(acc + (o * len + id) * inner + k, to_float(src[e]));
     }
 }
 
@@ -64,8 +70,8 @@ GATHER_ENTRIES(u32, b32)
 
 #define INDEX_ADD_ENTRY(T, S)                                                                     \
     extern "C" __global__ void index_add_##S(const T *src, const u32 *ids, float *acc, u64 outer, \
-                                             u64 len, u64 inner, u64 n_ids, u64 *bad) {           \
-        index_add<T>(src, ids, acc, outer, len, inner, n_ids, bad);                               \
+                                             u64 len, u64 inner, u64 n_ids, u64 slots, u64 *bad) { \
+        index_add<T>(src, ids, acc, outer, len, inner, n_ids, slots, bad);                        \
     }
 
 INDEX_ADD_ENTRY(float, f32)

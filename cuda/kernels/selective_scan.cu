@@ -12,12 +12,14 @@
 // from the state carried in from the previous chunk. The state entering each chunk is written to
 // `chunk_states` [B, D, n_chunks, N] (f32) for the backward pass.
 //
-// Backward: one block per row, chunks in reverse. Per chunk and state n it recomputes the states
+// Backward: one block per (b, group of consecutive channels), its rows in order, chunks in reverse. Per chunk and state n it recomputes the states
 // from the saved chunk-entering state (forward block scan), then runs the reverse scan of
 // R_t = exp(dt_t A) (g_t C_t + R_{t+1}) (the gradient flowing into h_{t-1}), carried across chunks
 // from right to left. du, ddelta, dz are written per row; dA, dD, d(delta_bias) are reduced per
 // row in a fixed order into f32 partials [B, ...] that `sum_parts` sums over the batch;
-// dB and dC, which sum over channels, are accumulated with f32 atomics into [B, N, L] buffers.
+// dB and dC, which sum over channels, are summed per block (its channels in order) into f32 partials
+// [groups, B, N, L] that `sum_parts` sums over the groups. No atomics: the backward is bitwise
+// reproducible for given shapes and group count.
 //
 // `selective_state_update`: one decoding step, one warp per row (b, d), lanes over the states.
 #include "common.cuh"
@@ -226,7 +228,7 @@ template <typename T>
 __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *Bm, const T *Cm, const T *Dv,
                               const T *z, const T *dbias, const T *dout, const float *chunk_states, T *du,
                               T *ddelta, T *dz, float *da_part, float *dd_part, float *dbias_part, float *dB,
-                              float *dC, u64 batch, u64 D, u64 L, u64 N, int softplus) {
+                              float *dC, u64 batch, u64 D, u64 L, u64 N, int softplus, u64 groups) {
     constexpr int ITEMS = SCAN_BWD_ITEMS, WARPS = SCAN_BWD_THREADS / 32;
     __shared__ Affine tot[2][WARPS];
     __shared__ float rcarry[2][SCAN_MAX_STATE];
@@ -234,8 +236,11 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u64 chunks = (L + SCAN_CHUNK - 1) / SCAN_CHUNK;
     int it = 0;
-    for (u64 row = blockIdx.x; row < batch * D; row += gridDim.x) {
-        const u64 b = row / D, d = row % D;
+    const u64 b = blockIdx.x / groups, group = blockIdx.x % groups, per = (D + groups - 1) / groups;
+    // The block's share of dB and dC: this thread adds to the same steps for every row.
+    float *const db_part = dB + (group * batch + b) * N * L, *const dc_part = dC + (group * batch + b) * N * L;
+    for (u64 d = group * per; d < D && d < (group + 1) * per; ++d) {
+        const u64 row = b * D + d;
         for (u64 n = tid; n < N; n += blockDim.x) {
             rcarry[0][n] = 0.f;
 #pragma unroll
@@ -271,14 +276,14 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
                 float end;
                 float h = block_scan<WARPS, false>(agg, chunk_states[(row * chunks + c) * N + n], tot[it & 1], end);
                 ++it;
-                float *dc_row = dC + (b * N + n) * L;
-                float *db_row = dB + (b * N + n) * L;
+                float *dc_row = dc_part + n * L;
+                float *db_row = db_part + n * L;
 #pragma unroll
                 for (int i = 0; i < ITEMS; ++i) {
                     hprev[i] = h;
                     h = st.decay[i] * h + st.input[i];
                     y0[i] += st.c[i] * h;
-                    if (t0 + i < L) atomicAdd(dc_row + t0 + i, g0[i] * h);
+                    if (t0 + i < L) dc_row[t0 + i] += g0[i] * h;
                 }
                 // R_t = decay_t (g_t C_t + R_{t+1}), scanned from the right.
                 agg = Affine{1.f, 0.f};
@@ -295,7 +300,7 @@ __device__ void scan_backward(const T *u, const T *delta, const T *A, const T *B
                     ddt_acc[i] += g * (an * st.decay[i] * hprev[i] + st.b[i] * uv[i]);
                     da += g * dt[i] * st.decay[i] * hprev[i];
                     du_acc[i] += g * dt[i] * st.b[i];
-                    if (t0 + i < L) atomicAdd(db_row + t0 + i, g * dt[i] * uv[i]);
+                    if (t0 + i < L) db_row[t0 + i] += g * dt[i] * uv[i];
                     r = st.decay[i] * g;
                 }
                 da = warp_reduce(da, SumOp());
@@ -362,9 +367,9 @@ __device__ void state_update(const T *state, const T *x, const T *dt_in, const T
         const T *u, const T *delta, const T *A, const T *Bm, const T *Cm, const T *Dv, const T *z,           \
         const T *dbias, const T *dout, const float *chunk_states, T *du, T *ddelta, T *dz, float *da_part,   \
         float *dd_part, float *dbias_part, float *dB, float *dC, u64 batch, u64 D, u64 L, u64 N,             \
-        int softplus) {                                                                                      \
+        int softplus, u64 groups) {                                                                          \
         scan_backward<T>(u, delta, A, Bm, Cm, Dv, z, dbias, dout, chunk_states, du, ddelta, dz, da_part,     \
-                         dd_part, dbias_part, dB, dC, batch, D, L, N, softplus);                             \
+                         dd_part, dbias_part, dB, dC, batch, D, L, N, softplus, groups);                     \
     }                                                                                                        \
     extern "C" __global__ void sum_parts_##S(const float *part, T *out, u64 parts, u64 M) {                  \
         sum_parts<T>(part, out, parts, M);                                                                   \

@@ -17,7 +17,7 @@
 //   dE_c = exp(s_end) dE_{c+1} + sum_i exp(s_i) dy_i (x) C_i  (ssd_chunk_state on dy, C, then
 //          ssd_state_pass_bwd, which also forms <dE_{c+1}, E_{c+1}> per chunk)
 //   G_j = dL/dh_j: dx_j = D dy_j + dt_j G_j B_j                                  (ssd_dx)
-//   dB_j = dt_j G_j^T x_j  (summed over the group's heads with atomics)          (ssd_db)
+//   dB_j = dt_j G_j^T x_j  (summed over the group's heads in order)              (ssd_db)
 //   dC_i = h_i^T dy_i                                                            (ssd_dc)
 //   (ssd_db and ssd_dc read DX_ij = dy_i . x_j, formed per head by ssd_bmm      [B, nc, H, Q, Q])
 //   ddt_i = W_i + A R_i, dA = sum dt_i R_i, with W_i = x_i . G_i B_i and
@@ -31,6 +31,8 @@
 // backward kernels stay in f32: their results feed ssd_ddt's sums R_i, which cancel, and the
 // operands' rounding to bf16 would push dA and d(dt_bias) past the 1e-2 of the bf16 tests
 // (measured on a CPU emulation of the kernels). The f32 and f16 paths use CUDA cores throughout.
+// No kernel uses atomics: every sum across blocks goes through per-block shares that a later kernel
+// adds in a fixed order, so the backward is bitwise reproducible for given shapes.
 #include "common.cuh"
 
 #define SSD_TILE 64
@@ -392,8 +394,8 @@ __device__ __forceinline__ void chunk_out_products(float (&acc)[4][4], S &s, u64
 
 // Per (b, chunk, h, row tile, p tile): the state part of the output,
 //   y~_i[p] = exp(s_i) (E_c C_i)[p] + sum_{j<=i} CB_ij exp(s_i - s_j) dt_j x_j[p].
-// `mode` 0 writes y = y~ + D x (T); `mode` 1 adds sum_p dy_i[p] y~_i[p] to ydot [B, L, H] (f32,
-// atomically across p tiles).
+// `mode` 0 writes y = y~ + D x (T); `mode` 1 writes the p tile's share of sum_p dy_i[p] y~_i[p] to
+// ydot [tiles(P), B, L, H] (f32; ssd_ddt sums the tiles in order).
 template <typename T>
 __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *dts, const float *cum,
                               const float *states, const float *cb, T *y, const T *dy, float *ydot, SsdDims m,
@@ -440,21 +442,22 @@ __device__ void ssd_chunk_out(const T *x, const T *C, const T *Dv, const float *
         }
         if (mode == 1) {
             part = row_sum16(part);
-            if (tx == 0 && i < q) atomicAdd(ydot + k.step(i), part);
+            if (tx == 0 && i < q) ydot[tp * m.batch * m.len * m.heads + k.step(i)] = part;
         }
     }
 }
 
 // ---- backward --------------------------------------------------------------------------------
 
-// Blocks over (b, h, p n / blockDim): `z` [B, nc, H, P, N] holds Z_c = sum_i exp(s_i) dy_i (x) C_i
+// Blocks over (b, h, slice of p n): `z` [B, nc, H, P, N] holds Z_c = sum_i exp(s_i) dy_i (x) C_i
 // and is replaced by dE_{c+1} (dL/d(state entering chunk c + 1); zero for the last chunk);
-// ee[b, c, h] += <dE_{c+1}, E_{c+1}> (`st` holds the entering states E); dinit = dE_0 when given.
+// ee [B, nc, H, slices] receives each slice's share of <dE_{c+1}, E_{c+1}> (`st` holds the entering
+// states E; ssd_ddt sums the slices in order); dinit = dE_0 when given.
 template <typename T>
 __device__ void ssd_state_pass_bwd(float *z, const float *st, const float *cum, float *ee, T *dinit, SsdDims m) {
     const u64 PN = m.head_dim * m.state, per = (PN + blockDim.x - 1) / blockDim.x;
-    const u64 bh = blockIdx.x / per, h = bh % m.heads, b = bh / m.heads;
-    const u64 pn = (blockIdx.x % per) * blockDim.x + threadIdx.x;
+    const u64 bh = blockIdx.x / per, h = bh % m.heads, b = bh / m.heads, slice = blockIdx.x % per;
+    const u64 pn = slice * blockDim.x + threadIdx.x;
     const bool valid = pn < PN;
     float run = 0.f;
     for (u64 k = 0; k < m.chunks; ++k) {
@@ -463,9 +466,8 @@ __device__ void ssd_state_pass_bwd(float *z, const float *st, const float *cum, 
         const float own = valid ? z[at] : 0.f;
         if (valid) z[at] = run;
         if (c + 1 < m.chunks) {
-            float part = valid ? run * st[at + m.heads * PN] : 0.f;
-            part = warp_reduce(part, SumOp());
-            if ((threadIdx.x & 31) == 0) atomicAdd(ee + (b * m.chunks + c) * m.heads + h, part);
+            const float part = block_sum(valid ? run * st[at + m.heads * PN] : 0.f);
+            if (threadIdx.x == 0) ee[((b * m.chunks + c) * m.heads + h) * per + slice] = part;
         }
         run = expf(chunk_total(m, cum, b, h, c)) * run + own;
     }
@@ -473,8 +475,9 @@ __device__ void ssd_state_pass_bwd(float *z, const float *st, const float *cum, 
 }
 
 // Per (b, chunk, h, row tile j, p tile): G_j B_j [p] = sum_{i>=j} CB_ij exp(s_i - s_j) dy_i[p]
-// + exp(s_end - s_j) (dE_{c+1} B_j)[p]; writes dx = D dy + dt G B (T) and adds x_j . G_j B_j to
-// W [B, L, H] and x_j . dy_j to xdy [B, L, H] (f32, atomically across p tiles).
+// + exp(s_end - s_j) (dE_{c+1} B_j)[p]; writes dx = D dy + dt G B (T), and the p tile's shares of
+// x_j . G_j B_j to W and of x_j . dy_j to xdy (both [tiles(P), B, L, H], f32; ssd_ddt sums the
+// tiles in order).
 template <typename T>
 __device__ void ssd_dx(const T *x, const T *Bm, const T *Dv, const T *dy, const float *dts, const float *cum,
                        const float *dnext, const float *cb, T *dx, float *W, float *xdy, SsdDims m) {
@@ -521,95 +524,146 @@ __device__ void ssd_dx(const T *x, const T *Bm, const T *Dv, const T *dy, const 
         wpart = row_sum16(wpart);
         dpart = row_sum16(dpart);
         if (tx == 0 && j < q) {
-            atomicAdd(W + k.step(j), wpart);
-            atomicAdd(xdy + k.step(j), dpart);
+            const u64 at = tp * m.batch * m.len * m.heads + k.step(j);
+            W[at] = wpart;
+            xdy[at] = dpart;
         }
     }
 }
 
-// Per (b, chunk, h, row tile j, n tile): dB_j[n] += dt_j (sum_{i>=j} DX_ij exp(s_i - s_j) C_i[n]
-// + exp(s_end - s_j) (dE_{c+1}^T x_j)[n]), DX_ij = dy_i . x_j; dB [B, L, G, N] f32, atomically
-// over the group's heads.
+// Adds the thread's outputs of a tile product, each row r0 + ty + 16 r scaled by scale[row] (zero
+// past q), to `total`.
+__device__ __forceinline__ void add_scaled_rows(float (&total)[4][4], const float (&acc)[4][4], u64 r0, u64 q,
+                                                const float *scale) {
+    const int ty = threadIdx.x >> 4;
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const u64 i = r0 + ty + 16 * r;
+        const float f = i < q ? scale[i] : 0.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) total[r][c] += f * acc[r][c];
+    }
+}
+
+// The first head chunk of group g in chunk (b, c) of a block over (b, c, g, tiles): `bcg` is
+// (b * nc + c) * G + g.
+__device__ __forceinline__ HeadChunk group_chunk(const SsdDims &m, u64 bcg, u64 hh) {
+    const u64 per_group = m.heads / m.groups;
+    return head_chunk(m, (bcg / m.groups) * m.heads + (bcg % m.groups) * per_group + hh);
+}
+
+// Per (b, chunk, group g, row tile j, n tile): dB_j[n] = sum over the group's heads, in order, of
+// dt_j (sum_{i>=j} DX_ij exp(s_i - s_j) C_i[n] + exp(s_end - s_j) (dE_{c+1}^T x_j)[n]),
+// DX_ij = dy_i . x_j; dB [B, L, G, N] f32, each entry written once.
 template <typename T>
 __device__ void ssd_db(const T *x, const T *Cm, const float *dts, const float *cum, const float *dnext,
                        const float *dxm, float *dB, SsdDims m) {
     __shared__ TileSmem s;
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 tj, tn;
-    const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(N), tj, tn); // (b, c, h)
-    const HeadChunk k = head_chunk(m, outer);
-    const u64 q = k.q, j0 = tj * SSD_TILE, n0 = tn * SSD_TILE;
+    const u64 bcg = split_block(blockIdx.x, tiles(Q), tiles(N), tj, tn);
+    const HeadChunk first = group_chunk(m, bcg, 0);
+    const u64 q = first.q, j0 = tj * SSD_TILE, n0 = tn * SSD_TILE;
     if (j0 >= q) return;
-    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
-    const float *dxh = dxm + outer * Q * Q;
-    const float end = cs[q - 1];
-    float acc[4][4];
-    zero_acc(acc);
-    add_anticausal(acc, s, dxh, Q, cs, j0, q,
-                   [&](u64 i, int col) -> float { return n0 + col < N ? to_float(Cm[k.bc_row(i) + n0 + col]) : 0.f; });
-    if (k.c + 1 < m.chunks) {
-        const float *dE = dnext + outer * P * N;
-        auto fa = [&](int r, u64 p) -> float {
-            const u64 j = j0 + r;
-            return j < q ? to_float(x[k.x_row(j) + p]) * expf(end - cs[j]) : 0.f;
-        };
-        auto fb = [&](u64 p, int col) -> float { return n0 + col < N ? dE[p * N + n0 + col] : 0.f; };
-        tile_gemm<true, false>(acc, 0, P, s, fa, fb);
+    float total[4][4];
+    zero_acc(total);
+    for (u64 hh = 0; hh < m.heads / m.groups; ++hh) {
+        const HeadChunk k = group_chunk(m, bcg, hh);
+        const u64 outer = (k.b * m.chunks + k.c) * m.heads + k.h;
+        const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
+        const float *dxh = dxm + outer * Q * Q;
+        const float end = cs[q - 1];
+        float acc[4][4];
+        zero_acc(acc);
+        add_anticausal(acc, s, dxh, Q, cs, j0, q, [&](u64 i, int col) -> float {
+            return n0 + col < N ? to_float(Cm[k.bc_row(i) + n0 + col]) : 0.f;
+        });
+        if (k.c + 1 < m.chunks) {
+            const float *dE = dnext + outer * P * N;
+            auto fa = [&](int r, u64 p) -> float {
+                const u64 j = j0 + r;
+                return j < q ? to_float(x[k.x_row(j) + p]) * expf(end - cs[j]) : 0.f;
+            };
+            auto fb = [&](u64 p, int col) -> float { return n0 + col < N ? dE[p * N + n0 + col] : 0.f; };
+            tile_gemm<true, false>(acc, 0, P, s, fa, fb);
+        }
+        add_scaled_rows(total, acc, j0, q, ds);
     }
-    tile_outputs(acc, j0, n0, [&](u64 j, u64 n, float v) {
-        if (j < q && n < N) atomicAdd(dB + k.bc_row(j) + n, ds[j] * v);
+    tile_outputs(total, j0, n0, [&](u64 j, u64 n, float v) {
+        if (j < q && n < N) dB[first.bc_row(j) + n] = v;
     });
 }
 
-// Per (b, chunk, h, row tile i, n tile): dC_i[n] += exp(s_i) (E_c^T dy_i)[n]
-// + sum_{j<=i} DX_ij exp(s_i - s_j) dt_j B_j[n]; dC [B, L, G, N] f32, atomically over the group's
-// heads.
+// Per (b, chunk, group g, row tile i, n tile): dC_i[n] = sum over the group's heads, in order, of
+// exp(s_i) (E_c^T dy_i)[n] + sum_{j<=i} DX_ij exp(s_i - s_j) dt_j B_j[n]; dC [B, L, G, N] f32, each
+// entry written once.
 template <typename T>
 __device__ void ssd_dc(const T *Bm, const T *dy, const float *dts, const float *cum, const float *states,
                        const float *dxm, float *dC, SsdDims m) {
     __shared__ TileSmem s;
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
     u64 ti, tn;
-    const u64 outer = split_block(blockIdx.x, tiles(Q), tiles(N), ti, tn); // (b, c, h)
-    const HeadChunk k = head_chunk(m, outer);
-    const u64 q = k.q, i0 = ti * SSD_TILE, n0 = tn * SSD_TILE;
+    const u64 bcg = split_block(blockIdx.x, tiles(Q), tiles(N), ti, tn);
+    const HeadChunk first = group_chunk(m, bcg, 0);
+    const u64 q = first.q, i0 = ti * SSD_TILE, n0 = tn * SSD_TILE;
     if (i0 >= q) return;
-    const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
-    const float *dxh = dxm + outer * Q * Q, *E = states + outer * P * N;
-    float acc[4][4];
-    zero_acc(acc);
-    auto fa = [&](int r, u64 p) -> float { return i0 + r < q ? to_float(dy[k.x_row(i0 + r) + p]) : 0.f; };
-    auto fb = [&](u64 p, int col) -> float { return n0 + col < N ? E[p * N + n0 + col] : 0.f; };
-    tile_gemm<true, false>(acc, 0, P, s, fa, fb);
-    scale_rows_by_decay(acc, i0, q, cs);
-    add_causal(acc, s, dxh, Q, cs, ds, i0, q,
-               [&](u64 j, int col) -> float { return n0 + col < N ? to_float(Bm[k.bc_row(j) + n0 + col]) : 0.f; });
-    tile_outputs(acc, i0, n0, [&](u64 i, u64 n, float v) {
-        if (i < q && n < N) atomicAdd(dC + k.bc_row(i) + n, v);
+    float total[4][4];
+    zero_acc(total);
+    for (u64 hh = 0; hh < m.heads / m.groups; ++hh) {
+        const HeadChunk k = group_chunk(m, bcg, hh);
+        const u64 outer = (k.b * m.chunks + k.c) * m.heads + k.h;
+        const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
+        const float *dxh = dxm + outer * Q * Q, *E = states + outer * P * N;
+        float acc[4][4];
+        zero_acc(acc);
+        auto fa = [&](int r, u64 p) -> float { return i0 + r < q ? to_float(dy[k.x_row(i0 + r) + p]) : 0.f; };
+        auto fb = [&](u64 p, int col) -> float { return n0 + col < N ? E[p * N + n0 + col] : 0.f; };
+        tile_gemm<true, false>(acc, 0, P, s, fa, fb);
+        scale_rows_by_decay(acc, i0, q, cs);
+        add_causal(acc, s, dxh, Q, cs, ds, i0, q, [&](u64 j, int col) -> float {
+            return n0 + col < N ? to_float(Bm[k.bc_row(j) + n0 + col]) : 0.f;
+        });
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) total[r][c] += acc[r][c];
+    }
+    tile_outputs(total, i0, n0, [&](u64 i, u64 n, float v) {
+        if (i < q && n < N) dC[first.bc_row(i) + n] = v;
     });
 }
 
 // One thread per (b, chunk, h), steps in reverse: R_i (see the top), ddt [B, L, H] (T, through
-// softplus when asked), and per-(b, chunk, h) partials [B, nc, H] of dA, d(dt_bias) and dD.
+// softplus when asked), and per-(b, chunk, h) partials [B, nc, H] of dA, d(dt_bias) and dD. ydot,
+// W and xdy hold `ptiles` shares per step, ee `slices` shares per (b, chunk, h), summed in order.
 template <typename T>
 __device__ void ssd_ddt(const T *dt_in, const T *A, const T *dbias, const float *dts, const float *ydot,
                         const float *W, const float *xdy, const float *ee, T *ddt, float *da_part,
-                        float *dbias_part, float *dd_part, SsdDims m, int softplus) {
+                        float *dbias_part, float *dd_part, SsdDims m, int softplus, u64 ptiles, u64 slices) {
     for (u64 e = global_thread(); e < m.batch * m.chunks * m.heads; e += grid_threads()) {
         const HeadChunk k = head_chunk(m, e);
         const float a = to_float(A[k.h]), bias = value_or_zero(dbias, k.h);
-        float r = k.c + 1 < m.chunks ? ee[e] : 0.f;
+        float r = 0.f;
+        if (k.c + 1 < m.chunks)
+            for (u64 sl = 0; sl < slices; ++sl) r += ee[e * slices + sl];
         float da = 0.f, db = 0.f, dd = 0.f;
+        const u64 stride = m.batch * m.len * m.heads;
         for (u64 n = 0; n < k.q; ++n) {
             const u64 i = k.q - 1 - n, at = k.step(i);
-            const float dtv = dts[k.scratch(i)], w = W[at];
-            r += ydot[at] - dtv * w;
+            float w = 0.f, yd = 0.f, xd = 0.f;
+            for (u64 t = 0; t < ptiles; ++t) {
+                w += W[t * stride + at];
+                yd += ydot[t * stride + at];
+                xd += xdy[t * stride + at];
+            }
+            const float dtv = dts[k.scratch(i)];
+            r += yd - dtv * w;
             float g = w + a * r;
             da += dtv * r;
             if (softplus) g *= sigmoid_f(to_float(dt_in[at]) + bias);
             ddt[at] = from_float<T>(g);
             db += g;
-            dd += xdy[at];
+            dd += xd;
         }
         da_part[e] = da;
         dbias_part[e] = db;
@@ -681,8 +735,10 @@ __device__ void ssd_update(const T *state, const T *x, const T *dt_in, const T *
     extern "C" __global__ void ssd_ddt_##S(const T *dt, const T *A, const T *dbias, const float *dts,           \
                                            const float *ydot, const float *W, const float *xdy,                 \
                                            const float *ee, T *ddt, float *da_part, float *dbias_part,          \
-                                           float *dd_part, SSD_DIMS_PARAMS, int softplus) {                     \
-        ssd_ddt<T>(dt, A, dbias, dts, ydot, W, xdy, ee, ddt, da_part, dbias_part, dd_part, SSD_DIMS, softplus); \
+                                           float *dd_part, SSD_DIMS_PARAMS, int softplus, u64 ptiles,           \
+                                           u64 slices) {                                                        \
+        ssd_ddt<T>(dt, A, dbias, dts, ydot, W, xdy, ee, ddt, da_part, dbias_part, dd_part, SSD_DIMS, softplus,  \
+                   ptiles, slices);                                                                             \
     }                                                                                                           \
     extern "C" __global__ void sum_parts_##S(const float *part, T *out, u64 parts, u64 M) {                     \
         sum_parts<T>(part, out, parts, M);                                                                      \

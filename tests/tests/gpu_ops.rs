@@ -639,7 +639,7 @@ fn embedding_index_select_and_index_add() {
         let err = table.gpu.embedding(&bad.gpu).unwrap_err();
         prop_assert!(matches!(err, TensorError::OutOfRange { .. }), "{err}");
         if dtype.is_float() {
-            // Scatter-add with repeated ids (f32 atomics: the order of the sums varies).
+            // Scatter-add with repeated ids.
             let mut src_shape = s.clone();
             src_shape[axis] = n_ids;
             let src = input(&src_shape, range(0.5, 1.5), dtype, v, seed ^ 3)?;

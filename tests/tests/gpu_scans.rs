@@ -343,7 +343,7 @@ struct SsdCase {
 }
 
 fn ssd_case() -> impl Strategy<Value = SsdCase> {
-    let heads = prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2), (6, 3), (3, 3)]);
+    let heads = prop::sample::select(vec![(1usize, 1usize), (2, 1), (4, 2), (6, 3), (3, 3), (6, 1)]);
     let sizes = (
         prop::sample::select(vec![1usize, 3, 16, 64, 70]),
         prop::sample::select(vec![16usize, 128, 5]),

@@ -283,9 +283,17 @@ impl Activations {
         if s.recompute {
             transient += block * seq * b;
         }
+        // The Mamba-1 scan backward's f32 partial sums of dB and dC, per group of channels.
+        let scan_partials = match lm.kind {
+            LmKind::Mamba1 => {
+                let groups = cuda::kernels::scan_backward_groups(batch, 2 * h);
+                2 * groups * batch * lm.state * seq * F32
+            }
+            LmKind::Mamba2 => 0,
+        };
         Activations {
             kept: kept * b * batch,
-            transient: transient * batch,
+            transient: transient * batch + scan_partials,
         }
     }
 }

@@ -6,6 +6,10 @@ use crate::device::{DeviceBuffer, DeviceElem, FloatElem, GpuDevice};
 use crate::error::{CudaError, Result};
 use crate::launch::{entry, launch, Arg, Grid};
 
+/// About how many threads the scatter-add runs; each owns one column of the rows whose id falls
+/// in its slot.
+const INDEX_ADD_THREADS: usize = 1 << 16;
+
 impl GpuDevice {
     /// `out[o, i, k] = x[o, ids[i], k]` with `x` viewed as `dims` (`[outer, len, inner]`) and
     /// `out` as `[outer, ids.len(), inner]`; any dtype. An id `>= len` is a
@@ -64,8 +68,9 @@ impl GpuDevice {
         self.index_select(table, ids, dims, out)
     }
 
-    /// Scatter-add: `acc[o, ids[i], k] += src[o, i, k]` with f32 atomics, `acc` viewed as `dims`
-    /// and `src` as `[outer, ids.len(), inner]`; repeated ids sum (in no fixed order). The
+    /// Scatter-add: `acc[o, ids[i], k] += src[o, i, k]` in f32, `acc` viewed as `dims` and `src`
+    /// as `[outer, ids.len(), inner]`; repeated ids sum in order of i (no atomics: the threads
+    /// split the rows by id modulo a slot count), so the result is bitwise reproducible. The
     /// backward of [`GpuDevice::index_select`] and of the embedding (`acc` starts as zeros, or
     /// as the tensor added to, converted to f32). Bad ids are reported as by `index_select`.
     pub fn index_add<T: FloatElem>(
@@ -90,6 +95,9 @@ impl GpuDevice {
             return Ok(());
         }
         let bad = bad_index_word(self)?;
+        // Enough threads to fill the device, each walking every id once.
+        let columns = outer * inner;
+        let slots = INDEX_ADD_THREADS.div_ceil(columns).clamp(1, len.max(1));
         let args = [
             Arg::buf(src),
             Arg::buf(ids),
@@ -98,13 +106,14 @@ impl GpuDevice {
             Arg::size(len),
             Arg::size(inner),
             Arg::size(ids.len()),
+            Arg::size(slots),
             Arg::buf(&bad),
         ];
         launch(
             self,
             &INDEX,
             &entry::<T>("index_add"),
-            Grid::elementwise(self, total),
+            Grid::elementwise(self, columns * slots),
             &args,
         )?;
         check_bad_index(self, &bad, "index_add", "id", len)

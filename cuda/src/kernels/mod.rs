@@ -22,7 +22,7 @@ pub use conv::{ConvGrads, ConvSpec};
 pub use elementwise::{BinaryOp, CmpOp, UnaryOp};
 pub use norm::{GatedNormGrads, LayerNormGrads, NormSpec, Residual, RmsNormGrads};
 pub use reduce::ReduceOp;
-pub use scan::{ScanGrads, ScanInputs, ScanSpec, SCAN_CHUNK, SCAN_MAX_STATE};
+pub use scan::{scan_backward_groups, ScanGrads, ScanInputs, ScanSpec, SCAN_CHUNK, SCAN_MAX_STATE};
 pub use ssd::{SsdGradBuffers, SsdInputs, SsdSpec};
 
 use crate::compile::KernelFile;

@@ -12,11 +12,22 @@ use crate::launch::{entry, launch, Arg, Grid};
 pub const SCAN_CHUNK: usize = 2048;
 /// The largest state size (N) the selective-scan kernels take (`SCAN_MAX_STATE`).
 pub const SCAN_MAX_STATE: usize = 256;
-/// Threads per block of the forward and backward kernels (one block per row (b, d)).
+/// Threads per block of the forward kernel (one block per row (b, d)) and of the backward
+/// kernel (one block per group of rows of one batch entry).
 const FWD_THREADS: u32 = 128;
 const BWD_THREADS: u32 = 256;
+/// About how many blocks the backward kernel runs: the channels of each batch entry are cut into
+/// `BWD_BLOCKS / batch` groups (at least one, at most one channel each), each summing its rows'
+/// shares of dB and dC in order.
+const BWD_BLOCKS: usize = 512;
 /// Threads per block of the decoding step (one warp per row).
 const STEP_THREADS: u32 = 128;
+
+/// The groups of channels per batch entry in the backward kernel: it keeps f32 partial sums of
+/// dB and dC `[groups, batch, state, len]`.
+pub fn scan_backward_groups(batch: usize, dim: usize) -> usize {
+    BWD_BLOCKS.div_ceil(batch.max(1)).clamp(1, dim.max(1))
+}
 
 /// The shape of a selective scan: u `[batch, dim, len]`, A `[dim, state]`, B and C
 /// `[batch, state, len]`, and whether dt goes through softplus.
@@ -213,9 +224,9 @@ impl GpuDevice {
     }
 
     /// Backward of [`GpuDevice::selective_scan`] given dL/dy `grad` `[B, D, L]`. Reruns the
-    /// forward kernel to save the chunk states, then one reverse pass per row; dB and dC are
-    /// accumulated in f32 with atomics (their summation order over channels is not fixed), dA,
-    /// dD and d(delta_bias) are summed in a fixed order.
+    /// forward kernel to save the chunk states, then one reverse pass per row. Every sum over
+    /// channels is taken in a fixed order (dB and dC through f32 partials per group of channels,
+    /// `[groups, B, N, L]`), so the result is bitwise reproducible for given shapes.
     pub fn selective_scan_backward<T: FloatElem>(
         &self,
         inputs: &ScanInputs<'_, T>,
@@ -248,7 +259,8 @@ impl GpuDevice {
         )?;
         let chunk_states = self.alloc::<f32>(spec.chunk_state_len())?;
         self.scan_forward_kernel(inputs, Arg::Ptr(0), Arg::Ptr(0), Arg::buf(&chunk_states), &spec)?;
-        let (dbf, dcf) = (self.zeros::<f32>(bc)?, self.zeros::<f32>(bc)?);
+        let groups = scan_backward_groups(spec.batch, spec.dim);
+        let (dbf, dcf) = (self.zeros::<f32>(groups * bc)?, self.zeros::<f32>(groups * bc)?);
         let da_part = self.alloc::<f32>(rows * spec.state)?;
         let (dd_part, dbias_part) = (self.alloc::<f32>(rows)?, self.alloc::<f32>(rows)?);
         let mut args = inputs.args().to_vec();
@@ -265,8 +277,9 @@ impl GpuDevice {
             Arg::buf(&dcf),
         ]);
         args.extend(spec.args());
+        args.push(Arg::size(groups));
         if rows > 0 {
-            let grid = Grid::blocks(rows, BWD_THREADS);
+            let grid = Grid::blocks(spec.batch * groups, BWD_THREADS);
             launch(
                 self,
                 &SELECTIVE_SCAN,
@@ -277,8 +290,8 @@ impl GpuDevice {
         }
         // With no rows the partial sums are empty and every reduced gradient is zero.
         sum_parts(self, &SELECTIVE_SCAN, &da_part, grads.da, spec.batch)?;
-        sum_parts(self, &SELECTIVE_SCAN, &dbf, grads.db, 1)?;
-        sum_parts(self, &SELECTIVE_SCAN, &dcf, grads.dc, 1)?;
+        sum_parts(self, &SELECTIVE_SCAN, &dbf, grads.db, groups)?;
+        sum_parts(self, &SELECTIVE_SCAN, &dcf, grads.dc, groups)?;
         if let Some(dd) = grads.dd {
             sum_parts(self, &SELECTIVE_SCAN, &dd_part, dd, spec.batch)?;
         }

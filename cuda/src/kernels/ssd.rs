@@ -2,8 +2,9 @@
 //!
 //! The chunked algorithm runs as a sequence of kernels over f32 scratch buffers (see the header
 //! of ssd.cu): chunk cumulative sums of dt·A, the chunk products C·Bᵀ, each chunk's own state,
-//! the state passing between chunks, then the outputs. The matrix products run on CUDA cores in
-//! f32 with shared-memory tiles; tensor cores are not used.
+//! the state passing between chunks, then the outputs. The matrix products run with
+//! shared-memory tiles (bf16's forward products on the tensor cores). No kernel uses atomics, so
+//! the backward is bitwise reproducible.
 
 use super::{need, need_optional_grads, product, sum_parts};
 use crate::compile::SSD;
@@ -385,8 +386,8 @@ impl GpuDevice {
 
     /// Backward of [`GpuDevice::ssd_scan`] given dL/dy `grad` `[B, L, H, P]` (the final state
     /// gets no gradient). Recomputes the forward scratch, then runs the chunked backward (see
-    /// ssd.cu); dB, dC and the per-step sums are accumulated in f32 with atomics, dA, dD and
-    /// d(dt_bias) are summed in a fixed order.
+    /// ssd.cu). Every sum across blocks is taken in a fixed order (no atomics), so the result is
+    /// bitwise reproducible for given shapes.
     pub fn ssd_scan_backward<T: FloatElem>(
         &self,
         inputs: &SsdInputs<'_, T>,
@@ -438,8 +439,9 @@ impl GpuDevice {
         let mut final_state = self.alloc::<T>(states)?;
         let fwd = self.ssd_forward_states(op, inputs, &mut final_state, &spec)?;
 
-        // dy · (y − D x) per step.
-        let ydot = self.zeros::<f32>(b * l * h)?;
+        // dy · (y − D x) per step, one share per p tile.
+        let ptiles = tiles(p);
+        let ydot = self.alloc::<f32>(ptiles * b * l * h)?;
         if xs > 0 {
             self.ssd_output(
                 op,
@@ -454,7 +456,8 @@ impl GpuDevice {
 
         // Σ_i exp(s_i) dy_i ⊗ C_i per chunk, then the reverse state passing: dE_{c+1} per chunk.
         let mut dnext = self.alloc::<f32>(b * nc * h * p * n)?;
-        let ee = self.zeros::<f32>(b * nc * h)?;
+        let slices = (p * n).div_ceil(THREADS as usize);
+        let ee = self.alloc::<f32>(b * nc * h * slices)?;
         if p * n > 0 {
             let scratch = (&fwd.dts, &fwd.cum);
             let sums = ChunkSum::OutputGrads;
@@ -467,12 +470,11 @@ impl GpuDevice {
                 Arg::opt(grads.dinitial.as_deref()),
             ];
             args.extend(dims);
-            let per = (p * n).div_ceil(THREADS as usize);
             launch(
                 self,
                 &SSD,
                 &entry::<T>("ssd_state_pass_bwd"),
-                Grid::blocks(b * h * per, THREADS),
+                Grid::blocks(b * h * slices, THREADS),
                 &args,
             )?;
         } else if let Some(d) = grads.dinitial {
@@ -483,8 +485,11 @@ impl GpuDevice {
         let mut dxm = self.alloc::<f32>(b * nc * h * q * q)?;
         self.ssd_chunk_products(op, grad, inputs.x, &mut dxm, h, p, &spec)?;
 
-        // dx, and the per-step sums x·(G B) and x·dy.
-        let (w, xdy) = (self.zeros::<f32>(b * l * h)?, self.zeros::<f32>(b * l * h)?);
+        // dx, and the per-step sums x·(G B) and x·dy, one share per p tile.
+        let (w, xdy) = (
+            self.alloc::<f32>(ptiles * b * l * h)?,
+            self.alloc::<f32>(ptiles * b * l * h)?,
+        );
         if xs > 0 {
             let mut args = vec![
                 Arg::buf(inputs.x),
@@ -503,8 +508,8 @@ impl GpuDevice {
             self.ssd_tiled(op, &entry::<T>("ssd_dx"), b * nc * h * tiles(q) * tiles(p), &args)?;
         }
 
-        // dB and dC, summed over the heads of each group.
-        let (dbf, dcf) = (self.zeros::<f32>(bcs)?, self.zeros::<f32>(bcs)?);
+        // dB and dC, summed over the heads of each group within a block.
+        let (dbf, dcf) = (self.alloc::<f32>(bcs)?, self.alloc::<f32>(bcs)?);
         if bcs > 0 {
             let mut args = vec![
                 Arg::buf(inputs.x),
@@ -516,7 +521,7 @@ impl GpuDevice {
                 Arg::buf(&dbf),
             ];
             args.extend(dims);
-            let blocks = b * nc * h * tiles(q) * tiles(n);
+            let blocks = b * nc * spec.groups * tiles(q) * tiles(n);
             self.ssd_tiled(op, &entry::<T>("ssd_db"), blocks, &args)?;
             let mut args = vec![
                 Arg::buf(inputs.b),
@@ -555,7 +560,7 @@ impl GpuDevice {
             Arg::buf(&dd_part),
         ];
         args.extend(dims);
-        args.push(Arg::flag(spec.softplus));
+        args.extend([Arg::flag(spec.softplus), Arg::size(ptiles), Arg::size(slices)]);
         let grid = Grid::blocks(parts.div_ceil(THREADS as usize), THREADS);
         launch(self, &SSD, &entry::<T>("ssd_ddt"), grid, &args)?;
         sum_parts(self, &SSD, &da_part, grads.da, b * nc)?;
