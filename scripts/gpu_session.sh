@@ -31,7 +31,7 @@ for line in sys.stdin:
 cargo test --release -p tests -p cuda --no-run --message-format=json 2>/dev/null |
   executables test | while read -r exe; do
     case "$(basename "$exe")" in
-      gpu_ops-* | gpu_scans-* | gpu_attention-* | gpu_model-* | hf_parity-* | cuda-* | gpu_device-* | nvrtc_compile-*) cp "$exe" .gpu/tests/ ;;
+      gpu_ops-* | gpu_scans-* | gpu_attention-* | gpu_determinism-* | gpu_nccl-* | gpu_model-* | hf_parity-* | cuda-* | gpu_device-* | nvrtc_compile-*) cp "$exe" .gpu/tests/ ;;
     esac
   done
 # The benchmarks (their executables are built like tests, with harness = false).

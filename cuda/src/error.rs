@@ -84,6 +84,14 @@ pub enum CudaError {
         #[source]
         source: cudarc::cublaslt::result::CublasError,
     },
+    /// An NCCL call failed.
+    #[error("NCCL error in {op}: {status:?}")]
+    Nccl {
+        /// What was being done.
+        op: &'static str,
+        /// The library's status.
+        status: cudarc::nccl::result::NcclError,
+    },
     /// The device could not satisfy an allocation, even after the cache was emptied.
     #[error("out of device memory: requested {requested} bytes with {in_use} bytes in use")]
     OutOfMemory {

@@ -22,6 +22,7 @@ pub mod gemm;
 pub mod kernels;
 mod launch;
 pub mod layout;
+pub mod nccl;
 pub mod probe;
 
 pub use device::{DType, DeviceBuffer, DeviceElem, DeviceInfo, FloatElem, GpuDevice, GpuEvent};

@@ -20,15 +20,18 @@ pub enum Library {
     Cublas,
     /// cuBLASLt.
     CublasLt,
+    /// NCCL, for the collectives of multi-process runs (not needed otherwise).
+    Nccl,
 }
 
 impl Library {
     /// Every library, in the order the probe reports them.
-    pub const ALL: [Library; 4] = [
+    pub const ALL: [Library; 5] = [
         Library::Driver,
         Library::Nvrtc,
         Library::Cublas,
         Library::CublasLt,
+        Library::Nccl,
     ];
 
     /// The library's usual name, e.g. `libnvrtc`.
@@ -38,6 +41,7 @@ impl Library {
             Library::Nvrtc => "libnvrtc",
             Library::Cublas => "libcublas",
             Library::CublasLt => "libcublasLt",
+            Library::Nccl => "libnccl",
         }
     }
 
@@ -48,6 +52,7 @@ impl Library {
             Library::Nvrtc => &["nvrtc"],
             Library::Cublas => &["cublas"],
             Library::CublasLt => &["cublasLt"],
+            Library::Nccl => &["nccl"],
         }
     }
 
@@ -68,8 +73,13 @@ impl Library {
 
     /// The slot caching this library's probe result.
     fn slot(self) -> &'static OnceLock<Probe> {
-        static SLOTS: [OnceLock<Probe>; 4] =
-            [OnceLock::new(), OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        static SLOTS: [OnceLock<Probe>; 5] = [
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+            OnceLock::new(),
+        ];
         &SLOTS[self as usize]
     }
 }

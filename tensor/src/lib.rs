@@ -12,6 +12,7 @@ pub mod error;
 pub mod gpu;
 pub mod host_memory;
 pub mod layout;
+pub mod nccl;
 pub mod ops;
 pub mod safetensors;
 pub mod storage;

@@ -27,13 +27,15 @@ pub struct ProcessGroup {
     /// Rank 0: a connection to every other rank, in rank order; the others: one to rank 0.
     links: Mutex<Vec<(usize, TcpStream)>>,
     timeout: Duration,
+    /// The id rank 0 handed out at the rendezvous (NCCL's unique id on GPUs, else empty).
+    id: Vec<u8>,
 }
 
 impl ProcessGroup {
     /// The group of the ranks that met at `rendezvous`; a collective call fails when a rank
     /// it waits for sends nothing for `timeout`.
     pub fn new(rendezvous: Rendezvous, timeout: Duration) -> Result<Self, CollectiveError> {
-        let (rank, world) = (rendezvous.rank, rendezvous.world);
+        let (rank, world, id) = (rendezvous.rank, rendezvous.world, rendezvous.id.clone());
         let links = rendezvous.into_links();
         for (peer, stream) in &links {
             stream
@@ -46,7 +48,13 @@ impl ProcessGroup {
             world,
             links: Mutex::new(links),
             timeout,
+            id,
         })
+    }
+
+    /// The id rank 0 handed out at the rendezvous (NCCL's unique id on GPUs, else empty).
+    pub fn id(&self) -> &[u8] {
+        &self.id
     }
 
     /// The error for a failed read or write on the link to `peer`.

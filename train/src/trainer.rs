@@ -15,11 +15,13 @@ use crate::checkpoint::{self, TrainState};
 use crate::collate::{collate, MicroBatch};
 use crate::collective::{flatten, unflatten, Collective, ThreadGroup};
 use crate::data::{Dataset, LlavaData, ShapesData, Skipped};
+use crate::device_collective::{DeviceCollective, HostStaged};
 use crate::easy_vqa::{self, EasyVqaData, Split};
 use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
 use crate::metrics::Metrics;
 use crate::options::TrainOptions;
+use crate::plan::BUCKET_BYTES;
 use crate::process_group::ProcessGroup;
 use crate::rendezvous::Peer;
 use crate::replaced::Replaced;
@@ -42,6 +44,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tensor::nccl::NcclGroup;
 use tensor::{DType, Device, Tensor};
 
 /// The first example index of the held-out shapes split: far from the training indices, so
@@ -73,7 +76,7 @@ struct Run<'a> {
     cfg: EmmaConfig,
     tok: Tokenizer,
     data: &'a dyn Dataset,
-    /// The trainable parameters' names (sorted): the order of the flat gradient.
+    /// The trainable parameters' names (sorted).
     trainable: Vec<String>,
     compute: DType,
     /// Rank 0's device; rank r runs on the r-th device after it (the local rank's, when the
@@ -81,6 +84,9 @@ struct Run<'a> {
     device: Device,
     /// This process's rank among the ranks of its machine, when it is one process of a run.
     local_rank: Option<usize>,
+    /// NCCL's unique id from the rendezvous, when the ranks are processes on real GPUs: the
+    /// gradients and weights then travel by NCCL, not through the host.
+    nccl_id: Option<Vec<u8>>,
     adamw: AdamWConfig,
     total: u64,
     /// The open questions in their (seeded) order, a whole number of global batches, trained
@@ -124,9 +130,24 @@ pub fn train(opts: &TrainOptions) -> Result<Summary> {
     }
     let mut opts = opts.clone();
     opts.ranks = peer.world;
-    // The id is NCCL's on GPUs; the processes' own exchanges need none.
-    let group = ProcessGroup::new(peer.join(Vec::new)?, timeout)?;
+    // On real GPUs rank 0 makes NCCL's unique id for the rendezvous to hand out; elsewhere the
+    // exchanges go through the rendezvous connections and need none.
+    let id = if peer.rank == 0 && on_real_gpus(&opts)? {
+        NcclGroup::unique_id()?
+    } else {
+        Vec::new()
+    };
+    let group = ProcessGroup::new(peer.join(move || id)?, timeout)?;
     train_on(&opts, Some(&group), Some(peer.local_rank))
+}
+
+/// Whether `--device` names CUDA devices that are real GPUs (not the emulated device).
+fn on_real_gpus(opts: &TrainOptions) -> Result<bool> {
+    let choice: DeviceChoice = opts.device.parse().map_err(TrainError::Options)?;
+    match resolve(choice).map_err(|e| TrainError::Device(format!("{e:#}")))? {
+        Device::Cuda(n) => Ok(!tensor::cuda_device(n)?.is_emulated()),
+        _ => Ok(false),
+    }
 }
 
 /// [`train`] as one rank of `group` (on the `local_rank`-th device from `--device`'s), or as
@@ -253,6 +274,7 @@ fn train_on(opts: &TrainOptions, group: Option<&ProcessGroup>, local_rank: Optio
         compute,
         device,
         local_rank,
+        nccl_id: group.map(|g| g.id().to_vec()).filter(|id| !id.is_empty()),
         adamw: AdamWConfig {
             lr: recipe.lr,
             weight_decay: recipe.weight_decay,
@@ -822,6 +844,18 @@ fn rank_loop(
         .collect::<Result<_>>();
     let moments = agree(coll, moments)?;
     let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
+    let nccl = match &run.nccl_id {
+        Some(id) if world > 1 => Some(agree(
+            coll,
+            NcclGroup::new(device, id, rank, world).map_err(Into::into),
+        )?),
+        _ => None,
+    };
+    let staged = HostStaged(coll);
+    let exchange: &dyn DeviceCollective = match &nccl {
+        Some(group) => group,
+        None => &staged,
+    };
     // Its tensors are the starting weights: dropped, the optimizer's are the only handles.
     drop(trainable_map);
     let global = run.micro * run.accum * world;
@@ -862,7 +896,7 @@ fn rank_loop(
             accumulate(run, device, &params, &batches, counts[0], counts[1]),
         );
         let (grads, text, pixel) = local?;
-        let (grads, grad_norm) = reduce_gradients(run, coll, &params, grads)?;
+        let (grads, grad_norm) = reduce_gradients(run, coll, exchange, &opt, &params, grads)?;
         let losses = coll.sum_f64(&[text, pixel])?;
         let loss = losses[0] + losses[1];
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -884,7 +918,7 @@ fn rank_loop(
             grads
         };
         let lr = learning_rate(step, run.total, run.adamw.lr, run.opts.recipe().warmup_ratio);
-        opt.step(coll, &mut params, &grads, lr)?;
+        opt.step(exchange, &mut params, &grads, lr)?;
         last_loss = loss;
         let done = step + 1;
         let checkpoint_due = done.is_multiple_of(run.opts.checkpoint_every.max(1)) || done == run.total;
@@ -1050,13 +1084,16 @@ fn on_device(params: BTreeMap<String, Tensor>, device: Device) -> Result<BTreeMa
         .collect()
 }
 
-/// The sum over ranks of every trainable parameter's gradient (zeros where no rank had one),
-/// on this rank's device, and the sum's global L2 norm. One rank keeps its gradients where they
-/// are (on a GPU they never leave it); several exchange them as one f32 buffer in name order
-/// through the collective.
+/// The summed gradients of the parameters this rank updates (zeros where no rank had one), on
+/// this rank's device, and the global L2 norm of the whole summed gradient. One rank keeps its
+/// gradients where they are (on a GPU they never leave it); several reduce-scatter them over the
+/// optimizer's flat layout, one bucket of at most [`BUCKET_BYTES`] at a time, each receiving
+/// its own parameters' sums, and add up the squares of their segments.
 fn reduce_gradients(
     run: &Run,
     coll: &dyn Collective,
+    exchange: &dyn DeviceCollective,
+    opt: &ShardedAdamW,
     params: &BTreeMap<String, Tensor>,
     mut grads: BTreeMap<String, Tensor>,
 ) -> Result<(BTreeMap<String, Tensor>, f64)> {
@@ -1074,23 +1111,25 @@ fn reduce_gradients(
         }
         return Ok((out, squares.sqrt()));
     }
-    let mut flat = Vec::new();
-    for k in &run.trainable {
-        match grads.get(k) {
-            Some(g) => flat.extend(g.to_vec::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0.0, params[k].numel())),
-        }
-    }
-    coll.all_reduce_sum(&mut flat)?;
-    let norm = flat
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt();
-    // Every weight is on this rank's device: the summed gradients go there too.
+    // Every weight is on this rank's device: the buckets are assembled there, one at a time.
     let device = params.values().next().map_or(Device::Cpu, Tensor::device);
-    let shapes = run.trainable.iter().map(|k| (k, params[k].shape()));
-    Ok((unflatten(&flat, shapes, device, "the gradient all-reduce")?, norm))
+    let (layout, rank) = (opt.layout(), opt.rank());
+    let (mut parts, mut squares) = (Vec::new(), 0.0);
+    for within in layout.buckets(BUCKET_BYTES) {
+        let bucket = layout.pack(
+            0..coll.world(),
+            within.clone(),
+            |k| grads.get(k).cloned(),
+            DType::F32,
+            device,
+        )?;
+        let mine = exchange.reduce_scatter_sum(&bucket)?;
+        squares += mine.sqr()?.sum_all()?.to_scalar_f64()?;
+        parts.extend(layout.unpack(&mine, rank..rank + 1, within)?);
+    }
+    drop(grads);
+    let norm = coll.sum_f64(&[squares])?[0].sqrt();
+    Ok((layout.assemble(parts)?, norm))
 }
 
 /// Appends a metrics line and updates the progress bar (rank 0).

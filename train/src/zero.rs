@@ -1,15 +1,19 @@
 //! AdamW sharded across data-parallel ranks (ZeRO stage 1): each rank owns a share of the
-//! trainable parameters, keeps their moments and updates them alone; the updated parameters are
-//! then gathered so that every rank holds the whole model again. Moments are saved one file per
-//! rank under the parameters' names, so a run can resume on any number of ranks.
+//! trainable parameters, receives their summed gradients (a reduce-scatter over the
+//! [`FlatLayout`]), keeps their moments and updates them alone on its device; the updated
+//! parameters are then all-gathered so that every rank holds the whole model again. Moments are
+//! saved one file per rank under the parameters' names, so a run can resume on any number of
+//! ranks.
 
-use crate::collective::{flatten, unflatten, Collective};
+use crate::device_collective::DeviceCollective;
 use crate::error::{io_err, Result, TrainError};
+use crate::flat_layout::FlatLayout;
+use crate::plan::BUCKET_BYTES;
 use nn::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tensor::safetensors::SafetensorsFile;
-use tensor::Tensor;
+use tensor::{DType, Tensor};
 
 /// Assigns each named parameter (with its element count) to a rank: largest first, each to the
 /// rank with the fewest elements so far (ties: lowest rank, then name order). Deterministic.
@@ -29,6 +33,7 @@ pub fn partition(sizes: &BTreeMap<String, usize>, world: usize) -> BTreeMap<Stri
 /// This rank's share of a sharded AdamW.
 pub struct ShardedAdamW {
     owner: BTreeMap<String, usize>,
+    layout: FlatLayout,
     rank: usize,
     opt: AdamW,
 }
@@ -45,11 +50,27 @@ impl ShardedAdamW {
         moments: BTreeMap<String, (Tensor, Tensor)>,
     ) -> Self {
         let sizes = trainable.iter().map(|(k, t)| (k.clone(), t.numel())).collect();
+        let owner = partition(&sizes, world);
+        let shapes = trainable
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape().to_vec()))
+            .collect();
         ShardedAdamW {
-            owner: partition(&sizes, world),
+            layout: FlatLayout::new(&shapes, &owner, world),
+            owner,
             rank,
             opt: AdamW::resume(config, step, moments),
         }
+    }
+
+    /// Where each parameter sits in the buffers the ranks exchange.
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    /// This rank's index.
+    pub fn rank(&self) -> usize {
+        self.rank
     }
 
     /// The names this rank owns.
@@ -58,10 +79,12 @@ impl ShardedAdamW {
     }
 
     /// One update with learning rate `lr`: this rank steps its own parameters with their
-    /// (already all-reduced) gradients, then every rank's updates are gathered into `params`.
+    /// summed gradients `grads` (its segment of the reduce-scatter, by name), in place on their
+    /// device; then every rank's segment of updated f32 weights is all-gathered into `params`,
+    /// one bucket of at most [`BUCKET_BYTES`] at a time.
     pub fn step(
         &mut self,
-        coll: &dyn Collective,
+        exchange: &dyn DeviceCollective,
         params: &mut BTreeMap<String, Tensor>,
         grads: &BTreeMap<String, Tensor>,
         lr: f64,
@@ -79,36 +102,34 @@ impl ShardedAdamW {
             .filter_map(|k| grads.get(k).map(|g| (k.clone(), g.clone())))
             .collect();
         let stepped = self.opt.step(&mut mine, &my_grads);
-        let flat = if coll.world() > 1 {
-            flatten(mine.values())?
-        } else {
-            Vec::new()
-        };
         params.extend(mine);
         stepped?;
-        if coll.world() == 1 {
+        let world = self.layout.world();
+        if world == 1 {
             // Nothing to gather: the updated weights stay where they are (on a GPU, there).
             return Ok(());
         }
-        let all = coll.all_gather(flat)?;
-        for (r, buf) in all.iter().enumerate() {
-            if r == self.rank {
-                continue;
-            }
-            // Every weight is on this rank's device already: the others' updates go there.
-            let theirs: Vec<(&String, Vec<usize>)> = self
-                .owner
-                .iter()
-                .filter(|(_, &o)| o == r)
-                .map(|(name, _)| (name, params[name].shape().to_vec()))
-                .collect();
-            let Some(device) = theirs.first().map(|(name, _)| params[*name].device()) else {
-                continue;
-            };
-            let shapes = theirs.iter().map(|(name, shape)| (*name, shape.as_slice()));
-            let updated = unflatten(buf, shapes, device, &format!("rank {r}"))?;
-            params.extend(updated);
+        let Some(device) = params.values().next().map(Tensor::device) else {
+            return Ok(());
+        };
+        let mut parts = Vec::new();
+        for within in self.layout.buckets(BUCKET_BYTES) {
+            let mine = self.layout.pack(
+                self.rank..self.rank + 1,
+                within.clone(),
+                |k| params.get(k).cloned(),
+                DType::F32,
+                device,
+            )?;
+            let all = exchange.all_gather(&mine)?;
+            let theirs = self.layout.unpack(&all, 0..world, within)?;
+            parts.extend(
+                theirs
+                    .into_iter()
+                    .filter(|(k, _)| self.owner.get(k) != Some(&self.rank)),
+            );
         }
+        params.extend(self.layout.assemble(parts)?);
         Ok(())
     }
 

@@ -1,0 +1,243 @@
+//! NCCL collectives between the ranks of a multi-process run, one GPU per process. Rank 0
+//! creates NCCL's unique id ([`unique_id`]), the rendezvous hands it to every rank, and each
+//! rank builds its [`NcclComm`] from it on its own device. The collectives are queued on the
+//! device's stream, in order with the kernels around them, and sum in the library's order (fixed
+//! for a given topology, so runs repeat).
+//!
+//! NCCL needs a real GPU: on the emulated device every call is an error saying so.
+
+use crate::device::{DType, DeviceBuffer, DeviceElem, GpuDevice};
+use crate::error::{CudaError, Result};
+use crate::probe::{self, Library};
+use cudarc::nccl::{result, sys};
+use std::sync::Mutex;
+
+/// Bytes of an NCCL unique id.
+pub const UNIQUE_ID_BYTES: usize = 128;
+
+/// A fresh NCCL unique id (rank 0 makes it; every rank builds its communicator from it).
+pub fn unique_id() -> Result<Vec<u8>> {
+    probe::require(&[Library::Nccl])?;
+    let id = result::get_uniqueid().map_err(|status| CudaError::Nccl {
+        op: "ncclGetUniqueId",
+        status,
+    })?;
+    Ok(id.internal.iter().map(|&c| c as u8).collect())
+}
+
+/// The NCCL element type of `dtype`.
+fn nccl_type(op: &'static str, dtype: DType) -> Result<sys::ncclDataType_t> {
+    match dtype {
+        DType::F32 => Ok(sys::ncclDataType_t::ncclFloat32),
+        DType::BF16 => Ok(sys::ncclDataType_t::ncclBfloat16),
+        DType::F16 => Ok(sys::ncclDataType_t::ncclFloat16),
+        other => Err(CudaError::shape(op, format!("no NCCL sum for {other:?}"))),
+    }
+}
+
+/// This rank's NCCL communicator, on one device.
+pub struct NcclComm {
+    /// The communicator; NCCL calls on one communicator must not overlap, hence the lock.
+    comm: Mutex<sys::ncclComm_t>,
+    device: GpuDevice,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator handle may move between threads; every use goes through the mutex,
+// so no two calls overlap.
+unsafe impl Send for NcclComm {}
+// SAFETY: as above.
+unsafe impl Sync for NcclComm {}
+
+impl NcclComm {
+    /// Joins the communicator of `world` ranks that share `id` as `rank`, on `device`. Blocks
+    /// until every rank has joined (NCCL's own rendezvous over the id).
+    pub fn new(device: &GpuDevice, id: &[u8], rank: usize, world: usize) -> Result<Self> {
+        let op = "ncclCommInitRank";
+        if device.is_emulated() {
+            return Err(CudaError::NoDevice(
+                "NCCL needs a real GPU; the emulated device exchanges through the host".into(),
+            ));
+        }
+        probe::require(&[Library::Nccl])?;
+        if id.len() != UNIQUE_ID_BYTES || rank >= world {
+            return Err(CudaError::shape(
+                op,
+                format!(
+                    "rank {rank} of {world} with a {}-byte id ({UNIQUE_ID_BYTES} expected)",
+                    id.len()
+                ),
+            ));
+        }
+        let mut uid = sys::ncclUniqueId {
+            internal: [0; UNIQUE_ID_BYTES],
+        };
+        for (dst, &src) in uid.internal.iter_mut().zip(id) {
+            *dst = src as _;
+        }
+        device.bind()?;
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        let (n, r) = (world as i32, rank as i32);
+        // SAFETY: `comm` receives the new communicator; the device's context is current.
+        unsafe { result::comm_init_rank(&mut comm, n, uid, r) }
+            .map_err(|status| CudaError::Nccl { op, status })?;
+        Ok(NcclComm {
+            comm: Mutex::new(comm),
+            device: device.clone(),
+            rank,
+            world,
+        })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The device the communicator runs on.
+    pub fn device(&self) -> &GpuDevice {
+        &self.device
+    }
+
+    /// Checks that `buf` is on this communicator's device.
+    fn check<T: DeviceElem>(&self, op: &'static str, buf: &DeviceBuffer<T>) -> Result<()> {
+        self.device.check_owner(op, buf)
+    }
+
+    /// The communicator and the device's stream, for one call.
+    fn call(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> std::result::Result<(), result::NcclError>,
+    ) -> Result<()> {
+        let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let stream = self.device.driver_stream()?.cu_stream() as sys::cudaStream_t;
+        self.device.bind()?;
+        f(*comm, stream).map_err(|status| CudaError::Nccl { op, status })
+    }
+
+    /// The element-wise sum over ranks of `send`, in `recv` on every rank (the two may be one
+    /// buffer's handles only through NCCL's in-place form, which this does not use).
+    pub fn all_reduce_sum<T: DeviceElem>(
+        &self,
+        send: &DeviceBuffer<T>,
+        recv: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        let op = "ncclAllReduce";
+        self.check(op, send)?;
+        self.check(op, recv)?;
+        self.check_segments(op, recv.len() * self.world, send.len())?;
+        let dtype = nccl_type(op, T::DTYPE)?;
+        let (src, dst, n) = (send.device_ptr(), recv.device_ptr(), send.len());
+        self.call(op, |comm, stream| {
+            // SAFETY: `src` and `dst` each hold `n` elements of `dtype` on this device.
+            unsafe {
+                result::all_reduce(
+                    src as *const _,
+                    dst as *mut _,
+                    n,
+                    dtype,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
+            .map(drop)
+        })
+    }
+
+    /// Sums `send` (`world` equal segments) over ranks and leaves segment `rank` of the sum in
+    /// `recv`.
+    pub fn reduce_scatter_sum<T: DeviceElem>(
+        &self,
+        send: &DeviceBuffer<T>,
+        recv: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        let op = "ncclReduceScatter";
+        self.check(op, send)?;
+        self.check(op, recv)?;
+        self.check_segments(op, send.len(), recv.len())?;
+        let dtype = nccl_type(op, T::DTYPE)?;
+        let (src, dst, n) = (send.device_ptr(), recv.device_ptr(), recv.len());
+        self.call(op, |comm, stream| {
+            // SAFETY: `src` holds world × n elements and `dst` n, of `dtype`, on this device.
+            unsafe {
+                result::reduce_scatter(
+                    src as *const _,
+                    dst as *mut _,
+                    n,
+                    dtype,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                )
+            }
+            .map(drop)
+        })
+    }
+
+    /// Every rank's `send`, in rank order, in `recv` (`world` segments of `send`'s length).
+    pub fn all_gather<T: DeviceElem>(
+        &self,
+        send: &DeviceBuffer<T>,
+        recv: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        let op = "ncclAllGather";
+        self.check(op, send)?;
+        self.check(op, recv)?;
+        self.check_segments(op, recv.len(), send.len())?;
+        let dtype = nccl_type(op, T::DTYPE)?;
+        let (src, dst, n) = (send.device_ptr(), recv.device_ptr(), send.len());
+        self.call(op, |comm, stream| {
+            // SAFETY: `src` holds n elements and `dst` world × n, of `dtype`, on this device.
+            unsafe { result::all_gather(src as *const _, dst as *mut _, n, dtype, comm, stream) }.map(drop)
+        })
+    }
+
+    /// Errors unless `whole` is `world` segments of `part` elements.
+    fn check_segments(&self, op: &'static str, whole: usize, part: usize) -> Result<()> {
+        if part.checked_mul(self.world) != Some(whole) {
+            return Err(CudaError::shape(
+                op,
+                format!("{whole} elements are not {} segments of {part}", self.world),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        let comm = *self.comm.get_mut().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the communicator is ours and no call is in flight (we hold it exclusively).
+        // A failure here cannot be reported; the process is ending the run anyway.
+        let _ = unsafe { result::comm_destroy(comm) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{unique_id, NcclComm};
+    use crate::CudaError;
+
+    #[test]
+    fn without_nccl_or_a_gpu_the_errors_say_what_is_missing() {
+        match unique_id() {
+            Ok(id) => assert_eq!(id.len(), super::UNIQUE_ID_BYTES),
+            Err(e @ CudaError::LibraryMissing { .. }) => assert!(e.to_string().contains("libnccl"), "{e}"),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        if let Ok(dev) = crate::GpuDevice::open_emulated(0) {
+            let err = NcclComm::new(&dev, &[0; 128], 0, 1)
+                .err()
+                .expect("no NCCL on the emulator");
+            assert!(err.to_string().contains("real GPU"), "{err}");
+        }
+    }
+}

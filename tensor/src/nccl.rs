@@ -1,0 +1,103 @@
+//! NCCL collectives on device tensors: the GPU side of multi-process data-parallel training.
+//! An [`NcclGroup`] is this process's rank on one CUDA device; its calls take 1-D tensors on that
+//! device (f32, bf16 or f16), return new packed tensors there, and are queued on the device's
+//! stream in order with the kernels around them.
+
+use crate::gpu::{cuda_float_dispatch, Gpu, OnDevice};
+use crate::{cuda_device, Device, Result, Tensor, TensorError};
+use cuda::nccl::NcclComm;
+
+/// This process's rank of an NCCL communicator, on one CUDA device.
+pub struct NcclGroup {
+    comm: NcclComm,
+    device: Device,
+}
+
+impl NcclGroup {
+    /// A fresh NCCL unique id, made by rank 0 and handed to every rank.
+    pub fn unique_id() -> Result<Vec<u8>> {
+        cuda::nccl::unique_id().on("nccl unique id", Device::Cpu)
+    }
+
+    /// Joins the communicator of `world` ranks that share `id`, as `rank`, on `device` (a CUDA
+    /// device). Blocks until every rank has joined.
+    pub fn new(device: Device, id: &[u8], rank: usize, world: usize) -> Result<Self> {
+        let op = "nccl init";
+        let Device::Cuda(ordinal) = device else {
+            return Err(TensorError::OutOfRange {
+                op,
+                detail: format!("NCCL runs on CUDA devices, not {device}"),
+            });
+        };
+        let gpu = cuda_device(ordinal)?;
+        let comm = NcclComm::new(&gpu, id, rank, world).on(op, device)?;
+        Ok(NcclGroup { comm, device })
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// The number of ranks.
+    pub fn world(&self) -> usize {
+        self.comm.world()
+    }
+
+    /// The device helper for `t`, checked to be a 1-D tensor on this group's device, and `t`
+    /// packed.
+    fn operand(&self, op: &'static str, t: &Tensor) -> Result<(Gpu, Tensor)> {
+        if t.shape().len() != 1 {
+            return Err(TensorError::Shape {
+                op,
+                detail: format!("a 1-D buffer expected, got {:?}", t.shape()),
+            });
+        }
+        match Gpu::of(op, &[t])? {
+            Some(g) if g.device == self.device => {
+                let x = g.packed(t)?;
+                Ok((g, x))
+            }
+            _ => Err(TensorError::DeviceMismatch {
+                op,
+                lhs: t.device(),
+                rhs: self.device,
+            }),
+        }
+    }
+
+    /// The element-wise sum over ranks of `t`, on every rank.
+    pub fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let op = "nccl all_reduce";
+        let (g, x) = self.operand(op, t)?;
+        cuda_float_dispatch!(op, self.device, x.dtype(), T => {
+            let mut out = g.alloc::<T>(x.numel())?;
+            g.check(self.comm.all_reduce_sum(x.cuda_buffer::<T>(), &mut out))?;
+            Ok(g.tensor(out, x.shape()))
+        })
+    }
+
+    /// The sum over ranks of `t` (`world` equal segments), segment `rank` of it.
+    pub fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let op = "nccl reduce_scatter";
+        let (g, x) = self.operand(op, t)?;
+        let n = x.numel() / self.world();
+        cuda_float_dispatch!(op, self.device, x.dtype(), T => {
+            let mut out = g.alloc::<T>(n)?;
+            g.check(self.comm.reduce_scatter_sum(x.cuda_buffer::<T>(), &mut out))?;
+            Ok(g.tensor(out, &[n]))
+        })
+    }
+
+    /// Every rank's `t`, in rank order.
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        let op = "nccl all_gather";
+        let (g, x) = self.operand(op, t)?;
+        let n = x.numel() * self.world();
+        cuda_float_dispatch!(op, self.device, x.dtype(), T => {
+            let mut out = g.alloc::<T>(n)?;
+            g.check(self.comm.all_gather(x.cuda_buffer::<T>(), &mut out))?;
+            Ok(g.tensor(out, &[n]))
+        })
+    }
+}

@@ -1,0 +1,127 @@
+//! The exchanges of sharded training over device tensors: the gradients' reduce-scatter and the
+//! updated weights' all-gather, each over a flat 1-D buffer of `world` equal segments (see
+//! [`crate::flat_layout::FlatLayout`]). On GPUs of a multi-process run they are NCCL's
+//! ([`tensor::nccl::NcclGroup`]), on the devices' streams; otherwise ([`HostStaged`]: the CPU,
+//! thread ranks, the emulated GPU) the buffers go through the host collective, and the result
+//! comes back to the tensor's device.
+
+use crate::collective::Collective;
+use crate::error::{Result, TrainError};
+use tensor::nccl::NcclGroup;
+use tensor::Tensor;
+
+/// The two exchanges of a sharded step, on flat 1-D tensors.
+pub trait DeviceCollective {
+    /// The sum over ranks of `flat` (`world` equal segments), segment `rank` of it, on `flat`'s
+    /// device and in its dtype.
+    fn reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor>;
+    /// Every rank's `segment`, in rank order, on `segment`'s device and in its dtype.
+    fn all_gather(&self, segment: &Tensor) -> Result<Tensor>;
+}
+
+/// The exchanges through a host [`Collective`]: each buffer is read back to the host, gathered
+/// from every rank and summed there in rank order, so every kind of rank group gives the same
+/// bits.
+pub struct HostStaged<'a>(pub &'a dyn Collective);
+
+impl HostStaged<'_> {
+    /// Every rank's `t` as host f32 values (f32, bf16 and f16 convert exactly).
+    fn gather(&self, t: &Tensor) -> Result<Vec<std::sync::Arc<Vec<f32>>>> {
+        Ok(self.0.all_gather(t.to_vec::<f32>()?)?)
+    }
+
+    /// `values` as a 1-D tensor like `like` (its device and dtype).
+    fn back(values: &[f32], like: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_slice(values, &[values.len()])?
+            .to_dtype(like.dtype())?
+            .to_device(like.device())?)
+    }
+}
+
+impl DeviceCollective for HostStaged<'_> {
+    fn reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor> {
+        let (rank, world) = (self.0.rank(), self.0.world());
+        if !flat.numel().is_multiple_of(world) {
+            return Err(TrainError::Options(format!(
+                "reduce-scatter of {} values over {world} ranks: not equal segments",
+                flat.numel()
+            )));
+        }
+        let n = flat.numel() / world;
+        let all = self.gather(flat)?;
+        let mut sum = vec![0.0f32; n];
+        for (r, buf) in all.iter().enumerate() {
+            let part = buf.get(rank * n..(rank + 1) * n).ok_or_else(|| {
+                TrainError::Options(format!("rank {r} sent {} values, not {}", buf.len(), n * world))
+            })?;
+            for (s, v) in sum.iter_mut().zip(part) {
+                *s += v;
+            }
+        }
+        Self::back(&sum, flat)
+    }
+
+    fn all_gather(&self, segment: &Tensor) -> Result<Tensor> {
+        let all = self.gather(segment)?;
+        let mut out = Vec::with_capacity(segment.numel() * all.len());
+        for (r, buf) in all.iter().enumerate() {
+            if buf.len() != segment.numel() {
+                return Err(TrainError::Options(format!(
+                    "rank {r} sent a segment of {} values, this rank {}",
+                    buf.len(),
+                    segment.numel()
+                )));
+            }
+            out.extend_from_slice(buf);
+        }
+        Self::back(&out, segment)
+    }
+}
+
+impl DeviceCollective for NcclGroup {
+    fn reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor> {
+        Ok(NcclGroup::reduce_scatter_sum(self, flat)?)
+    }
+
+    fn all_gather(&self, segment: &Tensor) -> Result<Tensor> {
+        Ok(NcclGroup::all_gather(self, segment)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DeviceCollective, HostStaged};
+    use crate::collective::ThreadGroup;
+    use tensor::Tensor;
+
+    #[test]
+    fn host_staged_reduce_scatter_and_all_gather_follow_their_definitions() {
+        let world = 3;
+        let ranks = ThreadGroup::new(world);
+        let results: Vec<(Vec<f32>, Vec<f32>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(r, g)| {
+                    s.spawn(move || {
+                        let staged = HostStaged(g);
+                        // Rank r holds r + 0.5 i at position i of 3 segments of 2.
+                        let flat: Vec<f32> = (0..6).map(|i| r as f32 + 0.5 * i as f32).collect();
+                        let flat = Tensor::from_slice(&flat, &[6]).unwrap();
+                        let mine = staged.reduce_scatter_sum(&flat).unwrap();
+                        let seg = Tensor::from_slice(&[r as f32, -(r as f32)], &[2]).unwrap();
+                        let all = staged.all_gather(&seg).unwrap();
+                        (mine.to_vec::<f32>().unwrap(), all.to_vec::<f32>().unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (mine, all)) in results.iter().enumerate() {
+            // Sum over ranks q of q + 0.5 i = 3 + 1.5 i, for i in rank r's segment.
+            let expect: Vec<f32> = (2 * r..2 * r + 2).map(|i| 3.0 + 1.5 * i as f32).collect();
+            assert_eq!(mine, &expect);
+            assert_eq!(all, &vec![0.0, -0.0, 1.0, -1.0, 2.0, -2.0]);
+        }
+    }
+}
