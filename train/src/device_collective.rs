@@ -8,7 +8,7 @@
 use crate::collective::Collective;
 use crate::error::{Result, TrainError};
 use tensor::nccl::NcclGroup;
-use tensor::Tensor;
+use tensor::{DType, Tensor};
 
 /// The two exchanges of a sharded step, on flat 1-D tensors.
 pub trait DeviceCollective {
@@ -27,7 +27,7 @@ pub struct HostStaged<'a>(pub &'a dyn Collective);
 impl HostStaged<'_> {
     /// Every rank's `t` as host f32 values (f32, bf16 and f16 convert exactly).
     fn gather(&self, t: &Tensor) -> Result<Vec<std::sync::Arc<Vec<f32>>>> {
-        Ok(self.0.all_gather(t.to_vec::<f32>()?)?)
+        Ok(self.0.all_gather(t.to_dtype(DType::F32)?.to_vec::<f32>()?)?)
     }
 
     /// `values` as a 1-D tensor like `like` (its device and dtype).
@@ -92,7 +92,7 @@ impl DeviceCollective for NcclGroup {
 mod tests {
     use super::{DeviceCollective, HostStaged};
     use crate::collective::ThreadGroup;
-    use tensor::Tensor;
+    use tensor::{DType, Tensor};
 
     #[test]
     fn host_staged_reduce_scatter_and_all_gather_follow_their_definitions() {
@@ -111,6 +111,10 @@ mod tests {
                         let mine = staged.reduce_scatter_sum(&flat).unwrap();
                         let seg = Tensor::from_slice(&[r as f32, -(r as f32)], &[2]).unwrap();
                         let all = staged.all_gather(&seg).unwrap();
+                        // A bf16 segment comes back in bf16, exactly.
+                        let half = staged.all_gather(&seg.to_dtype(DType::BF16).unwrap()).unwrap();
+                        assert_eq!(half.dtype(), DType::BF16);
+                        assert_eq!(half.to_vec_f64(), all.to_vec_f64());
                         (mine.to_vec::<f32>().unwrap(), all.to_vec::<f32>().unwrap())
                     })
                 })

@@ -834,16 +834,32 @@ fn rank_loop(
         None => Ok(BTreeMap::new()),
     };
     let moments = agree(coll, moments)?;
-    // On a GPU the f32 master weights and the moments live on the device from here on: the
-    // compute weights are cast from them there, and the optimizer updates them there.
+    // On a GPU the training state lives on the device from here on: every parameter's compute
+    // weights, and this rank's shard of f32 master weights and moments, which the optimizer
+    // updates there and casts the compute weights from.
     let device = rank_device(run.device, run.local_rank.unwrap_or(rank));
-    let mut params = agree(coll, on_device(params, device))?;
     let moments = moments
         .into_iter()
         .map(|(k, (m, v))| Ok((k, (m.to_device(device)?, v.to_device(device)?))))
         .collect::<Result<_>>();
     let moments = agree(coll, moments)?;
-    let mut opt = ShardedAdamW::new(&trainable_map, rank, world, run.adamw, start, moments);
+    let weights = params
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(run.compute)?)))
+        .collect::<Result<BTreeMap<_, _>>>();
+    let mut weights = agree(coll, weights)?;
+    let trainable_map = agree(coll, on_device(trainable_map, device))?;
+    // The frozen parameters' f32 values, for the model files rank 0 writes.
+    let frozen: BTreeMap<String, Tensor> = if rank == 0 {
+        params
+            .into_iter()
+            .filter(|(k, _)| run.trainable.binary_search(k).is_err())
+            .collect()
+    } else {
+        drop(params);
+        BTreeMap::new()
+    };
+    let mut opt = ShardedAdamW::new(trainable_map, device, rank, world, run.adamw, start, moments);
     let nccl = match &run.nccl_id {
         Some(id) if world > 1 => Some(agree(
             coll,
@@ -856,8 +872,6 @@ fn rank_loop(
         Some(group) => group,
         None => &staged,
     };
-    // Its tensors are the starting weights: dropped, the optimizer's are the only handles.
-    drop(trainable_map);
     let global = run.micro * run.accum * world;
     let mut order: Option<(u64, Vec<usize>)> = None;
     let mut last_loss = start_loss;
@@ -893,10 +907,10 @@ fn rank_loop(
         ])?;
         let local = agree(
             coll,
-            accumulate(run, device, &params, &batches, counts[0], counts[1]),
+            accumulate(run, device, &weights, &batches, counts[0], counts[1]),
         );
         let (grads, text, pixel) = local?;
-        let (grads, grad_norm) = reduce_gradients(run, coll, exchange, &opt, &params, grads)?;
+        let (grads, grad_norm) = reduce_gradients(run, coll, exchange, &opt, &weights, grads)?;
         let losses = coll.sum_f64(&[text, pixel])?;
         let loss = losses[0] + losses[1];
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -918,13 +932,13 @@ fn rank_loop(
             grads
         };
         let lr = learning_rate(step, run.total, run.adamw.lr, run.opts.recipe().warmup_ratio);
-        opt.step(exchange, &mut params, &grads, lr)?;
+        opt.step(exchange, &mut weights, &grads, lr, run.compute)?;
         last_loss = loss;
         let done = step + 1;
         let checkpoint_due = done.is_multiple_of(run.opts.checkpoint_every.max(1)) || done == run.total;
         if rank == 0 {
             let val_accuracy = match (&run.val_slice, checkpoint_due) {
-                (Some(slice), true) => Some(validation_accuracy(run, slice, &params)?),
+                (Some(slice), true) => Some(validation_accuracy(run, slice, &weights)?),
                 _ => None,
             };
             let line = Metrics {
@@ -954,13 +968,17 @@ fn rank_loop(
                     .map(|(k, v)| (k.to_owned(), v))
                     .collect(),
             };
-            last_checkpoint = Some(save_checkpoint(run, coll, &opt, &params, &state)?);
+            last_checkpoint = Some(save_checkpoint(run, coll, exchange, &opt, &frozen, &state)?);
             if rank == 0 {
                 redraw_loss_png(&run.out);
             }
         }
     }
-    Ok((last_loss, params))
+    // The trained model in f32 for rank 0 (the others hand back nothing).
+    let into = (rank == 0).then_some(Device::Cpu);
+    let mut trained = opt.gather(exchange, DType::F32, into)?;
+    trained.extend(frozen);
+    Ok((last_loss, trained))
 }
 
 /// The examples' order in `epoch`: a shuffle seeded by `(seed, epoch)` only.
@@ -1167,8 +1185,9 @@ fn record(run: &Run, m: &Metrics, positions_per_s: f64) -> Result<()> {
 fn save_checkpoint(
     run: &Run,
     coll: &dyn Collective,
+    exchange: &dyn DeviceCollective,
     opt: &ShardedAdamW,
-    params: &BTreeMap<String, Tensor>,
+    frozen: &BTreeMap<String, Tensor>,
     state: &TrainState,
 ) -> Result<PathBuf> {
     let partial = checkpoint::partial_dir(&run.root, state.step);
@@ -1180,8 +1199,12 @@ fn save_checkpoint(
     agree(coll, created)?;
     let shard = partial.join(format!("optimizer-rank{}.safetensors", coll.rank()));
     agree(coll, opt.save(&shard))?;
+    // Every rank's master weights reach rank 0's host memory for the model file.
+    let into = (coll.rank() == 0).then_some(Device::Cpu);
+    let mut params = agree(coll, opt.gather(exchange, DType::F32, into))?;
     let finished = if coll.rank() == 0 {
-        Emma::new(&run.cfg, ParamStore::new(params.clone(), false, "checkpoint"))
+        params.extend(frozen.iter().map(|(k, t)| (k.clone(), t.clone())));
+        Emma::new(&run.cfg, ParamStore::new(params, false, "checkpoint"))
             .map_err(TrainError::from)
             .and_then(|model| save_model(&model, &run.tok, &partial))
             .and_then(|()| checkpoint::finish(&run.root, state, run.opts.keep))

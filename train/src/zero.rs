@@ -13,7 +13,7 @@ use nn::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tensor::safetensors::SafetensorsFile;
-use tensor::{DType, Tensor};
+use tensor::{DType, Device, Tensor};
 
 /// Assigns each named parameter (with its element count) to a rank: largest first, each to the
 /// rank with the fewest elements so far (ties: lowest rank, then name order). Deterministic.
@@ -30,19 +30,26 @@ pub fn partition(sizes: &BTreeMap<String, usize>, world: usize) -> BTreeMap<Stri
     owner
 }
 
-/// This rank's share of a sharded AdamW.
+/// This rank's share of a sharded AdamW: the f32 master weights of the parameters it owns (on
+/// its device) and their moments. The other parameters exist on this rank only as compute
+/// weights, refreshed from their owners' updates after every step.
 pub struct ShardedAdamW {
-    owner: BTreeMap<String, usize>,
     layout: FlatLayout,
     rank: usize,
+    /// This rank's device, where the masters live and the exchanges run.
+    device: Device,
+    /// The owned parameters' f32 master weights, by name.
+    masters: BTreeMap<String, Tensor>,
     opt: AdamW,
 }
 
 impl ShardedAdamW {
-    /// The optimizer of `rank` over the `trainable` parameters, resumed from `moments` (this
-    /// rank's, by name) after `step` steps.
+    /// The optimizer of `rank` over the `trainable` parameters (f32, by name, on `device`),
+    /// resumed from `moments` (this rank's, by name) after `step` steps. It keeps the owned
+    /// parameters' master weights and drops its handles on the others.
     pub fn new(
-        trainable: &BTreeMap<String, Tensor>,
+        trainable: BTreeMap<String, Tensor>,
+        device: Device,
         rank: usize,
         world: usize,
         config: AdamWConfig,
@@ -55,10 +62,15 @@ impl ShardedAdamW {
             .iter()
             .map(|(k, t)| (k.clone(), t.shape().to_vec()))
             .collect();
+        let masters = trainable
+            .into_iter()
+            .filter(|(k, _)| owner.get(k) == Some(&rank))
+            .collect();
         ShardedAdamW {
             layout: FlatLayout::new(&shapes, &owner, world),
-            owner,
             rank,
+            device,
+            masters,
             opt: AdamW::resume(config, step, moments),
         }
     }
@@ -75,62 +87,73 @@ impl ShardedAdamW {
 
     /// The names this rank owns.
     pub fn owned(&self) -> impl Iterator<Item = &String> {
-        self.owner.iter().filter(|(_, &r)| r == self.rank).map(|(k, _)| k)
+        self.masters.keys()
     }
 
-    /// One update with learning rate `lr`: this rank steps its own parameters with their
-    /// summed gradients `grads` (its segment of the reduce-scatter, by name), in place on their
-    /// device; then every rank's segment of updated f32 weights is all-gathered into `params`,
-    /// one bucket of at most [`BUCKET_BYTES`] at a time.
+    /// One update with learning rate `lr`: this rank steps its master weights with their summed
+    /// gradients `grads` (its segment of the reduce-scatter, by name), in place on their device;
+    /// then the compute weights of every trainable parameter in `weights` are refreshed in
+    /// `compute` precision: the owned ones cast from their masters, the others all-gathered from
+    /// their owners, one bucket of at most [`BUCKET_BYTES`] at a time.
     pub fn step(
         &mut self,
         exchange: &dyn DeviceCollective,
-        params: &mut BTreeMap<String, Tensor>,
+        weights: &mut BTreeMap<String, Tensor>,
         grads: &BTreeMap<String, Tensor>,
         lr: f64,
+        compute: DType,
     ) -> Result<()> {
         self.opt.config.lr = lr;
-        let owned: Vec<String> = self.owned().cloned().collect();
-        // Taken out of `params`, so that the optimizer holds the only handles on them and
-        // updates them in their own memory.
-        let mut mine: BTreeMap<String, Tensor> = owned
-            .iter()
-            .filter_map(|k| params.remove(k).map(|t| (k.clone(), t)))
-            .collect();
-        let my_grads: BTreeMap<String, Tensor> = owned
-            .iter()
+        // The old compute weights go first: where they are the masters themselves (f32), the
+        // optimizer then holds the only handles and updates them in their own memory.
+        for k in self.masters.keys() {
+            weights.remove(k);
+        }
+        let my_grads: BTreeMap<String, Tensor> = self
+            .masters
+            .keys()
             .filter_map(|k| grads.get(k).map(|g| (k.clone(), g.clone())))
             .collect();
-        let stepped = self.opt.step(&mut mine, &my_grads);
-        params.extend(mine);
-        stepped?;
-        let world = self.layout.world();
-        if world == 1 {
-            // Nothing to gather: the updated weights stay where they are (on a GPU, there).
+        self.opt.step(&mut self.masters, &my_grads)?;
+        if self.layout.world() == 1 {
+            for (k, m) in &self.masters {
+                weights.insert(k.clone(), m.to_dtype(compute)?);
+            }
             return Ok(());
         }
-        let Some(device) = params.values().next().map(Tensor::device) else {
-            return Ok(());
-        };
+        weights.extend(self.gather(exchange, compute, Some(self.device))?);
+        Ok(())
+    }
+
+    /// Every trainable parameter's master weights, cast to `dtype`, gathered from their owners
+    /// bucket by bucket through this rank's device (every rank must call it), each bucket moved
+    /// to `into` (the host, for a checkpoint) or dropped when `into` is `None` (empty result).
+    pub fn gather(
+        &self,
+        exchange: &dyn DeviceCollective,
+        dtype: DType,
+        into: Option<Device>,
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let world = self.layout.world();
         let mut parts = Vec::new();
         for within in self.layout.buckets(BUCKET_BYTES) {
             let mine = self.layout.pack(
                 self.rank..self.rank + 1,
                 within.clone(),
-                |k| params.get(k).cloned(),
-                DType::F32,
-                device,
+                |k| self.masters.get(k).cloned(),
+                dtype,
+                self.device,
             )?;
-            let all = exchange.all_gather(&mine)?;
-            let theirs = self.layout.unpack(&all, 0..world, within)?;
-            parts.extend(
-                theirs
-                    .into_iter()
-                    .filter(|(k, _)| self.owner.get(k) != Some(&self.rank)),
-            );
+            let all = if world == 1 {
+                mine
+            } else {
+                exchange.all_gather(&mine)?
+            };
+            if let Some(into) = into {
+                parts.extend(self.layout.unpack(&all.to_device(into)?, 0..world, within)?);
+            }
         }
-        params.extend(self.layout.assemble(parts)?);
-        Ok(())
+        self.layout.assemble(parts)
     }
 
     /// Steps taken.
@@ -240,8 +263,73 @@ pub fn load_moments(
 
 #[cfg(test)]
 mod tests {
-    use super::partition;
+    use super::{partition, ShardedAdamW};
+    use crate::collective::ThreadGroup;
+    use crate::device_collective::HostStaged;
+    use nn::AdamWConfig;
     use std::collections::BTreeMap;
+    use tensor::{DType, Device, Tensor};
+
+    #[test]
+    fn each_rank_keeps_only_its_masters_and_the_step_refreshes_every_weight() {
+        let names = [("a", 5usize), ("b", 3), ("c", 2)];
+        let trainable: BTreeMap<String, Tensor> = names
+            .iter()
+            .map(|&(k, n)| (k.to_owned(), Tensor::from_slice(&vec![1.0f32; n], &[n]).unwrap()))
+            .collect();
+        let ranks = ThreadGroup::new(2);
+        // Per rank: the names it owns, and every weight's values after the step.
+        type Outcome = (Vec<String>, BTreeMap<String, Vec<f64>>);
+        let results: Vec<Outcome> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(r, g)| {
+                    let trainable = trainable.clone();
+                    s.spawn(move || {
+                        let weights: BTreeMap<String, Tensor> = trainable
+                            .iter()
+                            .map(|(k, t)| (k.clone(), t.to_dtype(DType::BF16).unwrap()))
+                            .collect();
+                        let config = AdamWConfig::default();
+                        let mut opt =
+                            ShardedAdamW::new(trainable, Device::Cpu, r, 2, config, 0, BTreeMap::new());
+                        let owned: Vec<String> = opt.owned().cloned().collect();
+                        // Each rank holds the summed gradients of its own parameters only.
+                        let grads = owned
+                            .iter()
+                            .map(|k| {
+                                let n = weights[k].numel();
+                                (k.clone(), Tensor::from_slice(&vec![1.0f32; n], &[n]).unwrap())
+                            })
+                            .collect();
+                        let mut weights = weights;
+                        opt.step(&HostStaged(g), &mut weights, &grads, 0.25, DType::BF16)
+                            .unwrap();
+                        let after = weights
+                            .iter()
+                            .map(|(k, t)| {
+                                assert_eq!(t.dtype(), DType::BF16, "{k}");
+                                (k.clone(), t.to_vec_f64())
+                            })
+                            .collect();
+                        (owned, after)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // The shards split the parameters; every rank ends with every weight, stepped by its owner.
+        let (mut all, theirs) = (results[0].0.clone(), results[1].0.clone());
+        assert!(!all.is_empty() && !theirs.is_empty());
+        all.extend(theirs);
+        all.sort();
+        assert_eq!(all, vec!["a", "b", "c"]);
+        assert_eq!(results[0].1, results[1].1);
+        for values in results[0].1.values() {
+            assert!(values.iter().all(|&v| v < 1.0), "{values:?}");
+        }
+    }
 
     #[test]
     fn partition_balances_elements_and_covers_every_parameter() {
