@@ -545,11 +545,35 @@ __device__ __forceinline__ void add_scaled_rows(float (&total)[4][4], const floa
     }
 }
 
-// The first head chunk of group g in chunk (b, c) of a block over (b, c, g, tiles): `bcg` is
+// Head hh of group g in chunk (b, c), for a block over (b, c, g, tiles): `bcg` is
 // (b * nc + c) * G + g.
 __device__ __forceinline__ HeadChunk group_chunk(const SsdDims &m, u64 bcg, u64 hh) {
     const u64 per_group = m.heads / m.groups;
     return head_chunk(m, (bcg / m.groups) * m.heads + (bcg % m.groups) * per_group + hh);
+}
+
+// A dB or dC block's place: its (b, chunk, group) `bcg`, the group's first head chunk (the
+// chunk's length q and the rows of B and C are the same for every head of the group), and the
+// first row and state of its tile.
+struct GroupTile {
+    u64 bcg;
+    HeadChunk first;
+    u64 r0, n0;
+};
+
+__device__ __forceinline__ GroupTile group_tile(const SsdDims &m) {
+    u64 tr, tn;
+    GroupTile t;
+    t.bcg = split_block(blockIdx.x, tiles(m.chunk), tiles(m.state), tr, tn);
+    t.first = group_chunk(m, t.bcg, 0);
+    t.r0 = tr * SSD_TILE;
+    t.n0 = tn * SSD_TILE;
+    return t;
+}
+
+// The offset of head chunk k in per-(b, chunk, head) scratch.
+__device__ __forceinline__ u64 head_chunk_index(const SsdDims &m, const HeadChunk &k) {
+    return (k.b * m.chunks + k.c) * m.heads + k.h;
 }
 
 // Per (b, chunk, group g, row tile j, n tile): dB_j[n] = sum over the group's heads, in order, of
@@ -560,16 +584,14 @@ __device__ void ssd_db(const T *x, const T *Cm, const float *dts, const float *c
                        const float *dxm, float *dB, SsdDims m) {
     __shared__ TileSmem s;
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
-    u64 tj, tn;
-    const u64 bcg = split_block(blockIdx.x, tiles(Q), tiles(N), tj, tn);
-    const HeadChunk first = group_chunk(m, bcg, 0);
-    const u64 q = first.q, j0 = tj * SSD_TILE, n0 = tn * SSD_TILE;
+    const GroupTile t = group_tile(m);
+    const u64 q = t.first.q, j0 = t.r0, n0 = t.n0;
     if (j0 >= q) return;
     float total[4][4];
     zero_acc(total);
     for (u64 hh = 0; hh < m.heads / m.groups; ++hh) {
-        const HeadChunk k = group_chunk(m, bcg, hh);
-        const u64 outer = (k.b * m.chunks + k.c) * m.heads + k.h;
+        const HeadChunk k = group_chunk(m, t.bcg, hh);
+        const u64 outer = head_chunk_index(m, k);
         const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
         const float *dxh = dxm + outer * Q * Q;
         const float end = cs[q - 1];
@@ -590,7 +612,7 @@ __device__ void ssd_db(const T *x, const T *Cm, const float *dts, const float *c
         add_scaled_rows(total, acc, j0, q, ds);
     }
     tile_outputs(total, j0, n0, [&](u64 j, u64 n, float v) {
-        if (j < q && n < N) dB[first.bc_row(j) + n] = v;
+        if (j < q && n < N) dB[t.first.bc_row(j) + n] = v;
     });
 }
 
@@ -602,16 +624,14 @@ __device__ void ssd_dc(const T *Bm, const T *dy, const float *dts, const float *
                        const float *dxm, float *dC, SsdDims m) {
     __shared__ TileSmem s;
     const u64 Q = m.chunk, P = m.head_dim, N = m.state;
-    u64 ti, tn;
-    const u64 bcg = split_block(blockIdx.x, tiles(Q), tiles(N), ti, tn);
-    const HeadChunk first = group_chunk(m, bcg, 0);
-    const u64 q = first.q, i0 = ti * SSD_TILE, n0 = tn * SSD_TILE;
+    const GroupTile t = group_tile(m);
+    const u64 q = t.first.q, i0 = t.r0, n0 = t.n0;
     if (i0 >= q) return;
     float total[4][4];
     zero_acc(total);
     for (u64 hh = 0; hh < m.heads / m.groups; ++hh) {
-        const HeadChunk k = group_chunk(m, bcg, hh);
-        const u64 outer = (k.b * m.chunks + k.c) * m.heads + k.h;
+        const HeadChunk k = group_chunk(m, t.bcg, hh);
+        const u64 outer = head_chunk_index(m, k);
         const float *cs = cum + k.scratch(0), *ds = dts + k.scratch(0);
         const float *dxh = dxm + outer * Q * Q, *E = states + outer * P * N;
         float acc[4][4];
@@ -629,7 +649,7 @@ __device__ void ssd_dc(const T *Bm, const T *dy, const float *dts, const float *
             for (int c = 0; c < 4; ++c) total[r][c] += acc[r][c];
     }
     tile_outputs(total, i0, n0, [&](u64 i, u64 n, float v) {
-        if (i < q && n < N) dC[first.bc_row(i) + n] = v;
+        if (i < q && n < N) dC[t.first.bc_row(i) + n] = v;
     });
 }
 

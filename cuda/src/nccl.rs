@@ -105,51 +105,54 @@ impl NcclComm {
         &self.device
     }
 
-    /// Checks that `buf` is on this communicator's device.
-    fn check<T: DeviceElem>(&self, op: &'static str, buf: &DeviceBuffer<T>) -> Result<()> {
-        self.device.check_owner(op, buf)
-    }
-
-    /// The communicator and the device's stream, for one call.
-    fn call(
+    /// Checks `send` and `recv` (on this device, of lengths that fit `call`) and queues `call`
+    /// on the device's stream.
+    fn launch<T: DeviceElem>(
         &self,
-        op: &'static str,
-        f: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> std::result::Result<(), result::NcclError>,
+        call: Call,
+        send: &DeviceBuffer<T>,
+        recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
+        let op = call.name();
+        self.device.check_owner(op, send)?;
+        self.device.check_owner(op, recv)?;
+        let (s, r, w) = (send.len(), recv.len(), self.world);
+        let fits = match call {
+            Call::AllReduce => s == r,
+            Call::ReduceScatter => r.checked_mul(w) == Some(s),
+            Call::AllGather => s.checked_mul(w) == Some(r),
+        };
+        if !fits {
+            return Err(CudaError::shape(
+                op,
+                format!("{s} elements sent and {r} received do not fit {w} ranks"),
+            ));
+        }
+        let dtype = nccl_type(op, T::DTYPE)?;
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
         let stream = self.device.driver_stream()?.cu_stream() as sys::cudaStream_t;
         self.device.bind()?;
-        f(*comm, stream).map_err(|status| CudaError::Nccl { op, status })
+        let (src, dst) = (send.device_ptr() as *const _, recv.device_ptr() as *mut _);
+        let sum = sys::ncclRedOp_t::ncclSum;
+        // SAFETY: `src` and `dst` address `s` and `r` elements of `dtype` on this device, as the
+        // call's counts (per rank where it splits a buffer) say; the communicator is ours.
+        let status = unsafe {
+            match call {
+                Call::AllReduce => result::all_reduce(src, dst, s, dtype, sum, *comm, stream),
+                Call::ReduceScatter => result::reduce_scatter(src, dst, r, dtype, sum, *comm, stream),
+                Call::AllGather => result::all_gather(src, dst, s, dtype, *comm, stream),
+            }
+        };
+        status.map(drop).map_err(|status| CudaError::Nccl { op, status })
     }
 
-    /// The element-wise sum over ranks of `send`, in `recv` on every rank (the two may be one
-    /// buffer's handles only through NCCL's in-place form, which this does not use).
+    /// The element-wise sum over ranks of `send`, in `recv` on every rank.
     pub fn all_reduce_sum<T: DeviceElem>(
         &self,
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
-        let op = "ncclAllReduce";
-        self.check(op, send)?;
-        self.check(op, recv)?;
-        self.check_segments(op, recv.len() * self.world, send.len())?;
-        let dtype = nccl_type(op, T::DTYPE)?;
-        let (src, dst, n) = (send.device_ptr(), recv.device_ptr(), send.len());
-        self.call(op, |comm, stream| {
-            // SAFETY: `src` and `dst` each hold `n` elements of `dtype` on this device.
-            unsafe {
-                result::all_reduce(
-                    src as *const _,
-                    dst as *mut _,
-                    n,
-                    dtype,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream,
-                )
-            }
-            .map(drop)
-        })
+        self.launch(Call::AllReduce, send, recv)
     }
 
     /// Sums `send` (`world` equal segments) over ranks and leaves segment `rank` of the sum in
@@ -159,27 +162,7 @@ impl NcclComm {
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
-        let op = "ncclReduceScatter";
-        self.check(op, send)?;
-        self.check(op, recv)?;
-        self.check_segments(op, send.len(), recv.len())?;
-        let dtype = nccl_type(op, T::DTYPE)?;
-        let (src, dst, n) = (send.device_ptr(), recv.device_ptr(), recv.len());
-        self.call(op, |comm, stream| {
-            // SAFETY: `src` holds world × n elements and `dst` n, of `dtype`, on this device.
-            unsafe {
-                result::reduce_scatter(
-                    src as *const _,
-                    dst as *mut _,
-                    n,
-                    dtype,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream,
-                )
-            }
-            .map(drop)
-        })
+        self.launch(Call::ReduceScatter, send, recv)
     }
 
     /// Every rank's `send`, in rank order, in `recv` (`world` segments of `send`'s length).
@@ -188,27 +171,29 @@ impl NcclComm {
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
-        let op = "ncclAllGather";
-        self.check(op, send)?;
-        self.check(op, recv)?;
-        self.check_segments(op, recv.len(), send.len())?;
-        let dtype = nccl_type(op, T::DTYPE)?;
-        let (src, dst, n) = (send.device_ptr(), recv.device_ptr(), send.len());
-        self.call(op, |comm, stream| {
-            // SAFETY: `src` holds n elements and `dst` world × n, of `dtype`, on this device.
-            unsafe { result::all_gather(src as *const _, dst as *mut _, n, dtype, comm, stream) }.map(drop)
-        })
+        self.launch(Call::AllGather, send, recv)
     }
+}
 
-    /// Errors unless `whole` is `world` segments of `part` elements.
-    fn check_segments(&self, op: &'static str, whole: usize, part: usize) -> Result<()> {
-        if part.checked_mul(self.world) != Some(whole) {
-            return Err(CudaError::shape(
-                op,
-                format!("{whole} elements are not {} segments of {part}", self.world),
-            ));
+/// The NCCL collectives used here (every reduction is a sum).
+#[derive(Clone, Copy)]
+enum Call {
+    /// Both buffers as long.
+    AllReduce,
+    /// The sent buffer `world` segments of the received one's length.
+    ReduceScatter,
+    /// The received buffer `world` segments of the sent one's length.
+    AllGather,
+}
+
+impl Call {
+    /// NCCL's name for it.
+    fn name(self) -> &'static str {
+        match self {
+            Call::AllReduce => "ncclAllReduce",
+            Call::ReduceScatter => "ncclReduceScatter",
+            Call::AllGather => "ncclAllGather",
         }
-        Ok(())
     }
 }
 

@@ -6,10 +6,12 @@
 //! after a checkpoint and resumed ends bit-identical to one never interrupted: the device kernels
 //! sum in a fixed order (no atomics), so a device run repeats exactly.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tensor::Tensor;
 
 /// The per-step losses and final weights of a two-step f32 run on `device` with `ranks`
@@ -128,27 +130,7 @@ fn a_killed_sharded_run_on_the_emulated_gpus_resumes_bit_identically() {
 
     let mut child = sharded_run(&killed, &[]).stderr(Stdio::null()).spawn().unwrap();
     let checkpoint = killed.join("checkpoints/step-00000002/state.json");
-    let start = Instant::now();
-    while !checkpoint.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(600),
-            "no checkpoint appeared"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before a checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    assert!(
-        !child.wait().unwrap().success(),
-        "the run finished before it was killed"
-    );
-    assert!(
-        !killed.join("final").exists(),
-        "the killed run must not have finished"
-    );
+    common::kill_at_checkpoint(&mut child, &checkpoint, &killed, Duration::from_secs(600));
     let resumed = sharded_run(&killed, &["--resume"]).output().unwrap();
     assert!(
         resumed.status.success(),

@@ -1,9 +1,11 @@
 //! A training run killed with SIGKILL in the middle and continued with `--resume` ends with the
 //! same weights and the same loss curve as a run that was never interrupted.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ARGS: &[&str] = &[
     "--data",
@@ -37,25 +39,7 @@ fn a_killed_run_resumes_to_the_same_weights_and_losses() {
 
     let mut child = train(&killed, &[]).spawn().unwrap();
     let first_checkpoint = killed.join("checkpoints/step-00000005/state.json");
-    let start = Instant::now();
-    while !first_checkpoint.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no checkpoint appeared"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run ended before a checkpoint"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    let status = child.wait().unwrap();
-    assert!(!status.success(), "the run finished before it could be killed");
-    assert!(
-        !killed.join("final").exists(),
-        "the killed run must not have finished"
-    );
+    common::kill_at_checkpoint(&mut child, &first_checkpoint, &killed, Duration::from_secs(120));
 
     // Without --resume the earlier run's checkpoints are not silently overwritten.
     assert!(!train(&killed, &[]).status().unwrap().success());
