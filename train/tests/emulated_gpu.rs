@@ -4,7 +4,8 @@
 //! whole run; two ranks (threads on `cuda:0` and `cuda:1`) each update their shard on their
 //! device and exchange through the host, and reach the same weights. A two-rank bf16 run killed
 //! after a checkpoint and resumed ends bit-identical to one never interrupted: the device kernels
-//! sum in a fixed order (no atomics), so a device run repeats exactly.
+//! sum in a fixed order (no atomics), so a device run repeats exactly. Two processes (one per
+//! emulated device, as `--nproc-per-node` starts them) train bit for bit like two threads.
 
 mod common;
 
@@ -147,4 +148,49 @@ fn a_killed_sharded_run_on_the_emulated_gpus_resumes_bit_identically() {
     let (a, b) = (metrics(&whole), metrics(&killed));
     assert_eq!(a.lines().count(), 6);
     assert_eq!(a, b, "loss curves differ");
+}
+
+#[test]
+fn two_processes_on_the_emulated_gpus_train_exactly_like_two_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |launch: &[&str], out: &Path| {
+        let done = Command::new(env!("CARGO_BIN_EXE_train"))
+            .args(launch)
+            .args(["--data", "shapes", "--device", "cuda", "--steps", "2"])
+            .args([
+                "--shapes-train",
+                "8",
+                "--shapes-eval",
+                "0",
+                "--global-batch",
+                "4",
+                "--out",
+            ])
+            .arg(out)
+            .env("EMMA_GPU", "emulate")
+            .output()
+            .unwrap();
+        (
+            done.status.success(),
+            String::from_utf8_lossy(&done.stderr).into_owned(),
+        )
+    };
+    let (procs, threads) = (dir.path().join("processes"), dir.path().join("threads"));
+    let (ok, stderr) = run(&["--nproc-per-node", "2"], &procs);
+    if !ok && stderr.contains("no C++ compiler") {
+        println!("skipped: {}", stderr.lines().last().unwrap_or(""));
+        return;
+    }
+    assert!(ok, "two processes failed:\n{stderr}");
+    let (ok, stderr) = run(&["--ranks", "2"], &threads);
+    assert!(ok, "two threads failed:\n{stderr}");
+    // Each process runs on its LOCAL_RANK's device; the bf16 weights, shards and losses agree.
+    let read = |dir: &Path, file: &str| std::fs::read(dir.join(file)).unwrap();
+    for file in [
+        "final/model.safetensors",
+        "checkpoints/step-00000002/optimizer-rank1.safetensors",
+        "metrics.jsonl",
+    ] {
+        assert!(read(&procs, file) == read(&threads, file), "{file} differs");
+    }
 }
