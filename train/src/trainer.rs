@@ -848,7 +848,6 @@ fn rank_loop(
         .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(run.compute)?)))
         .collect::<Result<BTreeMap<_, _>>>();
     let mut weights = agree(coll, weights)?;
-    let trainable_map = agree(coll, on_device(trainable_map, device))?;
     // The frozen parameters' f32 values, for the model files rank 0 writes.
     let frozen: BTreeMap<String, Tensor> = if rank == 0 {
         params
@@ -859,7 +858,8 @@ fn rank_loop(
         drop(params);
         BTreeMap::new()
     };
-    let mut opt = ShardedAdamW::new(trainable_map, device, rank, world, run.adamw, start, moments);
+    let opt = ShardedAdamW::new(trainable_map, device, rank, world, run.adamw, start, moments);
+    let mut opt = agree(coll, opt)?;
     let nccl = match &run.nccl_id {
         Some(id) if world > 1 => Some(agree(
             coll,
@@ -1092,14 +1092,6 @@ fn accumulate(
         }
     }
     Ok((grads, text, pixel))
-}
-
-/// `params` on `device` (nothing is copied when they are there already).
-fn on_device(params: BTreeMap<String, Tensor>, device: Device) -> Result<BTreeMap<String, Tensor>> {
-    params
-        .into_iter()
-        .map(|(k, t)| Ok((k, t.to_device(device)?)))
-        .collect()
 }
 
 /// The summed gradients of the parameters this rank updates (zeros where no rank had one), on

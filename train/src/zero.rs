@@ -44,9 +44,9 @@ pub struct ShardedAdamW {
 }
 
 impl ShardedAdamW {
-    /// The optimizer of `rank` over the `trainable` parameters (f32, by name, on `device`),
-    /// resumed from `moments` (this rank's, by name) after `step` steps. It keeps the owned
-    /// parameters' master weights and drops its handles on the others.
+    /// The optimizer of `rank` over the `trainable` parameters (f32, by name, wherever they
+    /// are), resumed from `moments` (this rank's, by name) after `step` steps. It keeps the owned
+    /// parameters' master weights, moved to `device`, and drops its handles on the others.
     pub fn new(
         trainable: BTreeMap<String, Tensor>,
         device: Device,
@@ -55,7 +55,7 @@ impl ShardedAdamW {
         config: AdamWConfig,
         step: u64,
         moments: BTreeMap<String, (Tensor, Tensor)>,
-    ) -> Self {
+    ) -> Result<Self> {
         let sizes = trainable.iter().map(|(k, t)| (k.clone(), t.numel())).collect();
         let owner = partition(&sizes, world);
         let shapes = trainable
@@ -65,14 +65,15 @@ impl ShardedAdamW {
         let masters = trainable
             .into_iter()
             .filter(|(k, _)| owner.get(k) == Some(&rank))
-            .collect();
-        ShardedAdamW {
+            .map(|(k, t)| Ok((k, t.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        Ok(ShardedAdamW {
             layout: FlatLayout::new(&shapes, &owner, world),
             rank,
             device,
             masters,
             opt: AdamW::resume(config, step, moments),
-        }
+        })
     }
 
     /// Where each parameter sits in the buffers the ranks exchange.
@@ -293,7 +294,8 @@ mod tests {
                             .collect();
                         let config = AdamWConfig::default();
                         let mut opt =
-                            ShardedAdamW::new(trainable, Device::Cpu, r, 2, config, 0, BTreeMap::new());
+                            ShardedAdamW::new(trainable, Device::Cpu, r, 2, config, 0, BTreeMap::new())
+                                .unwrap();
                         let owned: Vec<String> = opt.owned().cloned().collect();
                         // Each rank holds the summed gradients of its own parameters only.
                         let grads = owned
