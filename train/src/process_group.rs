@@ -11,7 +11,7 @@
 //! length and the reason (rank 0 aborts the run).
 
 use crate::collective::{Collective, CollectiveError};
-use crate::rendezvous::{send, Rendezvous, RendezvousError};
+use crate::rendezvous::{read_payload, send, Rendezvous, RendezvousError};
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
@@ -138,10 +138,7 @@ impl Collective for ProcessGroup {
                         Ok(Ok(all))
                     }
                     b'A' => {
-                        let mut len = [0u8; 4];
-                        input.read_exact(&mut len)?;
-                        let mut reason = vec![0u8; u32::from_le_bytes(len).min(1 << 16) as usize];
-                        input.read_exact(&mut reason)?;
+                        let reason = read_payload(&mut input)?;
                         Ok(Err(String::from_utf8_lossy(&reason).into_owned()))
                     }
                     tag => Ok(Err(format!("rank 0 sent an unknown message '{}'", tag as char))),

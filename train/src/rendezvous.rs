@@ -399,9 +399,16 @@ pub(crate) fn send(stream: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::
 
 /// Reads a tagged message.
 fn read_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut head = [0u8; 5];
-    stream.read_exact(&mut head)?;
-    let len = u32::from_le_bytes(head[1..].try_into().expect("4 bytes"));
+    let mut tag = [0u8; 1];
+    stream.read_exact(&mut tag)?;
+    Ok((tag[0], read_payload(stream)?))
+}
+
+/// Reads a message's payload, after its tag: a little-endian u32 length, then the bytes.
+pub(crate) fn read_payload(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    input.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
     if len > MAX_PAYLOAD {
         return Err(std::io::Error::new(
             ErrorKind::InvalidData,
@@ -409,8 +416,8 @@ fn read_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
         ));
     }
     let mut payload = vec![0; len as usize];
-    stream.read_exact(&mut payload)?;
-    Ok((head[0], payload))
+    input.read_exact(&mut payload)?;
+    Ok(payload)
 }
 
 /// Tells every connected rank to abort, with `reason` (best effort: a rank may be gone).
