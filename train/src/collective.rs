@@ -29,6 +29,7 @@ pub trait Collective: Send + Sync {
     /// rank (summed in rank order).
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CollectiveError> {
         let all = self.all_gather(data.to_vec())?;
+        equal_lengths(&all, data.len())?;
         data.copy_from_slice(&all[0]);
         for other in &all[1..] {
             for (d, o) in data.iter_mut().zip(other.iter()) {
@@ -74,6 +75,18 @@ pub trait Collective: Send + Sync {
     /// Waits until every rank has arrived.
     fn barrier(&self) -> Result<(), CollectiveError> {
         self.all_gather(Vec::new()).map(drop)
+    }
+}
+
+/// Errors naming the first rank whose buffer in `all` is not `expected` values long.
+pub fn equal_lengths(all: &[Arc<Vec<f32>>], expected: usize) -> Result<(), CollectiveError> {
+    match all.iter().position(|buf| buf.len() != expected) {
+        Some(rank) => Err(RendezvousError::Mismatched {
+            rank,
+            len: all[rank].len(),
+            expected,
+        }),
+        None => Ok(()),
     }
 }
 

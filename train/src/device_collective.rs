@@ -5,7 +5,7 @@
 //! thread ranks, the emulated GPU) the buffers go through the host collective, and the result
 //! comes back to the tensor's device.
 
-use crate::collective::Collective;
+use crate::collective::{equal_lengths, Collective};
 use crate::error::{Result, TrainError};
 use tensor::nccl::NcclGroup;
 use tensor::{DType, Tensor};
@@ -25,9 +25,9 @@ pub trait DeviceCollective {
 pub struct HostStaged<'a>(pub &'a dyn Collective);
 
 impl HostStaged<'_> {
-    /// Every rank's `t` as host f32 values (f32, bf16 and f16 convert exactly).
-    fn gather(&self, t: &Tensor) -> Result<Vec<std::sync::Arc<Vec<f32>>>> {
-        Ok(self.0.all_gather(t.to_dtype(DType::F32)?.to_vec::<f32>()?)?)
+    /// `t`'s values on the host in f32 (f32, bf16 and f16 convert exactly).
+    fn values(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.to_vec::<f32>()?)
     }
 
     /// `values` as a 1-D tensor like `like` (its device and dtype).
@@ -48,33 +48,16 @@ impl DeviceCollective for HostStaged<'_> {
             )));
         }
         let n = flat.numel() / world;
-        let all = self.gather(flat)?;
-        let mut sum = vec![0.0f32; n];
-        for (r, buf) in all.iter().enumerate() {
-            let part = buf.get(rank * n..(rank + 1) * n).ok_or_else(|| {
-                TrainError::Options(format!("rank {r} sent {} values, not {}", buf.len(), n * world))
-            })?;
-            for (s, v) in sum.iter_mut().zip(part) {
-                *s += v;
-            }
-        }
-        Self::back(&sum, flat)
+        let mut sum = Self::values(flat)?;
+        self.0.all_reduce_sum(&mut sum)?;
+        Self::back(&sum[rank * n..(rank + 1) * n], flat)
     }
 
     fn all_gather(&self, segment: &Tensor) -> Result<Tensor> {
-        let all = self.gather(segment)?;
-        let mut out = Vec::with_capacity(segment.numel() * all.len());
-        for (r, buf) in all.iter().enumerate() {
-            if buf.len() != segment.numel() {
-                return Err(TrainError::Options(format!(
-                    "rank {r} sent a segment of {} values, this rank {}",
-                    buf.len(),
-                    segment.numel()
-                )));
-            }
-            out.extend_from_slice(buf);
-        }
-        Self::back(&out, segment)
+        let all = self.0.all_gather(Self::values(segment)?)?;
+        equal_lengths(&all, segment.numel())?;
+        let gathered: Vec<f32> = all.iter().flat_map(|buf| buf.iter().copied()).collect();
+        Self::back(&gathered, segment)
     }
 }
 

@@ -11,7 +11,7 @@
 //! length and the reason (rank 0 aborts the run).
 
 use crate::collective::{Collective, CollectiveError};
-use crate::rendezvous::{read_payload, send, Rendezvous, RendezvousError};
+use crate::rendezvous::{abort_all, read_payload, read_tag, Rendezvous, RendezvousError};
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
@@ -99,13 +99,6 @@ fn read_floats(input: &mut impl Read) -> std::io::Result<Vec<f32>> {
         .collect())
 }
 
-/// Reads one tag byte.
-fn read_tag(input: &mut impl Read) -> std::io::Result<u8> {
-    let mut tag = [0u8; 1];
-    input.read_exact(&mut tag)?;
-    Ok(tag[0])
-}
-
 impl Collective for ProcessGroup {
     fn rank(&self) -> usize {
         self.rank
@@ -179,9 +172,7 @@ impl Collective for ProcessGroup {
             }
         }
         if let Some(err) = failed {
-            for (_, stream) in links.iter_mut() {
-                let _ = send(stream, b'A', err.to_string().as_bytes());
-            }
+            abort_all(links.iter_mut().map(|(_, stream)| stream), &err.to_string());
             return Err(err);
         }
         for (peer, stream) in links.iter_mut() {

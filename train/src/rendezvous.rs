@@ -106,6 +106,16 @@ pub enum RendezvousError {
         /// How the connection ended.
         detail: String,
     },
+    /// A rank's buffer in a collective that needs equally long buffers had another length.
+    #[error("rank {rank} sent {len} values to a collective over buffers of {expected}")]
+    Mismatched {
+        /// The rank at fault.
+        rank: usize,
+        /// The length it sent.
+        len: usize,
+        /// The length every rank must send.
+        expected: usize,
+    },
 }
 
 impl RendezvousError {
@@ -399,9 +409,14 @@ pub(crate) fn send(stream: &mut TcpStream, tag: u8, payload: &[u8]) -> std::io::
 
 /// Reads a tagged message.
 fn read_message(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    Ok((read_tag(stream)?, read_payload(stream)?))
+}
+
+/// Reads a message's one-byte tag.
+pub(crate) fn read_tag(input: &mut impl Read) -> std::io::Result<u8> {
     let mut tag = [0u8; 1];
-    stream.read_exact(&mut tag)?;
-    Ok((tag[0], read_payload(stream)?))
+    input.read_exact(&mut tag)?;
+    Ok(tag[0])
 }
 
 /// Reads a message's payload, after its tag: a little-endian u32 length, then the bytes.
@@ -421,7 +436,7 @@ pub(crate) fn read_payload(input: &mut impl Read) -> std::io::Result<Vec<u8>> {
 }
 
 /// Tells every connected rank to abort, with `reason` (best effort: a rank may be gone).
-fn abort_all<'a>(streams: impl Iterator<Item = &'a mut TcpStream>, reason: &str) {
+pub(crate) fn abort_all<'a>(streams: impl Iterator<Item = &'a mut TcpStream>, reason: &str) {
     for s in streams {
         let _ = send(s, b'A', reason.as_bytes());
     }

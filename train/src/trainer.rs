@@ -838,11 +838,6 @@ fn rank_loop(
     // weights, and this rank's shard of f32 master weights and moments, which the optimizer
     // updates there and casts the compute weights from.
     let device = rank_device(run.device, run.local_rank.unwrap_or(rank));
-    let moments = moments
-        .into_iter()
-        .map(|(k, (m, v))| Ok((k, (m.to_device(device)?, v.to_device(device)?))))
-        .collect::<Result<_>>();
-    let moments = agree(coll, moments)?;
     let weights = params
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(run.compute)?)))
@@ -1017,20 +1012,17 @@ fn rank_device(first: Device, rank: usize) -> Device {
     }
 }
 
-/// Forward and backward over this rank's micro-batches on `device`: the summed gradients (f32,
-/// by name, on `device`) and this rank's shares of the text and pixel losses.
+/// Forward and backward over this rank's micro-batches with the compute `weights` (already on
+/// `device`, in the compute precision): the summed gradients (f32, by name, on `device`) and
+/// this rank's shares of the text and pixel losses.
 fn accumulate(
     run: &Run,
     device: Device,
-    params: &BTreeMap<String, Tensor>,
+    weights: &BTreeMap<String, Tensor>,
     batches: &[MicroBatch],
     global_tokens: f64,
     global_images: f64,
 ) -> Result<(BTreeMap<String, Tensor>, f64, f64)> {
-    let weights: BTreeMap<String, Tensor> = params
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(run.compute)?)))
-        .collect::<Result<_>>()?;
     let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
     let (mut text, mut pixel) = (0.0, 0.0);
     for mb in batches {

@@ -46,7 +46,8 @@ pub struct ShardedAdamW {
 impl ShardedAdamW {
     /// The optimizer of `rank` over the `trainable` parameters (f32, by name, wherever they
     /// are), resumed from `moments` (this rank's, by name) after `step` steps. It keeps the owned
-    /// parameters' master weights, moved to `device`, and drops its handles on the others.
+    /// parameters' master weights and their moments, moved to `device`, and drops its handles on
+    /// the others.
     pub fn new(
         trainable: BTreeMap<String, Tensor>,
         device: Device,
@@ -66,6 +67,10 @@ impl ShardedAdamW {
             .into_iter()
             .filter(|(k, _)| owner.get(k) == Some(&rank))
             .map(|(k, t)| Ok((k, t.to_device(device)?)))
+            .collect::<Result<_>>()?;
+        let moments = moments
+            .into_iter()
+            .map(|(k, (m, v))| Ok((k, (m.to_device(device)?, v.to_device(device)?))))
             .collect::<Result<_>>()?;
         Ok(ShardedAdamW {
             layout: FlatLayout::new(&shapes, &owner, world),

@@ -11,37 +11,55 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 use tensor::Tensor;
+
+/// Two steps of batch 4 on the shapes data.
+const TWO_STEPS: &[&str] = &[
+    "--data",
+    "shapes",
+    "--steps",
+    "2",
+    "--shapes-train",
+    "8",
+    "--shapes-eval",
+    "0",
+    "--global-batch",
+    "4",
+];
+
+/// `train args --out out` with the emulated GPU (launcher flags, when any, first in `args`).
+fn emulated(args: &[&str], out: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+    cmd.args(args).arg("--out").arg(out).env("EMMA_GPU", "emulate");
+    cmd
+}
+
+/// Runs `cmd` to its end: its output, or `None` (after one line) when the emulator has no C++
+/// compiler.
+fn finished(cmd: &mut Command) -> Option<Output> {
+    let done = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    if !done.status.success() && stderr.contains("no C++ compiler") {
+        println!("skipped: {}", stderr.lines().last().unwrap_or(""));
+        return None;
+    }
+    Some(done)
+}
 
 /// The per-step losses and final weights of a two-step f32 run on `device` with `ranks`
 /// ranks, or `None` (after one line) when the emulator has no C++ compiler.
 fn run(device: &str, ranks: usize, out: &Path) -> Option<(Vec<f64>, BTreeMap<String, Tensor>)> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.args([
-        "--data",
-        "shapes",
-        "--device",
-        device,
-        "--precision",
-        "f32",
-        "--steps",
-        "2",
-    ])
-    .args(["--shapes-train", "8", "--shapes-eval", "0", "--global-batch", "4"])
-    .args(["--ranks", &ranks.to_string(), "--out"])
-    .arg(out)
-    .env("EMMA_GPU", "emulate");
-    let done = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    if !done.status.success() {
-        if stderr.contains("no C++ compiler") {
-            println!("skipped: {}", stderr.lines().last().unwrap_or(""));
-            return None;
-        }
-        panic!("train --device {device} --ranks {ranks} failed:\n{stderr}");
-    }
+    let ranks = ranks.to_string();
+    let mut args = TWO_STEPS.to_vec();
+    args.extend(["--device", device, "--precision", "f32", "--ranks", &ranks]);
+    let done = finished(&mut emulated(&args, out))?;
+    assert!(
+        done.status.success(),
+        "train --device {device} --ranks {ranks} failed:\n{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
     let metrics = train::metrics::read_metrics(&out.join("metrics.jsonl")).unwrap();
     let weights = tensor::safetensors::load(out.join("final/model.safetensors")).unwrap();
     Some((metrics.iter().map(|m| m.loss).collect(), weights))
@@ -98,22 +116,19 @@ fn runs_on_the_emulated_gpu_follow_the_cpu_with_the_state_on_the_devices() {
 
 /// A two-rank bf16 run on the emulated devices, checkpointing every 2 of 6 steps, into `out`.
 fn sharded_run(out: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.args(["--data", "shapes", "--device", "cuda", "--ranks", "2"])
-        .args([
-            "--shapes-train",
-            "24",
-            "--shapes-eval",
-            "0",
-            "--global-batch",
-            "4",
-        ])
-        .args(["--steps", "6", "--checkpoint-every", "2", "--out"])
-        .arg(out)
-        .args(extra)
-        .env("EMMA_GPU", "emulate")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut args = vec!["--data", "shapes", "--device", "cuda", "--ranks", "2"];
+    args.extend([
+        "--shapes-train",
+        "24",
+        "--shapes-eval",
+        "0",
+        "--global-batch",
+        "4",
+    ]);
+    args.extend(["--steps", "6", "--checkpoint-every", "2"]);
+    args.extend(extra);
+    let mut cmd = emulated(&args, out);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }
 
@@ -121,13 +136,14 @@ fn sharded_run(out: &Path, extra: &[&str]) -> Command {
 fn a_killed_sharded_run_on_the_emulated_gpus_resumes_bit_identically() {
     let dir = tempfile::tempdir().unwrap();
     let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
-    let done = sharded_run(&whole, &[]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&done.stderr);
-    if !done.status.success() && stderr.contains("no C++ compiler") {
-        println!("skipped: {}", stderr.lines().last().unwrap_or(""));
+    let Some(done) = finished(&mut sharded_run(&whole, &[])) else {
         return;
-    }
-    assert!(done.status.success(), "the uninterrupted run failed:\n{stderr}");
+    };
+    assert!(
+        done.status.success(),
+        "the uninterrupted run failed:\n{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
 
     let mut child = sharded_run(&killed, &[]).stderr(Stdio::null()).spawn().unwrap();
     let checkpoint = killed.join("checkpoints/step-00000002/state.json");
@@ -154,36 +170,20 @@ fn a_killed_sharded_run_on_the_emulated_gpus_resumes_bit_identically() {
 fn two_processes_on_the_emulated_gpus_train_exactly_like_two_threads() {
     let dir = tempfile::tempdir().unwrap();
     let run = |launch: &[&str], out: &Path| {
-        let done = Command::new(env!("CARGO_BIN_EXE_train"))
-            .args(launch)
-            .args(["--data", "shapes", "--device", "cuda", "--steps", "2"])
-            .args([
-                "--shapes-train",
-                "8",
-                "--shapes-eval",
-                "0",
-                "--global-batch",
-                "4",
-                "--out",
-            ])
-            .arg(out)
-            .env("EMMA_GPU", "emulate")
-            .output()
-            .unwrap();
-        (
-            done.status.success(),
-            String::from_utf8_lossy(&done.stderr).into_owned(),
-        )
+        let mut args = launch.to_vec();
+        args.extend(TWO_STEPS);
+        args.extend(["--device", "cuda"]);
+        finished(&mut emulated(&args, out))
     };
     let (procs, threads) = (dir.path().join("processes"), dir.path().join("threads"));
-    let (ok, stderr) = run(&["--nproc-per-node", "2"], &procs);
-    if !ok && stderr.contains("no C++ compiler") {
-        println!("skipped: {}", stderr.lines().last().unwrap_or(""));
+    let Some(done) = run(&["--nproc-per-node", "2"], &procs) else {
         return;
-    }
-    assert!(ok, "two processes failed:\n{stderr}");
-    let (ok, stderr) = run(&["--ranks", "2"], &threads);
-    assert!(ok, "two threads failed:\n{stderr}");
+    };
+    let failed =
+        |what: &str, done: &Output| format!("{what} failed:\n{}", String::from_utf8_lossy(&done.stderr));
+    assert!(done.status.success(), "{}", failed("two processes", &done));
+    let done = run(&["--ranks", "2"], &threads).unwrap();
+    assert!(done.status.success(), "{}", failed("two threads", &done));
     // Each process runs on its LOCAL_RANK's device; the bf16 weights, shards and losses agree.
     let read = |dir: &Path, file: &str| std::fs::read(dir.join(file)).unwrap();
     for file in [
