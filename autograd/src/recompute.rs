@@ -26,8 +26,15 @@ impl Var {
         // with `first` at the end of this call.
         let first = f(&Var::constant(input.clone()))?;
         let value = first.value().clone();
+        // The parameters inside are recorded as inputs too (they get no gradient through this
+        // node, their own backward pass fills them): so a walk announcing finished leaves knows
+        // they are done once this node's rule has run.
+        let inner = first.leaves();
         drop(first);
-        Ok(Var::record(value, &[self], move |g, _| {
+        let mut inputs = vec![self];
+        inputs.extend(&inner);
+        let slots = inputs.len();
+        Ok(Var::record(value, &inputs, move |g, _| {
             let failed = |detail: String| TensorError::Recompute {
                 op: "recomputed block",
                 detail,
@@ -38,7 +45,9 @@ impl Var {
                 AutogradError::Tensor(t) => t,
                 other => failed(other.to_string()),
             })?;
-            Ok(vec![x.grad()])
+            let mut grads = vec![x.grad()];
+            grads.resize(slots, None);
+            Ok(grads)
         }))
     }
 }
@@ -88,6 +97,38 @@ mod tests {
                 assert!((u - v).abs() <= 1e-12 * scale, "{u} vs {v}");
             }
         }
+    }
+
+    #[test]
+    fn parameters_inside_a_recomputed_block_are_announced_when_it_has_run() {
+        let mut rng = tensor::seeded_rng(4);
+        let mut rand =
+            |shape: &[usize]| Var::parameter(Tensor::randn(shape, DType::F64, 0.0, 1.0, &mut rng).unwrap());
+        let x = rand(&[3, 4]);
+        let (a1, b1, a2, b2) = (rand(&[4, 5]), rand(&[5, 4]), rand(&[4, 5]), rand(&[5, 4]));
+        let (p, q, r, s) = (a1.clone(), b1.clone(), a2.clone(), b2.clone());
+        let y = x
+            .recomputed(move |x| block(x, &p, &q))
+            .unwrap()
+            .recomputed(move |x| block(x, &r, &s))
+            .unwrap();
+        let mut announced = Vec::new();
+        y.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward_notifying(&mut |leaf| announced.push((leaf.id(), a1.grad().is_some())))
+            .unwrap();
+        let ids: Vec<usize> = announced.iter().map(|(id, _)| *id).collect();
+        // The second block's parameters come first, before the first block has run again.
+        assert_eq!(ids, vec![a2.id(), b2.id(), x.id(), a1.id(), b1.id()]);
+        assert_eq!(
+            announced
+                .iter()
+                .map(|(_, first_done)| *first_done)
+                .collect::<Vec<_>>(),
+            vec![false, false, true, true, true]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `Var`: a tensor in a differentiable graph, and the backward walk.
 
 use crate::{AutogradError, Result};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tensor::Tensor;
@@ -111,54 +111,130 @@ impl Var {
         if !self.requires_grad() {
             return Err(AutogradError::NoGradient);
         }
-        let value = self.value();
-        let seed = Tensor::ones_on(value.shape(), value.dtype(), value.device())?;
-        self.backward_with(seed)
+        self.backward_notifying(&mut |_| {})
     }
 
     /// Back-propagates `grad` = d(loss)/d(self) (same shape as the value).
     pub fn backward_with(&self, grad: Tensor) -> Result<()> {
+        self.walk(grad, &mut |_| {})
+    }
+
+    /// [`Var::backward`], calling `on_ready(leaf)` for each leaf reached as soon as its gradient
+    /// is final: once the rules of all its consumers have run, while the rest of the graph is
+    /// still to be walked (so that work on the last layers' gradients can start early). Each
+    /// leaf is announced once, in a deterministic order; a leaf whose consumers produced no
+    /// gradient is announced all the same.
+    pub fn backward_notifying(&self, on_ready: &mut dyn FnMut(&Var)) -> Result<()> {
+        if self.value().numel() != 1 {
+            return Err(AutogradError::NotScalar(self.value().shape().to_vec()));
+        }
+        if !self.requires_grad() {
+            return Err(AutogradError::NoGradient);
+        }
+        let value = self.value();
+        let seed = Tensor::ones_on(value.shape(), value.dtype(), value.device())?;
+        self.walk(seed, on_ready)
+    }
+
+    /// The walk behind [`Var::backward_with`] and [`Var::backward_notifying`].
+    fn walk(&self, grad: Tensor, on_ready: &mut dyn FnMut(&Var)) -> Result<()> {
         // Every var reachable through vars that require gradients, keyed by creation id:
-        // inputs are always created before their outputs, so descending ids are a topological order.
+        // inputs are always created before their outputs, so descending ids are a topological
+        // order. `consumers` counts, per var, the uses of it as an input of a reachable node.
         let mut order: BTreeMap<usize, Var> = BTreeMap::new();
+        let mut consumers: HashMap<usize, usize> = HashMap::new();
         let mut stack = vec![self.clone()];
-        let mut seen = HashSet::new();
         while let Some(v) = stack.pop() {
-            if !v.requires_grad() || !seen.insert(v.0.id) {
+            if !v.requires_grad() || order.contains_key(&v.0.id) {
                 continue;
             }
             if let Some(node) = &v.0.node {
-                stack.extend(node.inputs.iter().cloned());
+                for input in node.inputs.iter().filter(|i| i.requires_grad()) {
+                    *consumers.entry(input.0.id).or_default() += 1;
+                    stack.push(input.clone());
+                }
             }
             order.insert(v.0.id, v);
         }
         let mut grads: BTreeMap<usize, Tensor> = BTreeMap::new();
         grads.insert(self.0.id, grad);
         for (id, var) in order.iter().rev() {
-            let Some(g) = grads.remove(id) else { continue };
             let Some(node) = &var.0.node else {
-                let mut slot = var.0.grad.lock().expect("grad lock");
-                *slot = Some(match slot.take() {
-                    Some(acc) => acc.add(&g)?,
-                    None => g.try_contiguous()?,
-                });
+                // Only a leaf nobody consumes is still here: the var back-propagated from.
+                if let Some(g) = grads.remove(id) {
+                    var.accumulate(g)?;
+                    on_ready(var);
+                }
                 continue;
             };
-            let rule = node.backward.lock().expect("backward lock").take();
-            let rule = rule.ok_or(AutogradError::GraphConsumed)?;
             let needs: Vec<bool> = node.inputs.iter().map(Var::requires_grad).collect();
-            let input_grads = rule(&g, &needs)?;
+            // A node no gradient reached passes none on, but its inputs lose a consumer.
+            let input_grads = match grads.remove(id) {
+                Some(g) => {
+                    let rule = node.backward.lock().expect("backward lock").take();
+                    let rule = rule.ok_or(AutogradError::GraphConsumed)?;
+                    rule(&g, &needs)?
+                }
+                None => vec![None; needs.len()],
+            };
             debug_assert_eq!(input_grads.len(), node.inputs.len(), "one gradient per input");
             for ((input, ig), need) in node.inputs.iter().zip(input_grads).zip(needs) {
-                let Some(ig) = ig.filter(|_| need) else { continue };
-                let entry = match grads.remove(&input.0.id) {
-                    Some(acc) => acc.add(&ig)?,
-                    None => ig,
-                };
-                grads.insert(input.0.id, entry);
+                if !need {
+                    continue;
+                }
+                if let Some(ig) = ig {
+                    let entry = match grads.remove(&input.0.id) {
+                        Some(acc) => acc.add(&ig)?,
+                        None => ig,
+                    };
+                    grads.insert(input.0.id, entry);
+                }
+                let left = consumers.get_mut(&input.0.id).expect("counted when reached");
+                *left -= 1;
+                if *left == 0 && input.0.node.is_none() {
+                    if let Some(g) = grads.remove(&input.0.id) {
+                        input.accumulate(g)?;
+                    }
+                    on_ready(input);
+                }
             }
         }
         Ok(())
+    }
+
+    /// Adds `g` into this leaf's gradient.
+    fn accumulate(&self, g: Tensor) -> Result<()> {
+        let mut slot = self.0.grad.lock().expect("grad lock");
+        *slot = Some(match slot.take() {
+            Some(acc) => acc.add(&g)?,
+            None => g.try_contiguous()?,
+        });
+        Ok(())
+    }
+
+    /// A number that identifies this var (shared by its clones) while it lives.
+    pub fn id(&self) -> usize {
+        self.0.id
+    }
+
+    /// The leaves that require a gradient and that this var's value depends on, in creation
+    /// order.
+    pub fn leaves(&self) -> Vec<Var> {
+        let mut found: BTreeMap<usize, Var> = BTreeMap::new();
+        let mut seen = HashSet::new();
+        let mut stack = vec![self.clone()];
+        while let Some(v) = stack.pop() {
+            if !v.requires_grad() || !seen.insert(v.0.id) {
+                continue;
+            }
+            match &v.0.node {
+                Some(node) => stack.extend(node.inputs.iter().cloned()),
+                None => {
+                    found.insert(v.0.id, v);
+                }
+            }
+        }
+        found.into_values().collect()
     }
 }
 
@@ -173,6 +249,42 @@ mod tests {
         let y = x.exp().unwrap().sum_all().unwrap();
         assert!(!y.requires_grad() && y.0.node.is_none());
         assert!(matches!(y.backward(), Err(crate::AutogradError::NoGradient)));
+    }
+
+    #[test]
+    fn each_leaf_is_announced_once_as_soon_as_its_gradient_is_final() {
+        let mut rng = tensor::seeded_rng(3);
+        let mut rand = |shape: &[usize]| Tensor::randn(shape, DType::F64, 0.0, 1.0, &mut rng).unwrap();
+        let x = Var::constant(rand(&[3, 4]));
+        let (w1, w2) = (Var::parameter(rand(&[4, 5])), Var::parameter(rand(&[5, 2])));
+        let forward = || {
+            let h = x.matmul(&w1).unwrap().tanh().unwrap();
+            let y = h.matmul(&w2).unwrap().tanh().unwrap().sum_all().unwrap();
+            // w1 is used again after w2: its gradient is final only after both uses.
+            y.add(&w1.sqr().unwrap().sum_all().unwrap()).unwrap()
+        };
+        forward().backward().unwrap();
+        let expected = [w2.grad().unwrap(), w1.grad().unwrap()].map(|g| g.to_vec::<f64>().unwrap());
+        w1.zero_grad();
+        w2.zero_grad();
+        let mut announced = Vec::new();
+        forward()
+            .backward_notifying(&mut |leaf| {
+                let other_done = [&w1, &w2].map(|w| w.grad().is_some());
+                announced.push((
+                    leaf.id(),
+                    leaf.grad().unwrap().to_vec::<f64>().unwrap(),
+                    other_done,
+                ));
+            })
+            .unwrap();
+        assert_eq!(announced.len(), 2);
+        // w2 first, while w1 (whose rule runs later) has no gradient yet; each with its final value.
+        assert_eq!(announced[0].0, w2.id());
+        assert_eq!(announced[0].2, [false, true]);
+        assert_eq!(announced[1].0, w1.id());
+        assert_eq!(announced[0].1, expected[0]);
+        assert_eq!(announced[1].1, expected[1]);
     }
 
     #[test]
