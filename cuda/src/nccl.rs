@@ -1,16 +1,20 @@
 //! NCCL collectives between the ranks of a multi-process run, one GPU per process. Rank 0
 //! creates NCCL's unique id ([`unique_id`]), the rendezvous hands it to every rank, and each
-//! rank builds its [`NcclComm`] from it on its own device. The collectives are queued on the
-//! device's stream, in order with the kernels around them, and sum in the library's order (fixed
+//! rank builds its [`NcclComm`] from it on its own device. The collectives run on a second
+//! stream of the device: each waits for the work queued before it on the device's stream, and
+//! the device's stream waits for it either at once (in order with the kernels around it, as if
+//! it were one of them) or, for the calls that are only started, at [`NcclComm::settle`], so
+//! the exchange overlaps the kernels queued in between. They sum in the library's order (fixed
 //! for a given topology, so runs repeat).
 //!
 //! NCCL needs a real GPU: on the emulated device every call is an error saying so.
 
 use crate::device::{DType, DeviceBuffer, DeviceElem, GpuDevice};
-use crate::error::{CudaError, Result};
+use crate::error::{CudaError, DriverContext, Result};
 use crate::probe::{self, Library};
+use cudarc::driver::CudaStream;
 use cudarc::nccl::{result, sys};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Bytes of an NCCL unique id.
 pub const UNIQUE_ID_BYTES: usize = 128;
@@ -39,6 +43,8 @@ fn nccl_type(op: &'static str, dtype: DType) -> Result<sys::ncclDataType_t> {
 pub struct NcclComm {
     /// The communicator; NCCL calls on one communicator must not overlap, hence the lock.
     comm: Mutex<sys::ncclComm_t>,
+    /// The stream the collectives run on.
+    side: Arc<CudaStream>,
     device: GpuDevice,
     rank: usize,
     world: usize,
@@ -82,8 +88,13 @@ impl NcclComm {
         // SAFETY: `comm` receives the new communicator; the device's context is current.
         unsafe { result::comm_init_rank(&mut comm, n, uid, r) }
             .map_err(|status| CudaError::Nccl { op, status })?;
+        let side = device
+            .driver_stream()?
+            .fork()
+            .during("creating the collectives' stream")?;
         Ok(NcclComm {
             comm: Mutex::new(comm),
+            side,
             device: device.clone(),
             rank,
             world,
@@ -106,12 +117,14 @@ impl NcclComm {
     }
 
     /// Checks `send` and `recv` (on this device, of lengths that fit `call`) and queues `call`
-    /// on the device's stream.
+    /// on the collectives' stream, after the work queued so far on the device's stream; with
+    /// `wait`, the device's stream then waits for it.
     fn launch<T: DeviceElem>(
         &self,
         call: Call,
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
+        wait: bool,
     ) -> Result<()> {
         let op = call.name();
         self.device.check_owner(op, send)?;
@@ -130,8 +143,12 @@ impl NcclComm {
         }
         let dtype = nccl_type(op, T::DTYPE)?;
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        let stream = self.device.driver_stream()?.cu_stream() as sys::cudaStream_t;
         self.device.bind()?;
+        let main = self.device.driver_stream()?;
+        self.side
+            .join(main)
+            .during("ordering a collective after the kernels before it")?;
+        let stream = self.side.cu_stream() as sys::cudaStream_t;
         let (src, dst) = (send.device_ptr() as *const _, recv.device_ptr() as *mut _);
         let sum = sys::ncclRedOp_t::ncclSum;
         // SAFETY: `src` and `dst` address `s` and `r` elements of `dtype` on this device, as the
@@ -143,7 +160,23 @@ impl NcclComm {
                 Call::AllGather => result::all_gather(src, dst, s, dtype, *comm, stream),
             }
         };
-        status.map(drop).map_err(|status| CudaError::Nccl { op, status })
+        status
+            .map(drop)
+            .map_err(|status| CudaError::Nccl { op, status })?;
+        if wait {
+            self.settle()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the device's stream wait for every collective queued so far (the started ones
+    /// included): after this, their results may be read and their buffers freed.
+    pub fn settle(&self) -> Result<()> {
+        self.device.bind()?;
+        self.device
+            .driver_stream()?
+            .join(&self.side)
+            .during("ordering the kernels after the collectives")
     }
 
     /// The element-wise sum over ranks of `send`, in `recv` on every rank.
@@ -152,7 +185,7 @@ impl NcclComm {
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
-        self.launch(Call::AllReduce, send, recv)
+        self.launch(Call::AllReduce, send, recv, true)
     }
 
     /// Sums `send` (`world` equal segments) over ranks and leaves segment `rank` of the sum in
@@ -162,7 +195,17 @@ impl NcclComm {
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
-        self.launch(Call::ReduceScatter, send, recv)
+        self.launch(Call::ReduceScatter, send, recv, true)
+    }
+
+    /// [`NcclComm::reduce_scatter_sum`], only started: the kernels queued after it do not wait
+    /// for it. Neither buffer may be read, written or freed before [`NcclComm::settle`].
+    pub fn start_reduce_scatter_sum<T: DeviceElem>(
+        &self,
+        send: &DeviceBuffer<T>,
+        recv: &mut DeviceBuffer<T>,
+    ) -> Result<()> {
+        self.launch(Call::ReduceScatter, send, recv, false)
     }
 
     /// Every rank's `send`, in rank order, in `recv` (`world` segments of `send`'s length).
@@ -171,7 +214,7 @@ impl NcclComm {
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
-        self.launch(Call::AllGather, send, recv)
+        self.launch(Call::AllGather, send, recv, true)
     }
 }
 

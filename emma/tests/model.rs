@@ -200,3 +200,37 @@ fn towers_and_lm_load_from_hugging_face_directories() {
     let losses = model.losses(&batch(&cfg, DType::F32, 5)).unwrap();
     assert!(losses.total.value().to_scalar_f64().unwrap().is_finite());
 }
+
+#[test]
+fn the_backward_pass_finishes_gradients_in_the_reverse_of_the_order_the_model_takes_them() {
+    let cfg = EmmaConfig::preset("tiny").unwrap();
+    let model = Emma::random(&cfg, 9, DType::F32, true).unwrap();
+    let store = model.store();
+    // Built, the model has taken every parameter; the trainer orders its gradient buckets so.
+    let taken = store.first_taken();
+    let mut all = store.names();
+    all.sort();
+    let mut sorted = taken.clone();
+    sorted.sort();
+    assert_eq!(sorted, all);
+    let names = store.names_by_var_id();
+    let mut announced = Vec::new();
+    let losses = model.losses(&batch(&cfg, DType::F32, 10)).unwrap();
+    losses
+        .total
+        .backward_notifying(&mut |leaf| announced.push(names[&leaf.id()].clone()))
+        .unwrap();
+    let mut with_grads: Vec<String> = store.grads().into_keys().collect();
+    let mut each_once = announced.clone();
+    each_once.sort();
+    each_once.dedup();
+    with_grads.sort();
+    assert_eq!(each_once.len(), announced.len(), "a parameter announced twice");
+    assert_eq!(each_once, with_grads);
+    // Through the LM, later blocks finish first, as the reverse of the taking order says.
+    let layers = cfg.lm.layers;
+    let at = |list: &[String], prefix: &str| list.iter().position(|k| k.contains(prefix)).unwrap();
+    let (first, last) = ("backbone.layers.0.", format!("backbone.layers.{}.", layers - 1));
+    assert!(at(&announced, &last) < at(&announced, first), "{announced:?}");
+    assert!(at(&taken, first) < at(&taken, &last), "{taken:?}");
+}

@@ -3,7 +3,7 @@
 use crate::init::initial_value;
 use crate::{NnError, Result};
 use autograd::Var;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use tensor::{DType, Device, Rng, Tensor};
 
@@ -19,6 +19,8 @@ enum Init {
 struct Shared {
     vars: Mutex<BTreeMap<String, Var>>,
     used: Mutex<BTreeSet<String>>,
+    /// The names taken so far, in the order first taken.
+    first_taken: Mutex<Vec<String>>,
     source_name: String,
     trainable: bool,
     /// Prefixes whose parameters are handed out as constants (frozen components).
@@ -82,6 +84,7 @@ impl ParamStore {
             shared: Arc::new(Shared {
                 vars: Mutex::new(vars),
                 used: Mutex::new(BTreeSet::new()),
+                first_taken: Mutex::new(Vec::new()),
                 source_name: source_name.into(),
                 trainable,
                 frozen: Mutex::new(Vec::new()),
@@ -212,8 +215,24 @@ impl ParamStore {
             };
             vars.insert(full.clone(), var.clone());
         }
-        self.shared.used.lock().expect("used-set lock").insert(full);
+        let mut first_taken = self.shared.first_taken.lock().expect("order lock");
+        if self
+            .shared
+            .used
+            .lock()
+            .expect("used-set lock")
+            .insert(full.clone())
+        {
+            first_taken.push(full);
+        }
         Ok(var)
+    }
+
+    /// The parameters (all of them, whatever the prefix) in the order layers first took them:
+    /// for a model built in the order its forward pass runs, the reverse of the order in which
+    /// the backward pass finishes their gradients.
+    pub fn first_taken(&self) -> Vec<String> {
+        self.shared.first_taken.lock().expect("order lock").clone()
     }
 
     /// Whether `key` is present (without marking it used).
@@ -261,6 +280,16 @@ impl ParamStore {
             .collect()
     }
 
+    /// The names of the parameters below the prefix that take a gradient, by their vars' ids
+    /// (see [`Var::id`]).
+    pub fn names_by_var_id(&self) -> HashMap<usize, String> {
+        let vars = self.shared.vars.lock().expect("store lock");
+        vars.iter()
+            .filter(|(k, v)| k.starts_with(&self.prefix) && v.requires_grad())
+            .map(|(k, v)| (v.id(), k.clone()))
+            .collect()
+    }
+
     /// Forgets the gradient of every parameter below the prefix (before another backward pass).
     pub fn zero_grads(&self) {
         let vars = self.shared.vars.lock().expect("store lock");
@@ -285,5 +314,26 @@ impl ParamStore {
             .filter(|(k, _)| k.starts_with(&self.prefix))
             .map(|(k, v)| (k.clone(), v.value().clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ParamStore;
+    use std::collections::BTreeMap;
+    use tensor::{DType, Tensor};
+
+    #[test]
+    fn first_taken_keeps_the_order_of_first_use_across_scopes() {
+        let tensors: BTreeMap<String, Tensor> = ["a.w", "b.w", "c.w"]
+            .into_iter()
+            .map(|k| (k.to_owned(), Tensor::ones(&[2], DType::F32)))
+            .collect();
+        let store = ParamStore::new(tensors, true, "test");
+        store.scope("c.").take("w", &[2]).unwrap();
+        store.take("a.w", &[2]).unwrap();
+        store.skip("b.w");
+        store.take("c.w", &[2]).unwrap();
+        assert_eq!(store.first_taken(), vec!["c.w".to_owned(), "a.w".to_owned()]);
     }
 }

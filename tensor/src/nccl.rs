@@ -1,16 +1,20 @@
 //! NCCL collectives on device tensors: the GPU side of multi-process data-parallel training.
 //! An [`NcclGroup`] is this process's rank on one CUDA device; its calls take 1-D tensors on that
-//! device (f32, bf16 or f16), return new packed tensors there, and are queued on the device's
-//! stream in order with the kernels around them.
+//! device (f32, bf16 or f16), return new packed tensors there, and are ordered with the kernels
+//! around them, except the started reduce-scatter, which later kernels wait for only at
+//! [`NcclGroup::settle`].
 
 use crate::gpu::{cuda_float_dispatch, Gpu, OnDevice};
 use crate::{cuda_device, Device, Result, Tensor, TensorError};
 use cuda::nccl::NcclComm;
+use std::sync::Mutex;
 
 /// This process's rank of an NCCL communicator, on one CUDA device.
 pub struct NcclGroup {
     comm: NcclComm,
     device: Device,
+    /// The buffers of the started collectives, kept from the memory pool until they settle.
+    in_flight: Mutex<Vec<Tensor>>,
 }
 
 impl NcclGroup {
@@ -31,7 +35,11 @@ impl NcclGroup {
         };
         let gpu = cuda_device(ordinal)?;
         let comm = NcclComm::new(&gpu, id, rank, world).on(op, device)?;
-        Ok(NcclGroup { comm, device })
+        Ok(NcclGroup {
+            comm,
+            device,
+            in_flight: Mutex::new(Vec::new()),
+        })
     }
 
     /// This rank.
@@ -87,6 +95,30 @@ impl NcclGroup {
             g.check(self.comm.reduce_scatter_sum(x.cuda_buffer::<T>(), &mut out))?;
             Ok(g.tensor(out, &[n]))
         })
+    }
+
+    /// [`NcclGroup::reduce_scatter_sum`], only started: it runs while the kernels queued after
+    /// it do, and its result holds the sum only after [`NcclGroup::settle`].
+    pub fn start_reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let op = "nccl reduce_scatter (started)";
+        let (g, x) = self.operand(op, t)?;
+        let n = x.numel() / self.world();
+        let out = cuda_float_dispatch!(op, self.device, x.dtype(), T => {
+            let mut out = g.alloc::<T>(n)?;
+            g.check(self.comm.start_reduce_scatter_sum(x.cuda_buffer::<T>(), &mut out))?;
+            Ok::<_, TensorError>(g.tensor(out, &[n]))
+        })?;
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.extend([x, out.clone()]);
+        Ok(out)
+    }
+
+    /// Makes the device's later work wait for every collective started so far; their results
+    /// may then be read.
+    pub fn settle(&self) -> Result<()> {
+        self.comm.settle().on("nccl settle", self.device)?;
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
     }
 
     /// Every rank's `t`, in rank order.

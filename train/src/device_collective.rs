@@ -10,11 +10,22 @@ use crate::error::{Result, TrainError};
 use tensor::nccl::NcclGroup;
 use tensor::{DType, Tensor};
 
-/// The two exchanges of a sharded step, on flat 1-D tensors.
-pub trait DeviceCollective {
+/// The two exchanges of a sharded step, on flat 1-D tensors. Shared with the thread that
+/// exchanges gradients while the backward pass runs.
+pub trait DeviceCollective: Sync {
     /// The sum over ranks of `flat` (`world` equal segments), segment `rank` of it, on `flat`'s
     /// device and in its dtype.
     fn reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor>;
+    /// [`DeviceCollective::reduce_scatter_sum`], possibly still running on the device when this
+    /// returns: its result holds the sum only after [`DeviceCollective::settle`]. By default it
+    /// is the whole exchange.
+    fn start_reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor> {
+        self.reduce_scatter_sum(flat)
+    }
+    /// Makes this rank's later device work wait for every started exchange.
+    fn settle(&self) -> Result<()> {
+        Ok(())
+    }
     /// Every rank's `segment`, in rank order, on `segment`'s device and in its dtype.
     fn all_gather(&self, segment: &Tensor) -> Result<Tensor>;
 }
@@ -64,6 +75,14 @@ impl DeviceCollective for HostStaged<'_> {
 impl DeviceCollective for NcclGroup {
     fn reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor> {
         Ok(NcclGroup::reduce_scatter_sum(self, flat)?)
+    }
+
+    fn start_reduce_scatter_sum(&self, flat: &Tensor) -> Result<Tensor> {
+        Ok(NcclGroup::start_reduce_scatter_sum(self, flat)?)
+    }
+
+    fn settle(&self) -> Result<()> {
+        Ok(NcclGroup::settle(self)?)
     }
 
     fn all_gather(&self, segment: &Tensor) -> Result<Tensor> {

@@ -3,6 +3,9 @@
 //! (the segment), so that rank r's parameters are segment r of a `[world × segment]` buffer.
 //! The gradients are reduce-scattered over this layout (each rank receives the summed
 //! gradients of the parameters it updates) and the updated weights all-gathered over it.
+//! Within a segment the parameters follow the order in which the backward pass finishes their
+//! gradients, so that the first buckets fill first and their exchange can start while the
+//! backward pass goes on.
 
 use crate::error::{Result, TrainError};
 use std::collections::BTreeMap;
@@ -20,20 +23,31 @@ struct Entry {
 
 /// The flat layout of the trainable parameters over the ranks.
 pub struct FlatLayout {
-    /// In layout order: by rank, then by name.
+    /// In layout order: by rank, then in the order their gradients are ready.
     entries: Vec<Entry>,
     segment: usize,
     world: usize,
 }
 
 impl FlatLayout {
-    /// The layout of the parameters `shapes` (by name) owned as `owner` says, over `world` ranks.
-    pub fn new(shapes: &BTreeMap<String, Vec<usize>>, owner: &BTreeMap<String, usize>, world: usize) -> Self {
+    /// The layout of the parameters `shapes` (by name) owned as `owner` says, over `world`
+    /// ranks, each rank's in the order of `ready` (names in the order the backward pass finishes
+    /// their gradients; any it lacks go last, by name).
+    pub fn new(
+        shapes: &BTreeMap<String, Vec<usize>>,
+        owner: &BTreeMap<String, usize>,
+        world: usize,
+        ready: &[String],
+    ) -> Self {
+        let rank_in_ready: BTreeMap<&str, usize> =
+            ready.iter().enumerate().map(|(i, k)| (k.as_str(), i)).collect();
+        let mut order: Vec<(&String, &Vec<usize>)> = shapes.iter().collect();
+        order.sort_by_key(|(k, _)| rank_in_ready.get(k.as_str()).copied().unwrap_or(usize::MAX));
         let mut segment = 0;
         let mut entries = Vec::new();
         for rank in 0..world {
             let mut used = 0;
-            for (name, shape) in shapes.iter().filter(|(k, _)| owner.get(*k) == Some(&rank)) {
+            for &(name, shape) in order.iter().filter(|(k, _)| owner.get(*k) == Some(&rank)) {
                 entries.push(Entry {
                     name: name.clone(),
                     shape: shape.clone(),
@@ -64,6 +78,21 @@ impl FlatLayout {
             .step_by(width)
             .map(|lo| lo..(lo + width).min(self.segment))
             .collect()
+    }
+
+    /// The parameters of every rank with values at offsets `within` of their segment.
+    pub fn names_in(&self, within: Range<usize>) -> impl Iterator<Item = &str> {
+        self.entries
+            .iter()
+            .filter(move |e| {
+                e.offset < within.end && within.start < e.offset + e.shape.iter().product::<usize>()
+            })
+            .map(|e| e.name.as_str())
+    }
+
+    /// Every parameter's name and shape, in layout order.
+    pub fn shapes(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries.iter().map(|e| (e.name.as_str(), e.shape.as_slice()))
     }
 
     /// The parts of rank `rank`'s parameters that fall in `within` (offsets in its segment), in
@@ -204,7 +233,7 @@ mod tests {
             .into_iter()
             .map(|(k, r)| (k.to_owned(), r))
             .collect();
-        let layout = FlatLayout::new(&shapes, &owner, 2);
+        let layout = FlatLayout::new(&shapes, &owner, 2, &[]);
         assert_eq!(layout.segment(), 6);
         let value = |name: &str| {
             let n: usize = shapes[name].iter().product();

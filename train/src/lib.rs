@@ -16,6 +16,7 @@ pub mod launch;
 pub mod loss_plot;
 pub mod metrics;
 pub mod options;
+pub mod overlapped_reduction;
 pub mod plan;
 pub mod process_group;
 pub mod rendezvous;

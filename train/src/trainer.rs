@@ -21,6 +21,7 @@ use crate::error::{io_err, Result, TrainError};
 use crate::eval::{evaluate, EvalReport};
 use crate::metrics::Metrics;
 use crate::options::TrainOptions;
+use crate::overlapped_reduction::OverlappedReduction;
 use crate::plan::BUCKET_BYTES;
 use crate::process_group::ProcessGroup;
 use crate::rendezvous::Peer;
@@ -853,7 +854,17 @@ fn rank_loop(
         drop(params);
         BTreeMap::new()
     };
-    let opt = ShardedAdamW::new(trainable_map, device, rank, world, run.adamw, start, moments);
+    let ready = agree(coll, gradient_ready_order(run, device, &weights))?;
+    let opt = ShardedAdamW::new(
+        trainable_map,
+        &ready,
+        device,
+        rank,
+        world,
+        run.adamw,
+        start,
+        moments,
+    );
     let mut opt = agree(coll, opt)?;
     let nccl = match &run.nccl_id {
         Some(id) if world > 1 => Some(agree(
@@ -900,12 +911,25 @@ fn rank_loop(
             batches.iter().map(|b| b.images as f64).sum(),
             batches.iter().map(|b| b.positions as f64).sum(),
         ])?;
-        let local = agree(
-            coll,
-            accumulate(run, device, &weights, &batches, counts[0], counts[1]),
-        );
-        let (grads, text, pixel) = local?;
-        let (grads, grad_norm) = reduce_gradients(run, coll, exchange, &opt, &weights, grads)?;
+        // The gradients are exchanged while the backward pass runs; every rank finishes the
+        // exchange, whatever failed, before the ranks agree on how the step went.
+        let (local, reduced) = std::thread::scope(|s| {
+            let mut reduction =
+                OverlappedReduction::start(s, opt.layout(), exchange, rank, device, BUCKET_BYTES);
+            let local = accumulate(
+                run,
+                device,
+                &weights,
+                &batches,
+                counts[0],
+                counts[1],
+                &mut reduction,
+            );
+            (local, reduction.finish())
+        });
+        let (text, pixel) = agree(coll, local)?;
+        let (grads, squares) = agree(coll, reduced)?;
+        let grad_norm = coll.sum_f64(&[squares])?[0].sqrt();
         let losses = coll.sum_f64(&[text, pixel])?;
         let loss = losses[0] + losses[1];
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -1012,9 +1036,26 @@ fn rank_device(first: Device, rank: usize) -> Device {
     }
 }
 
+/// The trainable parameters in the order the backward pass finishes their gradients: the
+/// reverse of the order the model takes them in, which is the order its forward pass runs.
+fn gradient_ready_order(
+    run: &Run,
+    device: Device,
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<Vec<String>> {
+    let store = ParamStore::new(weights.clone(), true, "training weights");
+    store.set_device(device);
+    Emma::new(&run.cfg, store.clone())?;
+    let mut order = store.first_taken();
+    order.retain(|k| run.trainable.binary_search(k).is_ok());
+    order.reverse();
+    Ok(order)
+}
+
 /// Forward and backward over this rank's micro-batches with the compute `weights` (already on
-/// `device`, in the compute precision): the summed gradients (f32, by name, on `device`) and
-/// this rank's shares of the text and pixel losses.
+/// `device`, in the compute precision), the gradients going to `reduction` (the last
+/// micro-batch's as soon as each is final); returns this rank's shares of the text and pixel
+/// losses.
 fn accumulate(
     run: &Run,
     device: Device,
@@ -1022,10 +1063,10 @@ fn accumulate(
     batches: &[MicroBatch],
     global_tokens: f64,
     global_images: f64,
-) -> Result<(BTreeMap<String, Tensor>, f64, f64)> {
-    let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    reduction: &mut OverlappedReduction,
+) -> Result<(f64, f64)> {
     let (mut text, mut pixel) = (0.0, 0.0);
-    for mb in batches {
+    for (i, mb) in batches.iter().enumerate() {
         let store = ParamStore::new(weights.clone(), true, "training weights");
         store.set_device(device);
         let mut model = Emma::new(&run.cfg, store)?;
@@ -1073,65 +1114,23 @@ fn accumulate(
                 text += v;
             }
         }
-        objective.backward()?;
-        for (k, g) in model.store().grads() {
-            let g = g.to_dtype(DType::F32)?;
-            let sum = match grads.remove(&k) {
-                Some(acc) => acc.add(&g)?,
-                None => g,
-            };
-            grads.insert(k, sum);
+        if i + 1 < batches.len() {
+            objective.backward()?;
+            for (k, g) in model.store().grads() {
+                reduction.add(&k, &g);
+            }
+            continue;
         }
+        let names = model.store().names_by_var_id();
+        objective.backward_notifying(&mut |leaf| {
+            let Some(name) = names.get(&leaf.id()) else { return };
+            if let Some(g) = leaf.grad() {
+                reduction.add(name, &g);
+            }
+            reduction.ready(name);
+        })?;
     }
-    Ok((grads, text, pixel))
-}
-
-/// The summed gradients of the parameters this rank updates (zeros where no rank had one), on
-/// this rank's device, and the global L2 norm of the whole summed gradient. One rank keeps its
-/// gradients where they are (on a GPU they never leave it); several reduce-scatter them over the
-/// optimizer's flat layout, one bucket of at most [`BUCKET_BYTES`] at a time, each receiving
-/// its own parameters' sums, and add up the squares of their segments.
-fn reduce_gradients(
-    run: &Run,
-    coll: &dyn Collective,
-    exchange: &dyn DeviceCollective,
-    opt: &ShardedAdamW,
-    params: &BTreeMap<String, Tensor>,
-    mut grads: BTreeMap<String, Tensor>,
-) -> Result<(BTreeMap<String, Tensor>, f64)> {
-    if coll.world() == 1 {
-        let mut out = BTreeMap::new();
-        let mut squares = 0.0;
-        for k in &run.trainable {
-            let p = &params[k];
-            let g = match grads.remove(k) {
-                Some(g) => g,
-                None => Tensor::zeros_on(p.shape(), DType::F32, p.device())?,
-            };
-            squares += g.sqr()?.sum_all()?.to_scalar_f64()?;
-            out.insert(k.clone(), g);
-        }
-        return Ok((out, squares.sqrt()));
-    }
-    // Every weight is on this rank's device: the buckets are assembled there, one at a time.
-    let device = params.values().next().map_or(Device::Cpu, Tensor::device);
-    let (layout, rank) = (opt.layout(), opt.rank());
-    let (mut parts, mut squares) = (Vec::new(), 0.0);
-    for within in layout.buckets(BUCKET_BYTES) {
-        let bucket = layout.pack(
-            0..coll.world(),
-            within.clone(),
-            |k| grads.get(k).cloned(),
-            DType::F32,
-            device,
-        )?;
-        let mine = exchange.reduce_scatter_sum(&bucket)?;
-        squares += mine.sqr()?.sum_all()?.to_scalar_f64()?;
-        parts.extend(layout.unpack(&mine, rank..rank + 1, within)?);
-    }
-    drop(grads);
-    let norm = coll.sum_f64(&[squares])?[0].sqrt();
-    Ok((layout.assemble(parts)?, norm))
+    Ok((text, pixel))
 }
 
 /// Appends a metrics line and updates the progress bar (rank 0).

@@ -47,9 +47,11 @@ impl ShardedAdamW {
     /// The optimizer of `rank` over the `trainable` parameters (f32, by name, wherever they
     /// are), resumed from `moments` (this rank's, by name) after `step` steps. It keeps the owned
     /// parameters' master weights and their moments, moved to `device`, and drops its handles on
-    /// the others.
+    /// the others. `ready` orders the exchanged buffers (see [`FlatLayout::new`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         trainable: BTreeMap<String, Tensor>,
+        ready: &[String],
         device: Device,
         rank: usize,
         world: usize,
@@ -73,7 +75,7 @@ impl ShardedAdamW {
             .map(|(k, (m, v))| Ok((k, (m.to_device(device)?, v.to_device(device)?))))
             .collect::<Result<_>>()?;
         Ok(ShardedAdamW {
-            layout: FlatLayout::new(&shapes, &owner, world),
+            layout: FlatLayout::new(&shapes, &owner, world, ready),
             rank,
             device,
             masters,
@@ -299,7 +301,7 @@ mod tests {
                             .collect();
                         let config = AdamWConfig::default();
                         let mut opt =
-                            ShardedAdamW::new(trainable, Device::Cpu, r, 2, config, 0, BTreeMap::new())
+                            ShardedAdamW::new(trainable, &[], Device::Cpu, r, 2, config, 0, BTreeMap::new())
                                 .unwrap();
                         let owned: Vec<String> = opt.owned().cloned().collect();
                         // Each rank holds the summed gradients of its own parameters only.
