@@ -199,12 +199,16 @@ impl NcclComm {
     }
 
     /// [`NcclComm::reduce_scatter_sum`], only started: the kernels queued after it do not wait
-    /// for it. Neither buffer may be read, written or freed before [`NcclComm::settle`].
+    /// for it, but they wait for the collectives started before it (so one runs at a time
+    /// behind the kernels, and a pipeline of started calls holds two calls' buffers). Neither
+    /// buffer may be read, written or freed before the next started call or
+    /// [`NcclComm::settle`].
     pub fn start_reduce_scatter_sum<T: DeviceElem>(
         &self,
         send: &DeviceBuffer<T>,
         recv: &mut DeviceBuffer<T>,
     ) -> Result<()> {
+        self.settle()?;
         self.launch(Call::ReduceScatter, send, recv, false)
     }
 

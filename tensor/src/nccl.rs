@@ -13,7 +13,7 @@ use std::sync::Mutex;
 pub struct NcclGroup {
     comm: NcclComm,
     device: Device,
-    /// The buffers of the started collectives, kept from the memory pool until they settle.
+    /// The buffers of the last started collective, kept from the memory pool until it settles.
     in_flight: Mutex<Vec<Tensor>>,
 }
 
@@ -98,7 +98,9 @@ impl NcclGroup {
     }
 
     /// [`NcclGroup::reduce_scatter_sum`], only started: it runs while the kernels queued after
-    /// it do, and its result holds the sum only after [`NcclGroup::settle`].
+    /// it do, and its result holds the sum only after [`NcclGroup::settle`]. The kernels queued
+    /// after it wait for the reduce-scatter started before it, whose buffers go back to the
+    /// memory pool then (so a pipeline of them holds at most two).
     pub fn start_reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
         let op = "nccl reduce_scatter (started)";
         let (g, x) = self.operand(op, t)?;
@@ -108,8 +110,8 @@ impl NcclGroup {
             g.check(self.comm.start_reduce_scatter_sum(x.cuda_buffer::<T>(), &mut out))?;
             Ok::<_, TensorError>(g.tensor(out, &[n]))
         })?;
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        in_flight.extend([x, out.clone()]);
+        // The device's stream now waits for the one started before: its buffers may go.
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = vec![x, out.clone()];
         Ok(out)
     }
 

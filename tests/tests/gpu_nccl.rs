@@ -1,7 +1,8 @@
 //! The NCCL collectives on device tensors (`tensor::nccl::NcclGroup`), one rank on `cuda:0`:
 //! with one rank the sum over ranks of a buffer is the buffer, and so are its one segment and
-//! the gather of it, bit for bit, in f32 and bf16. This checks the plumbing to the library
-//! (unique id, communicator, datatypes, streams); sums over several ranks need several GPUs.
+//! the gather of it, bit for bit, in f32 and bf16, also for a reduce-scatter only started (on
+//! the collectives' stream) and settled later. This checks the plumbing to the library (unique
+//! id, communicator, datatypes, streams); sums over several ranks need several GPUs.
 //!
 //! NCCL needs a real GPU: on the emulated device, or without one, the test prints one line
 //! `skipped: <reason>` and passes (with `EMMA_REQUIRE_GPU=1` and no GPU at all it fails).
@@ -28,11 +29,23 @@ fn one_rank_collectives_return_their_input() {
             .to_device(GPU)
             .unwrap();
         let want = x.to_vec_f64();
-        let outputs: [(&str, Tensor); 3] = [
+        // A started reduce-scatter runs on the collectives' stream while later kernels run on
+        // the device's; after settling, the kernels that follow see its result.
+        let started = group.start_reduce_scatter_sum(&x).unwrap();
+        let meanwhile = x.affine(3.0, 0.0).unwrap();
+        group.settle().unwrap();
+        let doubled = started.affine(2.0, 0.0).unwrap();
+        let outputs: [(&str, Tensor); 5] = [
             ("all_reduce", group.all_reduce_sum(&x).unwrap()),
             ("reduce_scatter", group.reduce_scatter_sum(&x).unwrap()),
             ("all_gather", group.all_gather(&x).unwrap()),
+            ("started reduce_scatter", started),
+            (
+                "half of the doubled started reduce_scatter",
+                doubled.affine(0.5, 0.0).unwrap(),
+            ),
         ];
+        assert_eq!(meanwhile.to_vec_f64(), x.affine(3.0, 0.0).unwrap().to_vec_f64());
         for (name, out) in outputs {
             assert_eq!(out.dtype(), dtype, "{name}");
             assert_eq!(out.to_vec_f64(), want, "{name} in {dtype:?}");

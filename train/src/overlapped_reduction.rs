@@ -19,7 +19,7 @@ use tensor::{DType, Device, Tensor};
 /// The thread that exchanges the buckets: they go in through the channel, and it hands back
 /// each one's summed segment for this rank, in order.
 struct Worker<'scope> {
-    buckets: mpsc::Sender<Tensor>,
+    buckets: mpsc::SyncSender<Tensor>,
     done: ScopedJoinHandle<'scope, Result<Vec<Tensor>>>,
 }
 
@@ -68,7 +68,9 @@ impl<'scope> OverlappedReduction<'scope> {
             }
         }
         let worker = (layout.world() > 1).then(|| {
-            let (buckets, receive) = mpsc::channel::<Tensor>();
+            // A bucket is handed over only when the worker takes it: at most two are out at
+            // once (one being exchanged, one packed), as the memory plan counts.
+            let (buckets, receive) = mpsc::sync_channel::<Tensor>(0);
             let done = scope.spawn(move || {
                 receive
                     .into_iter()
@@ -314,6 +316,42 @@ mod tests {
         // Rank 2 misses p3, so the buckets holding p3 wait for its end.
         assert!(results[2].0 != results[0].0);
         assert_eq!(results[0].0.last(), Some(&buckets));
+    }
+
+    #[test]
+    fn a_rank_that_fails_still_completes_every_exchange_then_reports_its_error() {
+        let shapes: BTreeMap<String, Vec<usize>> = [("a".to_owned(), vec![2, 3]), ("b".to_owned(), vec![4])].into();
+        let owner: BTreeMap<String, usize> = [("a".to_owned(), 0), ("b".to_owned(), 1)].into();
+        let layout = FlatLayout::new(&shapes, &owner, 2, &[]);
+        let ranks = ThreadGroup::new(2);
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(r, g)| {
+                    let layout = &layout;
+                    s.spawn(move || {
+                        let staged = HostStaged(g);
+                        std::thread::scope(|inner| {
+                            let mut red = OverlappedReduction::start(inner, layout, &staged, r, Device::Cpu, 8);
+                            // Rank 1's gradient of `a` has the wrong shape: its bucket cannot be packed.
+                            let shape: &[usize] = if r == 1 { &[5] } else { &[2, 3] };
+                            red.add("a", &grad(shape, r, 0, 0));
+                            red.add("b", &grad(&[4], r, 1, 0));
+                            red.ready("a");
+                            red.ready("b");
+                            red.finish()
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let err = results[1].as_ref().err().expect("rank 1 failed").to_string();
+        assert!(err.contains('a') && err.contains("[5]"), "{err}");
+        // Rank 0 got its sums: its own gradient of `a` plus rank 1's zeros.
+        let (mine, _) = results[0].as_ref().unwrap();
+        assert_eq!(mine["a"].to_vec::<f32>().unwrap(), grad(&[2, 3], 0, 0, 0).to_vec::<f32>().unwrap());
     }
 
     #[test]

@@ -23,8 +23,8 @@ use tensor::Device;
 
 /// f32 bytes.
 const F32: usize = 4;
-/// Bytes of one bucket of the sharded exchanges (the plan counts two: one being reduced while
-/// the next is filled, as when the reduction overlaps the backward pass).
+/// Bytes of one bucket of the sharded exchanges (the plan counts two: the reduction that
+/// overlaps the backward pass holds one being exchanged while the next is packed, no more).
 pub const BUCKET_BYTES: usize = 25 << 20;
 /// cuBLAS's workspace on Hopper.
 const CUBLAS_WORKSPACE: usize = 32 << 20;
