@@ -320,7 +320,8 @@ mod tests {
 
     #[test]
     fn a_rank_that_fails_still_completes_every_exchange_then_reports_its_error() {
-        let shapes: BTreeMap<String, Vec<usize>> = [("a".to_owned(), vec![2, 3]), ("b".to_owned(), vec![4])].into();
+        let shapes: BTreeMap<String, Vec<usize>> =
+            [("a".to_owned(), vec![2, 3]), ("b".to_owned(), vec![4])].into();
         let owner: BTreeMap<String, usize> = [("a".to_owned(), 0), ("b".to_owned(), 1)].into();
         let layout = FlatLayout::new(&shapes, &owner, 2, &[]);
         let ranks = ThreadGroup::new(2);
@@ -333,7 +334,8 @@ mod tests {
                     s.spawn(move || {
                         let staged = HostStaged(g);
                         std::thread::scope(|inner| {
-                            let mut red = OverlappedReduction::start(inner, layout, &staged, r, Device::Cpu, 8);
+                            let mut red =
+                                OverlappedReduction::start(inner, layout, &staged, r, Device::Cpu, 8);
                             // Rank 1's gradient of `a` has the wrong shape: its bucket cannot be packed.
                             let shape: &[usize] = if r == 1 { &[5] } else { &[2, 3] };
                             red.add("a", &grad(shape, r, 0, 0));
@@ -347,11 +349,14 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
-        let err = results[1].as_ref().err().expect("rank 1 failed").to_string();
+        let err = results[1].as_ref().expect_err("rank 1 failed").to_string();
         assert!(err.contains('a') && err.contains("[5]"), "{err}");
         // Rank 0 got its sums: its own gradient of `a` plus rank 1's zeros.
         let (mine, _) = results[0].as_ref().unwrap();
-        assert_eq!(mine["a"].to_vec::<f32>().unwrap(), grad(&[2, 3], 0, 0, 0).to_vec::<f32>().unwrap());
+        assert_eq!(
+            mine["a"].to_vec::<f32>().unwrap(),
+            grad(&[2, 3], 0, 0, 0).to_vec::<f32>().unwrap()
+        );
     }
 
     #[test]
