@@ -92,6 +92,12 @@ pub enum CudaError {
         /// The library's status.
         status: cudarc::nccl::result::NcclError,
     },
+    /// An NCCL call on a communicator that was aborted.
+    #[error("{op}: the NCCL communicator was aborted")]
+    NcclAborted {
+        /// The call.
+        op: &'static str,
+    },
     /// The device could not satisfy an allocation, even after the cache was emptied.
     #[error("out of device memory: requested {requested} bytes with {in_use} bytes in use")]
     OutOfMemory {

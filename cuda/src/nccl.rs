@@ -143,6 +143,9 @@ impl NcclComm {
         }
         let dtype = nccl_type(op, T::DTYPE)?;
         let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        if comm.is_null() {
+            return Err(CudaError::NcclAborted { op });
+        }
         self.device.bind()?;
         let main = self.device.driver_stream()?;
         self.side
@@ -167,6 +170,23 @@ impl NcclComm {
             self.settle()?;
         }
         Ok(())
+    }
+
+    /// Aborts the communicator: NCCL ends its unfinished collectives (for a watchdog, when a
+    /// rank they wait for has died), and every later call is an error.
+    pub fn abort(&self) -> Result<()> {
+        let mut comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+        let live = std::mem::replace(&mut *comm, std::ptr::null_mut());
+        if live.is_null() {
+            return Ok(());
+        }
+        // SAFETY: the communicator is ours, and no call of ours is in it (we hold the lock).
+        unsafe { result::comm_abort(live) }
+            .map(drop)
+            .map_err(|status| CudaError::Nccl {
+                op: "ncclCommAbort",
+                status,
+            })
     }
 
     /// Makes the device's stream wait for every collective queued so far (the started ones
@@ -247,6 +267,9 @@ impl Call {
 impl Drop for NcclComm {
     fn drop(&mut self) {
         let comm = *self.comm.get_mut().unwrap_or_else(|e| e.into_inner());
+        if comm.is_null() {
+            return; // aborted
+        }
         // SAFETY: the communicator is ours and no call is in flight (we hold it exclusively).
         // A failure here cannot be reported; the process is ending the run anyway.
         let _ = unsafe { result::comm_destroy(comm) };

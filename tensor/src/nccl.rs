@@ -123,6 +123,11 @@ impl NcclGroup {
         Ok(())
     }
 
+    /// Aborts the communicator: its unfinished collectives end, and every later call fails.
+    pub fn abort(&self) -> Result<()> {
+        self.comm.abort().on("nccl abort", self.device)
+    }
+
     /// Every rank's `t`, in rank order.
     pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
         let op = "nccl all_gather";

@@ -25,4 +25,5 @@ pub mod schedule;
 pub mod shapes;
 pub mod trainer;
 pub mod vision_warmup;
+pub mod watchdog;
 pub mod zero;

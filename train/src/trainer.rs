@@ -29,6 +29,7 @@ use crate::replaced::Replaced;
 use crate::schedule::learning_rate;
 use crate::shapes::ShapesConfig;
 use crate::vision_warmup::{warm_up_vision, ACCURACY_WINDOW, WARMUP_BATCH};
+use crate::watchdog::Watchdog;
 use crate::zero::{check_moments, load_moments, ShardedAdamW};
 use autograd::Var;
 use emma::checkpoint::{from_pretrained_parts, Pretrained, TOKENIZER_FILE};
@@ -43,7 +44,7 @@ use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tensor::nccl::NcclGroup;
 use tensor::{DType, Device, Tensor};
@@ -867,23 +868,29 @@ fn rank_loop(
     );
     let mut opt = agree(coll, opt)?;
     let nccl = match &run.nccl_id {
-        Some(id) if world > 1 => Some(agree(
+        Some(id) if world > 1 => Some(Arc::new(agree(
             coll,
             NcclGroup::new(device, id, rank, world).map_err(Into::into),
-        )?),
+        )?)),
         _ => None,
     };
     let staged = HostStaged(coll);
     let exchange: &dyn DeviceCollective = match &nccl {
-        Some(group) => group,
+        Some(group) => group.as_ref(),
         None => &staged,
     };
+    let watchdog = nccl
+        .as_ref()
+        .map(|group| nccl_watchdog(group.clone(), rank, run.opts.rank_timeout));
     let global = run.micro * run.accum * world;
     let mut order: Option<(u64, Vec<usize>)> = None;
     let mut last_loss = start_loss;
     let mut last_checkpoint = resume_dir.map(Path::to_path_buf);
     let open_steps = (run.open_first.len() / global) as u64;
     for step in start..run.total {
+        if let Some(dog) = &watchdog {
+            dog.arm(format!("step {}", step + 1));
+        }
         let timer = Instant::now();
         let (step_order, first) = match step.checked_sub(open_steps) {
             None => (run.open_first.as_slice(), step as usize * global),
@@ -994,10 +1001,32 @@ fn rank_loop(
         }
     }
     // The trained model in f32 for rank 0 (the others hand back nothing).
+    if let Some(dog) = &watchdog {
+        dog.arm("gathering the trained model");
+    }
     let into = (rank == 0).then_some(Device::Cpu);
     let mut trained = opt.gather(exchange, DType::F32, into)?;
+    drop(watchdog);
     trained.extend(frozen);
     Ok((last_loss, trained))
+}
+
+/// The watchdog of a rank exchanging through NCCL: armed for each step (its checkpoint
+/// included), it aborts the communicator and ends the process with an error when the step has
+/// not finished after `timeout_s` seconds (a rank the collectives wait for has died or stalled,
+/// and NCCL would wait forever).
+fn nccl_watchdog(group: Arc<NcclGroup>, rank: usize, timeout_s: u64) -> Watchdog {
+    Watchdog::start(Duration::from_secs(timeout_s), move |what| {
+        let aborted = match group.abort() {
+            Ok(()) => "NCCL aborted".to_owned(),
+            Err(e) => format!("aborting NCCL failed too: {e}"),
+        };
+        eprintln!(
+            "error: rank {rank}: {what} did not finish within {timeout_s} s (--rank-timeout): a rank \
+             it exchanges with has died or stalled; {aborted}; resume from the last checkpoint"
+        );
+        std::process::exit(1);
+    })
 }
 
 /// The examples' order in `epoch`: a shuffle seeded by `(seed, epoch)` only.
