@@ -218,6 +218,51 @@ mod tests {
     use std::collections::BTreeMap;
     use tensor::{DType, Device, Tensor};
 
+    /// `f(rank, reduction)` on each rank of `layout` (threads), with reductions in buckets of
+    /// `bucket_bytes` over the host collective; the results in rank order.
+    fn on_ranks<T: Send>(
+        layout: &FlatLayout,
+        bucket_bytes: usize,
+        f: impl Fn(usize, OverlappedReduction) -> T + Sync,
+    ) -> Vec<T> {
+        let ranks = ThreadGroup::new(layout.world());
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .iter()
+                .enumerate()
+                .map(|(r, g)| {
+                    let f = &f;
+                    s.spawn(move || {
+                        let staged = HostStaged(g);
+                        std::thread::scope(|inner| {
+                            f(
+                                r,
+                                OverlappedReduction::start(
+                                    inner,
+                                    layout,
+                                    &staged,
+                                    r,
+                                    Device::Cpu,
+                                    bucket_bytes,
+                                ),
+                            )
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// Parameters `a` [2, 3] and `b` [4], owned by ranks `owners`, over `world` ranks.
+    fn two_parameters(owners: [usize; 2], world: usize) -> FlatLayout {
+        let shapes: BTreeMap<String, Vec<usize>> =
+            [("a".to_owned(), vec![2, 3]), ("b".to_owned(), vec![4])].into();
+        let owner: BTreeMap<String, usize> =
+            [("a".to_owned(), owners[0]), ("b".to_owned(), owners[1])].into();
+        FlatLayout::new(&shapes, &owner, world, &[])
+    }
+
     /// Rank `r`'s gradient of parameter `p`, micro-batch `m`: fresh random values.
     fn grad(shape: &[usize], r: usize, p: usize, m: usize) -> Tensor {
         let mut rng = tensor::seeded_rng((100 * r + 10 * p + m) as u64);
@@ -248,41 +293,19 @@ mod tests {
         let has = |r: usize, p: usize| !(r == 2 && p == 3);
         // Buckets of 8 values per rank.
         let bucket_bytes = 8 * 4 * world;
-        let ranks = ThreadGroup::new(world);
-        let results = std::thread::scope(|s| {
-            let handles: Vec<_> = ranks
-                .iter()
-                .enumerate()
-                .map(|(r, g)| {
-                    let (layout, ready, shapes) = (&layout, &ready, &shapes);
-                    s.spawn(move || {
-                        let staged = HostStaged(g);
-                        std::thread::scope(|inner| {
-                            let mut red = OverlappedReduction::start(
-                                inner,
-                                layout,
-                                &staged,
-                                r,
-                                Device::Cpu,
-                                bucket_bytes,
-                            );
-                            let mut sent_early = Vec::new();
-                            for name in ready {
-                                let p: usize = name[1..].parse().unwrap();
-                                if has(r, p) {
-                                    // Two micro-batches.
-                                    red.add(name, &grad(&shapes[name], r, p, 0));
-                                    red.add(name, &grad(&shapes[name], r, p, 1));
-                                    red.ready(name);
-                                }
-                                sent_early.push(red.sent());
-                            }
-                            (sent_early, red.finish().unwrap())
-                        })
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        let results = on_ranks(&layout, bucket_bytes, |r, mut red| {
+            let mut sent_early = Vec::new();
+            for name in &ready {
+                let p: usize = name[1..].parse().unwrap();
+                if has(r, p) {
+                    // Two micro-batches.
+                    red.add(name, &grad(&shapes[name], r, p, 0));
+                    red.add(name, &grad(&shapes[name], r, p, 1));
+                    red.ready(name);
+                }
+                sent_early.push(red.sent());
+            }
+            (sent_early, red.finish().unwrap())
         });
         let buckets = layout.buckets(bucket_bytes).len();
         assert!(buckets > 3, "{buckets} buckets");
@@ -320,34 +343,15 @@ mod tests {
 
     #[test]
     fn a_rank_that_fails_still_completes_every_exchange_then_reports_its_error() {
-        let shapes: BTreeMap<String, Vec<usize>> =
-            [("a".to_owned(), vec![2, 3]), ("b".to_owned(), vec![4])].into();
-        let owner: BTreeMap<String, usize> = [("a".to_owned(), 0), ("b".to_owned(), 1)].into();
-        let layout = FlatLayout::new(&shapes, &owner, 2, &[]);
-        let ranks = ThreadGroup::new(2);
-        let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = ranks
-                .iter()
-                .enumerate()
-                .map(|(r, g)| {
-                    let layout = &layout;
-                    s.spawn(move || {
-                        let staged = HostStaged(g);
-                        std::thread::scope(|inner| {
-                            let mut red =
-                                OverlappedReduction::start(inner, layout, &staged, r, Device::Cpu, 8);
-                            // Rank 1's gradient of `a` has the wrong shape: its bucket cannot be packed.
-                            let shape: &[usize] = if r == 1 { &[5] } else { &[2, 3] };
-                            red.add("a", &grad(shape, r, 0, 0));
-                            red.add("b", &grad(&[4], r, 1, 0));
-                            red.ready("a");
-                            red.ready("b");
-                            red.finish()
-                        })
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let layout = two_parameters([0, 1], 2);
+        let results = on_ranks(&layout, 8, |r, mut red| {
+            // Rank 1's gradient of `a` has the wrong shape: its bucket cannot be packed.
+            let shape: &[usize] = if r == 1 { &[5] } else { &[2, 3] };
+            red.add("a", &grad(shape, r, 0, 0));
+            red.add("b", &grad(&[4], r, 1, 0));
+            red.ready("a");
+            red.ready("b");
+            red.finish()
         });
         let err = results[1].as_ref().expect_err("rank 1 failed").to_string();
         assert!(err.contains('a') && err.contains("[5]"), "{err}");
@@ -361,19 +365,14 @@ mod tests {
 
     #[test]
     fn one_rank_keeps_its_gradients_and_fills_in_zeros() {
-        let shapes: BTreeMap<String, Vec<usize>> =
-            [("a".to_owned(), vec![2, 3]), ("b".to_owned(), vec![4])].into();
-        let owner: BTreeMap<String, usize> = [("a".to_owned(), 0), ("b".to_owned(), 0)].into();
-        let layout = FlatLayout::new(&shapes, &owner, 1, &[]);
-        let ranks = ThreadGroup::new(1);
-        let staged = HostStaged(&ranks[0]);
+        let layout = two_parameters([0, 0], 1);
         let g = grad(&[2, 3], 0, 0, 0);
-        let (out, squares) = std::thread::scope(|s| {
-            let mut red = OverlappedReduction::start(s, &layout, &staged, 0, Device::Cpu, 1 << 20);
+        let (out, squares) = on_ranks(&layout, 1 << 20, |_, mut red| {
             red.add("a", &g.to_dtype(DType::BF16).unwrap());
             red.ready("a");
             red.finish().unwrap()
-        });
+        })
+        .remove(0);
         let a = g.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap();
         assert_eq!(out["a"].dtype(), DType::F32);
         assert_eq!(out["a"].to_vec::<f32>().unwrap(), a.to_vec::<f32>().unwrap());
