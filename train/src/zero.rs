@@ -164,11 +164,6 @@ impl ShardedAdamW {
         self.layout.assemble(parts)
     }
 
-    /// Steps taken.
-    pub fn steps(&self) -> u64 {
-        self.opt.steps()
-    }
-
     /// Writes this rank's moments to `path` (tensors `exp_avg.NAME` and `exp_avg_sq.NAME`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let named: Vec<(String, &Tensor)> = self
