@@ -1,7 +1,8 @@
 //! The exchanges of sharded training over device tensors: the gradients' reduce-scatter and the
 //! updated weights' all-gather, each over a flat 1-D buffer of `world` equal segments (see
 //! [`crate::flat_layout::FlatLayout`]). On GPUs of a multi-process run they are NCCL's
-//! ([`tensor::nccl::NcclGroup`]), on the devices' streams; otherwise ([`HostStaged`]: the CPU,
+//! ([`tensor::nccl::NcclGroup`]), on a second stream of each device (the reduce-scatter may be
+//! only started, to overlap the backward pass); otherwise ([`HostStaged`]: the CPU,
 //! thread ranks, the emulated GPU) the buffers go through the host collective, and the result
 //! comes back to the tensor's device.
 
