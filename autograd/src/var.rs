@@ -1,7 +1,7 @@
 //! `Var`: a tensor in a differentiable graph, and the backward walk.
 
 use crate::{AutogradError, Result};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tensor::Tensor;
@@ -105,12 +105,6 @@ impl Var {
     /// Back-propagates from this one-element var: adds d(self)/d(leaf) into every leaf's gradient.
     /// Each node's saved tensors are freed once its rule has run, so a graph is walked once.
     pub fn backward(&self) -> Result<()> {
-        if self.value().numel() != 1 {
-            return Err(AutogradError::NotScalar(self.value().shape().to_vec()));
-        }
-        if !self.requires_grad() {
-            return Err(AutogradError::NoGradient);
-        }
         self.backward_notifying(&mut |_| {})
     }
 
@@ -138,23 +132,14 @@ impl Var {
 
     /// The walk behind [`Var::backward_with`] and [`Var::backward_notifying`].
     fn walk(&self, grad: Tensor, on_ready: &mut dyn FnMut(&Var)) -> Result<()> {
-        // Every var reachable through vars that require gradients, keyed by creation id:
-        // inputs are always created before their outputs, so descending ids are a topological
-        // order. `consumers` counts, per var, the uses of it as an input of a reachable node.
-        let mut order: BTreeMap<usize, Var> = BTreeMap::new();
+        // Descending creation ids are a topological order (see `reachable`). `consumers`
+        // counts, per var, the uses of it as an input of a reachable node.
+        let order = self.reachable();
         let mut consumers: HashMap<usize, usize> = HashMap::new();
-        let mut stack = vec![self.clone()];
-        while let Some(v) = stack.pop() {
-            if !v.requires_grad() || order.contains_key(&v.0.id) {
-                continue;
+        for node in order.values().filter_map(|v| v.0.node.as_ref()) {
+            for input in node.inputs.iter().filter(|i| i.requires_grad()) {
+                *consumers.entry(input.0.id).or_default() += 1;
             }
-            if let Some(node) = &v.0.node {
-                for input in node.inputs.iter().filter(|i| i.requires_grad()) {
-                    *consumers.entry(input.0.id).or_default() += 1;
-                    stack.push(input.clone());
-                }
-            }
-            order.insert(v.0.id, v);
         }
         let mut grads: BTreeMap<usize, Tensor> = BTreeMap::new();
         grads.insert(self.0.id, grad);
@@ -220,21 +205,28 @@ impl Var {
     /// The leaves that require a gradient and that this var's value depends on, in creation
     /// order.
     pub fn leaves(&self) -> Vec<Var> {
+        self.reachable()
+            .into_values()
+            .filter(|v| v.0.node.is_none())
+            .collect()
+    }
+
+    /// Every var reachable from this one through vars that require gradients, keyed by
+    /// creation id: inputs are always created before their outputs, so descending ids are a
+    /// topological order.
+    fn reachable(&self) -> BTreeMap<usize, Var> {
         let mut found: BTreeMap<usize, Var> = BTreeMap::new();
-        let mut seen = HashSet::new();
         let mut stack = vec![self.clone()];
         while let Some(v) = stack.pop() {
-            if !v.requires_grad() || !seen.insert(v.0.id) {
+            if !v.requires_grad() || found.contains_key(&v.0.id) {
                 continue;
             }
-            match &v.0.node {
-                Some(node) => stack.extend(node.inputs.iter().cloned()),
-                None => {
-                    found.insert(v.0.id, v);
-                }
+            if let Some(node) = &v.0.node {
+                stack.extend(node.inputs.iter().cloned());
             }
+            found.insert(v.0.id, v);
         }
-        found.into_values().collect()
+        found
     }
 }
 

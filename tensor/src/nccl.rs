@@ -87,14 +87,7 @@ impl NcclGroup {
 
     /// The sum over ranks of `t` (`world` equal segments), segment `rank` of it.
     pub fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let op = "nccl reduce_scatter";
-        let (g, x) = self.operand(op, t)?;
-        let n = x.numel() / self.world();
-        cuda_float_dispatch!(op, self.device, x.dtype(), T => {
-            let mut out = g.alloc::<T>(n)?;
-            g.check(self.comm.reduce_scatter_sum(x.cuda_buffer::<T>(), &mut out))?;
-            Ok(g.tensor(out, &[n]))
-        })
+        Ok(self.reduce_scatter(t, false)?.1)
     }
 
     /// [`NcclGroup::reduce_scatter_sum`], only started: it runs while the kernels queued after
@@ -102,17 +95,33 @@ impl NcclGroup {
     /// after it wait for the reduce-scatter started before it, whose buffers go back to the
     /// memory pool then (so a pipeline of them holds at most two).
     pub fn start_reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
-        let op = "nccl reduce_scatter (started)";
+        let (sent, out) = self.reduce_scatter(t, true)?;
+        // The device's stream now waits for the one started before: its buffers may go.
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = vec![sent, out.clone()];
+        Ok(out)
+    }
+
+    /// The reduce-scatter of `t`, whole or only `started`: the buffer sent (`t` packed) and the
+    /// result.
+    fn reduce_scatter(&self, t: &Tensor, started: bool) -> Result<(Tensor, Tensor)> {
+        let op = if started {
+            "nccl reduce_scatter (started)"
+        } else {
+            "nccl reduce_scatter"
+        };
         let (g, x) = self.operand(op, t)?;
         let n = x.numel() / self.world();
         let out = cuda_float_dispatch!(op, self.device, x.dtype(), T => {
             let mut out = g.alloc::<T>(n)?;
-            g.check(self.comm.start_reduce_scatter_sum(x.cuda_buffer::<T>(), &mut out))?;
+            let send = x.cuda_buffer::<T>();
+            g.check(if started {
+                self.comm.start_reduce_scatter_sum(send, &mut out)
+            } else {
+                self.comm.reduce_scatter_sum(send, &mut out)
+            })?;
             Ok::<_, TensorError>(g.tensor(out, &[n]))
         })?;
-        // The device's stream now waits for the one started before: its buffers may go.
-        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = vec![x, out.clone()];
-        Ok(out)
+        Ok((x, out))
     }
 
     /// Makes the device's later work wait for every collective started so far; their results

@@ -82,12 +82,8 @@ impl FlatLayout {
 
     /// The parameters of every rank with values at offsets `within` of their segment.
     pub fn names_in(&self, within: Range<usize>) -> impl Iterator<Item = &str> {
-        self.entries
-            .iter()
-            .filter(move |e| {
-                e.offset < within.end && within.start < e.offset + e.shape.iter().product::<usize>()
-            })
-            .map(|e| e.name.as_str())
+        (0..self.world)
+            .flat_map(move |rank| self.parts(rank, within.clone()).map(|(e, _, _)| e.name.as_str()))
     }
 
     /// Every parameter's name and shape, in layout order.

@@ -106,7 +106,9 @@ impl<'scope> OverlappedReduction<'scope> {
             Ok(sum) => {
                 self.grads.insert(name.to_owned(), sum);
             }
-            Err(e) => self.fail(e.into()),
+            Err(e) => {
+                self.failed.get_or_insert(e.into());
+            }
         }
     }
 
@@ -149,14 +151,12 @@ impl<'scope> OverlappedReduction<'scope> {
         match bucket {
             // A worker that stopped has failed; `finish` reports why.
             Ok(bucket) => drop(worker.buckets.send(bucket)),
-            Err(e) => self.fail(e),
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
         }
         self.grads
             .retain(|k, _| self.last_bucket.get(k).is_none_or(|&last| last > i));
-    }
-
-    fn fail(&mut self, e: TrainError) {
-        self.failed.get_or_insert(e);
     }
 
     /// Sends the buckets still waiting (parameters this rank computed no gradient for count as

@@ -936,8 +936,10 @@ fn rank_loop(
         });
         let (text, pixel) = agree(coll, local)?;
         let (grads, squares) = agree(coll, reduced)?;
-        let grad_norm = coll.sum_f64(&[squares])?[0].sqrt();
-        let losses = coll.sum_f64(&[text, pixel])?;
+        // One exchange for the squares and the losses: [squares, text, pixel] over the ranks.
+        let sums = coll.sum_f64(&[squares, text, pixel])?;
+        let grad_norm = sums[0].sqrt();
+        let losses = &sums[1..];
         let loss = losses[0] + losses[1];
         if !loss.is_finite() || !grad_norm.is_finite() {
             return Err(TrainError::NonFinite {
@@ -1072,13 +1074,20 @@ fn gradient_ready_order(
     device: Device,
     weights: &BTreeMap<String, Tensor>,
 ) -> Result<Vec<String>> {
-    let store = ParamStore::new(weights.clone(), true, "training weights");
-    store.set_device(device);
-    Emma::new(&run.cfg, store.clone())?;
-    let mut order = store.first_taken();
+    let mut order = training_model(run, device, weights)?.store().first_taken();
     order.retain(|k| run.trainable.binary_search(k).is_ok());
     order.reverse();
     Ok(order)
+}
+
+/// The run's model over the compute `weights` (on `device`), taking gradients, recomputing
+/// its blocks in the backward pass when the run says so.
+fn training_model(run: &Run, device: Device, weights: &BTreeMap<String, Tensor>) -> Result<Emma> {
+    let store = ParamStore::new(weights.clone(), true, "training weights");
+    store.set_device(device);
+    let mut model = Emma::new(&run.cfg, store)?;
+    model.set_recompute(run.opts.recipe().recompute);
+    Ok(model)
 }
 
 /// Forward and backward over this rank's micro-batches with the compute `weights` (already on
@@ -1096,10 +1105,7 @@ fn accumulate(
 ) -> Result<(f64, f64)> {
     let (mut text, mut pixel) = (0.0, 0.0);
     for (i, mb) in batches.iter().enumerate() {
-        let store = ParamStore::new(weights.clone(), true, "training weights");
-        store.set_device(device);
-        let mut model = Emma::new(&run.cfg, store)?;
-        model.set_recompute(run.opts.recipe().recompute);
+        let model = training_model(run, device, weights)?;
         // (term, whether it is a pixel-loss term)
         let mut terms: Vec<(Var, bool)> = Vec::new();
         if let Some(batch) = &mb.with_images {
