@@ -16,7 +16,7 @@ pub(crate) fn with_simd<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// Lanes of a group of partial results: one AVX-512 register of f32.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// `combine` of f(x) over `xs` from `init`, in `G` groups of [`LANES`] interleaved partial
 /// results combined in order at the end: an order fixed by the length (not by threads) that

@@ -5,7 +5,7 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
-use crate::ops::elementwise::{lane_fold, lane_sum, lane_sum_pairs, with_simd};
+use crate::ops::elementwise::{lane_fold, lane_sum, lane_sum_pairs, with_simd, LANES};
 use crate::ops::par_write::par_write;
 use crate::storage::CpuStorage;
 use crate::{FloatElement, Real, Result, Tensor};
@@ -119,18 +119,60 @@ fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
     lane_fold::<4, _, _>(x, S::Acc::neg_infinity(), |v: S| v.to_acc(), bigger)
 }
 
-/// `exp(x - max) / Σ exp(x - max)`.
+/// `exp(x - max) / Σ exp(x - max)`, in three passes: the max; the exponentials, stored and
+/// summed as they are made; the scale. For f32 and f64 the exponentials go straight into the
+/// output and are scaled there, so the output's cache lines are claimed while `exp` computes
+/// rather than in the last, memory-bound pass (measured in `BENCHMARKS.md`); 16-bit rows keep
+/// them in the compute type in `buf` and round once.
 #[inline(always)]
 fn softmax_row<S: FloatElement>(x: &[S], y: &mut [MaybeUninit<S>], buf: &mut Vec<S::Acc>) {
     let m = row_max(x);
-    buf.resize(x.len(), S::Acc::zero());
-    for (e, v) in buf.iter_mut().zip(x) {
-        *e = (v.to_acc() - m).exp_fused();
+    let exp = |v: S| (v.to_acc() - m).exp_nonpositive();
+    if S::IS_ACC {
+        let store = |o: &mut MaybeUninit<S>, e| {
+            o.write(S::from_acc(e));
+        };
+        let inv = S::Acc::one() / store_and_sum(x, y, exp, store);
+        for o in y.iter_mut() {
+            // SAFETY: `store_and_sum` wrote every element of `y`.
+            let e = unsafe { o.assume_init_read() };
+            o.write(S::from_acc(e.to_acc() * inv));
+        }
+    } else {
+        buf.resize(x.len(), S::Acc::zero());
+        let inv = S::Acc::one() / store_and_sum(x, buf, exp, |o, e| *o = e);
+        for (o, &e) in y.iter_mut().zip(buf.iter()) {
+            o.write(S::from_acc(e * inv));
+        }
     }
-    let inv = S::Acc::one() / lane_sum(buf, |e| e);
-    for (o, &e) in y.iter_mut().zip(buf.iter()) {
-        o.write(S::from_acc(e * inv));
+}
+
+/// Stores `f(x)` for each element through `store` into `out` (as long as `x`) and returns their
+/// sum, added in [`LANES`] partial sums in `lane_sum`'s order.
+#[inline(always)]
+fn store_and_sum<S: Copy, O, A: Real>(
+    x: &[S],
+    out: &mut [O],
+    f: impl Fn(S) -> A,
+    store: impl Fn(&mut O, A),
+) -> A {
+    let mut acc = [A::zero(); LANES];
+    let blocks = x.chunks_exact(LANES);
+    let rest = blocks.remainder();
+    let (whole, tail) = out.split_at_mut(x.len() - rest.len());
+    for (xs, os) in blocks.zip(whole.chunks_exact_mut(LANES)) {
+        for ((s, o), &v) in acc.iter_mut().zip(os).zip(xs) {
+            let e = f(v);
+            store(o, e);
+            *s += e;
+        }
     }
+    for ((s, o), &v) in acc.iter_mut().zip(tail).zip(rest) {
+        let e = f(v);
+        store(o, e);
+        *s += e;
+    }
+    acc.iter().fold(A::zero(), |t, &s| t + s)
 }
 
 /// A row's max `m` and `ln Σ exp(x - m)`, in the compute type (kept apart: adding them first
