@@ -147,8 +147,8 @@ fn softmax_row<S: FloatElement>(x: &[S], y: &mut [MaybeUninit<S>], buf: &mut Vec
     }
 }
 
-/// Stores `f(x)` for each element through `store` into `out` (as long as `x`) and returns their
-/// sum, added in [`LANES`] partial sums in `lane_sum`'s order.
+/// Stores `f(x)` for each element through `store` into `out` (as long as `x`: every element of
+/// it is stored) and returns their sum, added in [`LANES`] partial sums in `lane_sum`'s order.
 #[inline(always)]
 fn store_and_sum<S: Copy, O, A: Real>(
     x: &[S],
@@ -156,6 +156,7 @@ fn store_and_sum<S: Copy, O, A: Real>(
     f: impl Fn(S) -> A,
     store: impl Fn(&mut O, A),
 ) -> A {
+    assert_eq!(x.len(), out.len(), "store_and_sum: input and output lengths");
     let mut acc = [A::zero(); LANES];
     let blocks = x.chunks_exact(LANES);
     let rest = blocks.remainder();
