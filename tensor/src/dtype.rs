@@ -174,18 +174,13 @@ impl Real for f32 {
 
     #[inline(always)]
     fn exp_nonpositive(self) -> Self {
-        // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
-        const ROUND: f32 = 12_582_912.0;
-        let shifted = self.mul_add(std::f32::consts::LOG2_E, ROUND);
-        let k = shifted - ROUND;
-        let r = k.mul_add(2.121_944_4e-4, (-k).mul_add(0.693_359_4, self));
+        let (k, r) = reduce_exp_argument::<true>(self);
         let mut p: f32 = 0.008_290_316;
         for c in [0.041_897_93, 0.166_676_36, 0.499_991_5, 0.999_999_7, 1.0] {
             p = p.mul_add(r, c);
         }
         // 2^k from its exponent bits: k + 127 is in [1, 127] for x in [-87.33, 0].
-        let k_bits = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-        let two_k = f32::from_bits(((k_bits + 127) << 23) as u32);
+        let two_k = f32::from_bits(((k + 127) << 23) as u32);
         if self < -87.33 {
             0.0
         } else {
@@ -204,17 +199,23 @@ fn madd<const FUSED: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// The range reduction of the f32 exponentials: x = k·ln2 + r with k = round(x·log2 e) and
+/// |r| <= ln2/2, as (k, r); multiply-adds fused when `FUSED`.
+#[inline(always)]
+fn reduce_exp_argument<const FUSED: bool>(x: f32) -> (i32, f32) {
+    // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let shifted = madd::<FUSED>(x, std::f32::consts::LOG2_E, ROUND);
+    let k = shifted - ROUND;
+    // x - k·ln2 in two parts, so that the reduced argument keeps its precision.
+    let r = madd::<FUSED>(k, 2.121_944_4e-4, madd::<FUSED>(-k, 0.693_359_4, x));
+    (shifted.to_bits() as i32 - ROUND.to_bits() as i32, r)
+}
+
 /// e^x for f32 (see [`Real::exp_fast`]), its multiply-adds fused when `FUSED`.
 #[inline(always)]
 fn exp_f32<const FUSED: bool>(v: f32) -> f32 {
-    // 1.5 · 2^23: adding it rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = v.clamp(-87.33, 88.72);
-    let shifted = madd::<FUSED>(x, std::f32::consts::LOG2_E, ROUND);
-    let k = shifted - ROUND;
-    let k_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
-    // x - k·ln2 in two parts, so that the reduced argument keeps its precision.
-    let r = madd::<FUSED>(k, 2.121_944_4e-4, madd::<FUSED>(-k, 0.693_359_4, x));
+    let (k_int, r) = reduce_exp_argument::<FUSED>(v.clamp(-87.33, 88.72));
     let mut p = 1.987_569_2e-4;
     for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
         p = madd::<FUSED>(p, r, c);
