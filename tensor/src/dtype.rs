@@ -267,6 +267,9 @@ pub trait FloatElement: Element {
     type Acc: Real;
     /// Whether the type is its own compute type (f32, f64): `from_acc` is then exact.
     const IS_ACC: bool;
+    /// `s` itself when the type is its own compute type (f32, f64), so that a kernel working in
+    /// the compute type reads it in place rather than through a widened copy.
+    fn as_acc(s: &[Self]) -> Option<&[Self::Acc]>;
     /// Widens to the compute type.
     fn to_acc(self) -> Self::Acc;
     /// Rounds from the compute type.
@@ -318,6 +321,9 @@ impl_element!(u32, U32, |x: u32| x as f64, |v: f64| v as u32);
 
 impl FloatElement for f32 {
     const IS_ACC: bool = true;
+    fn as_acc(s: &[Self]) -> Option<&[Self::Acc]> {
+        Some(s)
+    }
     type Acc = f32;
     fn to_acc(self) -> f32 {
         self
@@ -329,6 +335,9 @@ impl FloatElement for f32 {
 
 impl FloatElement for f64 {
     const IS_ACC: bool = true;
+    fn as_acc(s: &[Self]) -> Option<&[Self::Acc]> {
+        Some(s)
+    }
     type Acc = f64;
     fn to_acc(self) -> f64 {
         self
@@ -340,6 +349,9 @@ impl FloatElement for f64 {
 
 impl FloatElement for bf16 {
     const IS_ACC: bool = false;
+    fn as_acc(_: &[Self]) -> Option<&[Self::Acc]> {
+        None
+    }
     type Acc = f32;
     fn to_acc(self) -> f32 {
         self.to_f32()
@@ -351,6 +363,9 @@ impl FloatElement for bf16 {
 
 impl FloatElement for f16 {
     const IS_ACC: bool = false;
+    fn as_acc(_: &[Self]) -> Option<&[Self::Acc]> {
+        None
+    }
     type Acc = f32;
     fn to_acc(self) -> f32 {
         self.to_f32()

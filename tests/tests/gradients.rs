@@ -122,6 +122,17 @@ proptest! {
     }
 
     #[test]
+    fn softmax_and_norms_on_rows_past_one_block(rows in 1usize..3, d in 17usize..70, seed in any::<u64>()) {
+        // Rows longer than the kernels' blocks of 16 lanes (the shapes above stop at 5).
+        let x = random_f64(&[rows, d], -2.0, 2.0, seed);
+        let w = random_f64(&[d], 0.5, 1.5, seed ^ 1);
+        check(|v| v[0].softmax(1), std::slice::from_ref(&x))?;
+        check(|v| v[0].log_softmax(1), std::slice::from_ref(&x))?;
+        check(|v| v[0].rms_norm(&v[1], 1e-5), &[x.clone(), w.clone()])?;
+        check(|v| v[0].layer_norm(&v[1], None, 1e-5), &[x, w])?;
+    }
+
+    #[test]
     fn gated_rms_norm(rows in 1usize..4, groups in 1usize..4, group in 2usize..5, seed in any::<u64>()) {
         let d = groups * group;
         let x = random_f64(&[rows, d], -2.0, 2.0, seed);

@@ -865,6 +865,28 @@ proptest! {
     }
 
     #[test]
+    fn softmax_and_norms_on_long_rows(
+        (rows, d) in (1usize..4, 1usize..1100),
+        (vx, vw) in (view(), view()),
+        seed in any::<u64>(),
+    ) {
+        // Rows long enough for the kernels' blocks of 16 lanes as well as their tails (the
+        // shapes of the other tests stop at 7).
+        for dtype in FLOATS {
+            let (x, xr) = input(&[rows, d], uniform(-4.0, 4.0), dtype, vx, seed);
+            check(&x.softmax(1).or_fail()?, &r::softmax(&xr, 1), dtype)?;
+            check(&x.log_softmax(1).or_fail()?, &r::log_softmax(&xr, 1), dtype)?;
+        }
+        for dtype in MAIN {
+            // On the grid of `layer_norm_with_and_without_bias`, for the same reason.
+            let (x, xr) = input(&[rows, d], grid(-2.0, 2.0, 1.0 / 64.0), dtype, vx, seed);
+            let (w, wr) = input(&[d], uniform(0.5, 1.5), dtype, vw, seed ^ 1);
+            check(&x.rms_norm(&w, 1e-5).or_fail()?, &r::rms_norm(&xr, &wr, 1e-5), dtype)?;
+            check(&x.layer_norm(&w, None, 1e-5).or_fail()?, &r::layer_norm(&xr, &wr, None, 1e-5), dtype)?;
+        }
+    }
+
+    #[test]
     fn cross_entropy_with_ignored_rows(
         (n, c) in (1usize..9, 1usize..12),
         counted in any::<u32>(),

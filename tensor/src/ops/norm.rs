@@ -54,13 +54,17 @@ fn widen<T: FloatElement>(p: &Tensor) -> Vec<T::Acc> {
         .collect()
 }
 
-/// Overwrites `buf` with `row` widened.
+/// `row` in the compute type: itself for f32 and f64, else widened into `buf`.
 #[inline(always)]
-fn widen_into<T: FloatElement>(row: &[T], buf: &mut Vec<T::Acc>) {
+fn widened<'a, T: FloatElement>(row: &'a [T], buf: &'a mut Vec<T::Acc>) -> &'a [T::Acc] {
+    if let Some(row) = T::as_acc(row) {
+        return row;
+    }
     buf.resize(row.len(), T::Acc::zero());
     for (b, v) in buf.iter_mut().zip(row) {
         *b = v.to_acc();
     }
+    buf
 }
 
 /// Normalises every row of D elements with `f(x_row, y_row)`, which writes all of `y_row`.
@@ -82,8 +86,7 @@ fn rows_forward<T: FloatElement>(
                 #[inline(always)]
                 || {
                     for (y, row) in chunk.chunks_mut(d1).zip(xs[first..].chunks(d1)) {
-                        widen_into(row, &mut buf);
-                        f(&buf, y);
+                        f(widened(row, &mut buf), y);
                     }
                 },
             );
@@ -120,9 +123,7 @@ fn rows_backward<T: FloatElement, const P: usize>(
                     #[inline(always)]
                     || {
                         for ((dxr, xr), gr) in dxb.chunks_mut(d).zip(xb.chunks(d)).zip(gb.chunks(d)) {
-                            widen_into(xr, &mut xa);
-                            widen_into(gr, &mut ga);
-                            f(&xa, &ga, dxr, &mut acc);
+                            f(widened(xr, &mut xa), widened(gr, &mut ga), dxr, &mut acc);
                         }
                     },
                 );

@@ -162,10 +162,16 @@ fn store_and_sum<S: Copy, O, A: Real>(
     let rest = blocks.remainder();
     let (whole, tail) = out.split_at_mut(x.len() - rest.len());
     for (xs, os) in blocks.zip(whole.chunks_exact_mut(LANES)) {
-        for ((s, o), &v) in acc.iter_mut().zip(os).zip(xs) {
-            let e = f(v);
-            store(o, e);
-            *s += e;
+        // The values first, then the stores and sums in a loop of their own: with `f` in the
+        // same loop as the sums, `acc` lived on the stack, and each block waited on the
+        // previous one's store and reload of it (`BENCHMARKS.md`).
+        let mut block = [A::zero(); LANES];
+        for (b, &v) in block.iter_mut().zip(xs) {
+            *b = f(v);
+        }
+        for ((s, o), b) in acc.iter_mut().zip(os).zip(block) {
+            store(o, b);
+            *s += b;
         }
     }
     for ((s, o), &v) in acc.iter_mut().zip(tail).zip(rest) {
