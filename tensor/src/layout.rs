@@ -246,15 +246,29 @@ pub struct StridedOffsets<'a> {
     remaining: usize,
 }
 
-impl Iterator for StridedOffsets<'_> {
-    type Item = usize;
-
-    fn next(&mut self) -> Option<usize> {
+impl StridedOffsets<'_> {
+    /// The next elements up to the end of the current run along the last axis, as the storage
+    /// offset of the first and their count (the offsets then step by the last axis's stride).
+    /// Consumes them, so that runs and single offsets can be mixed.
+    pub fn next_run(&mut self) -> Option<(usize, usize)> {
         if self.remaining == 0 {
             return None;
         }
-        self.remaining -= 1;
         let current = self.offset;
+        let Some(last) = self.index.len().checked_sub(1) else {
+            self.remaining = 0; // a scalar: its one element
+            return Some((current, 1));
+        };
+        let count = (self.layout.shape[last] - self.index[last]).min(self.remaining);
+        self.remaining -= count;
+        self.index[last] += count - 1;
+        self.offset += self.layout.strides[last] * (count - 1);
+        self.advance();
+        Some((current, count))
+    }
+
+    /// Moves the multi-index and offset one element on, in row-major order.
+    fn advance(&mut self) {
         for d in (0..self.index.len()).rev() {
             self.index[d] += 1;
             self.offset += self.layout.strides[d];
@@ -264,6 +278,19 @@ impl Iterator for StridedOffsets<'_> {
             self.offset -= self.layout.strides[d] * self.index[d];
             self.index[d] = 0;
         }
+    }
+}
+
+impl Iterator for StridedOffsets<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let current = self.offset;
+        self.advance();
         Some(current)
     }
 
@@ -275,6 +302,25 @@ impl Iterator for StridedOffsets<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_tile_the_offsets_from_any_start() {
+        let l = Layout::contiguous(&[3, 4, 5]).permute(&[2, 0, 1]).unwrap();
+        let all: Vec<usize> = l.offsets().collect();
+        for start in 0..all.len() {
+            for len in 0..=all.len() - start {
+                let mut runs = l.offsets_from(start, len);
+                let mut got = Vec::new();
+                while let Some((first, count)) = runs.next_run() {
+                    assert!((1..=4).contains(&count), "a run stays within the last axis");
+                    got.extend((0..count).map(|j| first + j * l.strides()[2]));
+                }
+                assert_eq!(got, all[start..start + len]);
+            }
+        }
+        let scalar = Layout::contiguous(&[]);
+        assert_eq!(scalar.offsets().next_run(), Some((0, 1)));
+    }
 
     #[test]
     fn offsets_of_a_transposed_view() {

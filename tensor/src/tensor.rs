@@ -241,11 +241,25 @@ impl Tensor {
         Ok(any_dispatch!(self.dtype(), T => {
             let src = self.storage_slice::<T>();
             let n = self.numel();
-            // SAFETY: `write_each` writes every element of the chunk (or panics).
+            let step = self.layout.strides().last().copied().unwrap_or(1);
+            // SAFETY: the runs tile the chunk (checked below) and `write_each` writes every
+            // element of each (or panics).
             let out = unsafe {
                 par_write(n, PAR_CHUNK, |c, chunk| {
-                    let offs = self.layout.offsets_from(c * PAR_CHUNK, chunk.len());
-                    write_each(chunk, offs.map(|o| src[o]));
+                    // A run along the last axis at a time: a slice copy where that axis is
+                    // contiguous, a strided gather otherwise.
+                    let mut runs = self.layout.offsets_from(c * PAR_CHUNK, chunk.len());
+                    let mut rest = chunk;
+                    while let Some((first, count)) = runs.next_run() {
+                        let (run, tail) = std::mem::take(&mut rest).split_at_mut(count);
+                        if step == 1 {
+                            write_each(run, src[first..first + count].iter().copied());
+                        } else {
+                            write_each(run, (0..count).map(|j| src[first + j * step]));
+                        }
+                        rest = tail;
+                    }
+                    assert!(rest.is_empty(), "contiguous: the runs cover the chunk");
                 })
             };
             Self::from_cpu(CpuStorage::from_vec(out), self.shape())
