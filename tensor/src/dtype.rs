@@ -265,10 +265,9 @@ impl Real for f64 {
 pub trait FloatElement: Element {
     /// The type arithmetic is done in.
     type Acc: Real;
-    /// Whether the type is its own compute type (f32, f64): `from_acc` is then exact.
-    const IS_ACC: bool;
-    /// `s` itself when the type is its own compute type (f32, f64), so that a kernel working in
-    /// the compute type reads it in place rather than through a widened copy.
+    /// `s` itself when the type is its own compute type (f32, f64; `from_acc` is then exact), so
+    /// that a kernel working in the compute type reads it in place rather than through a
+    /// widened copy.
     fn as_acc(s: &[Self]) -> Option<&[Self::Acc]>;
     /// Widens to the compute type.
     fn to_acc(self) -> Self::Acc;
@@ -320,7 +319,6 @@ impl_element!(f16, F16, |x: f16| x.to_f64(), |v: f64| f16::from_f32(
 impl_element!(u32, U32, |x: u32| x as f64, |v: f64| v as u32);
 
 impl FloatElement for f32 {
-    const IS_ACC: bool = true;
     fn as_acc(s: &[Self]) -> Option<&[Self::Acc]> {
         Some(s)
     }
@@ -334,7 +332,6 @@ impl FloatElement for f32 {
 }
 
 impl FloatElement for f64 {
-    const IS_ACC: bool = true;
     fn as_acc(s: &[Self]) -> Option<&[Self::Acc]> {
         Some(s)
     }
@@ -348,7 +345,6 @@ impl FloatElement for f64 {
 }
 
 impl FloatElement for bf16 {
-    const IS_ACC: bool = false;
     fn as_acc(_: &[Self]) -> Option<&[Self::Acc]> {
         None
     }
@@ -362,7 +358,6 @@ impl FloatElement for bf16 {
 }
 
 impl FloatElement for f16 {
-    const IS_ACC: bool = false;
     fn as_acc(_: &[Self]) -> Option<&[Self::Acc]> {
         None
     }

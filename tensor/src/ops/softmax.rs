@@ -128,7 +128,8 @@ fn row_max<S: FloatElement>(x: &[S]) -> S::Acc {
 fn softmax_row<S: FloatElement>(x: &[S], y: &mut [MaybeUninit<S>], buf: &mut Vec<S::Acc>) {
     let m = row_max(x);
     let exp = |v: S| (v.to_acc() - m).exp_nonpositive();
-    if S::IS_ACC {
+    // A row already in the compute type can hold the exponentials until they are scaled.
+    if S::as_acc(x).is_some() {
         let store = |o: &mut MaybeUninit<S>, e| {
             o.write(S::from_acc(e));
         };
