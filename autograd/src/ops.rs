@@ -11,6 +11,27 @@ fn unbroadcast(grad: &Tensor, shape: &[usize]) -> tensor::Result<Tensor> {
     grad.sum_to_shape(shape)
 }
 
+/// d(loss)/d(b) of `a.matmul(b)` given `g` = d(loss)/d(a·b). A matrix `b` shared by a batch
+/// of `a`s (a weight) gets one product over all their rows, with no batch sum after it; when `b`
+/// is a transposed view (a weight `[out, in]` used as `[in, out]`), the product is taken in the
+/// other order, so the gradient comes out in the weight's own memory order and needs no
+/// transposing copy when it is accumulated.
+fn rhs_gradient(a: &Tensor, b: &Tensor, g: &Tensor) -> tensor::Result<Tensor> {
+    if b.rank() != 2 || a.rank() < 2 {
+        return unbroadcast(&a.t()?.matmul(g)?, b.shape());
+    }
+    let rows = |t: &Tensor| match t.rank() {
+        2 => Ok(t.clone()),
+        r => t.reshape(&[t.numel() / t.dim(r - 1), t.dim(r - 1)]),
+    };
+    let (a, g) = (rows(a)?, rows(g)?);
+    if b.t()?.is_contiguous() && !b.is_contiguous() {
+        g.t()?.matmul(&a)?.t()
+    } else {
+        a.t()?.matmul(&g)
+    }
+}
+
 /// `grad` of a reduction over `axes`, spread back over the input's `shape`.
 fn spread(grad: &Tensor, shape: &[usize], axes: &[usize], keepdim: bool) -> tensor::Result<Tensor> {
     let mut g = grad.clone();
@@ -109,9 +130,7 @@ impl Var {
             let ga = needs[0]
                 .then(|| unbroadcast(&g.matmul(&b.t()?)?, a.shape()))
                 .transpose()?;
-            let gb = needs[1]
-                .then(|| unbroadcast(&a.t()?.matmul(g)?, b.shape()))
-                .transpose()?;
+            let gb = needs[1].then(|| rhs_gradient(&a, &b, g)).transpose()?;
             Ok(vec![ga, gb])
         }))
     }

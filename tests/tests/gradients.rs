@@ -77,7 +77,12 @@ proptest! {
     fn matmul_batched_broadcast_and_transposed(b in 1usize..3, m in 1usize..5, k in 1usize..5, n in 1usize..5, seed in any::<u64>()) {
         let a = random_f64(&[b, m, k], -1.0, 1.0, seed);
         let w = random_f64(&[n, k], -1.0, 1.0, seed ^ 1);
-        check(|v| v[0].matmul(&v[1].transpose(0, 1)?), &[a, w])?;
+        check(|v| v[0].matmul(&v[1].transpose(0, 1)?), &[a.clone(), w])?;
+        // A plain weight [k, n], a per-batch right operand, and two leading axes on the left.
+        check(|v| v[0].matmul(&v[1]), &[a.clone(), random_f64(&[k, n], -1.0, 1.0, seed ^ 2)])?;
+        check(|v| v[0].matmul(&v[1]), &[a, random_f64(&[b, k, n], -1.0, 1.0, seed ^ 3)])?;
+        let a4 = random_f64(&[2, b, m, k], -1.0, 1.0, seed ^ 4);
+        check(|v| v[0].matmul(&v[1].transpose(0, 1)?), &[a4, random_f64(&[n, k], -1.0, 1.0, seed ^ 5)])?;
     }
 
     #[test]
