@@ -346,6 +346,24 @@ impl Var {
         }))
     }
 
+    /// `silu(conv1d_causal_depthwise(x))` as one op: the backward recomputes the pre-activation
+    /// from x instead of keeping it.
+    pub fn conv1d_causal_depthwise_silu(&self, weight: &Var, bias: Option<&Var>) -> Result<Var> {
+        let (x, w) = (self.value().clone(), weight.value().clone());
+        let b = bias.map(|b| b.value().clone());
+        let y = x.conv1d_causal_depthwise_silu(&w, b.as_ref())?;
+        let mut inputs = vec![self, weight];
+        inputs.extend(bias);
+        Ok(Var::record(y, &inputs, move |g, needs| {
+            let (dx, dw, db) = x.conv1d_causal_depthwise_silu_backward(&w, b.as_ref(), g)?;
+            let mut grads = vec![Some(dx), Some(dw)];
+            if needs.len() == 3 {
+                grads.push(Some(db));
+            }
+            Ok(grads)
+        }))
+    }
+
     /// Converts to another float dtype; the gradient is converted back.
     pub fn to_dtype(&self, dtype: DType) -> Result<Var> {
         let src = self.value().dtype();

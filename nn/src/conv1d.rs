@@ -32,6 +32,12 @@ impl CausalConv1d {
         Ok(x.conv1d_causal_depthwise(&w, self.bias.as_ref())?)
     }
 
+    /// `silu(forward(x))` as one fused op (Mamba's convolution and activation).
+    pub fn forward_silu(&self, x: &Var) -> Result<Var> {
+        let w = self.weight.reshape(&[self.channels, self.kernel])?;
+        Ok(x.conv1d_causal_depthwise_silu(&w, self.bias.as_ref())?)
+    }
+
     /// The kernel width K.
     pub fn kernel(&self) -> usize {
         self.kernel

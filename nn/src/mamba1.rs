@@ -101,7 +101,7 @@ impl Mamba1Mixer {
         let projected = self.in_proj.forward(x)?.transpose(1, 2)?; // [B, 2I, L]
         let (hs, gate) = (projected.narrow(1, 0, inner)?, projected.narrow(1, inner, inner)?);
         let conv_state = self.conv.state_after(hs.value())?;
-        let hs = self.conv.forward(&hs)?.silu()?; // [B, I, L]
+        let hs = self.conv.forward_silu(&hs)?; // [B, I, L]
         let ssm = self.x_proj.forward(&hs.transpose(1, 2)?)?; // [B, L, R + 2N]
         let dt = self
             .dt_proj

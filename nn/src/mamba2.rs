@@ -150,7 +150,8 @@ impl Mamba2Mixer {
         let xbc = projected.narrow(2, inner, conv_dim)?.transpose(1, 2)?;
         let dt = projected.narrow(2, inner + conv_dim, heads)?; // [B, L, H]
         let conv_state = self.conv.state_after(xbc.value())?;
-        let xbc = self.conv.forward(&xbc)?.silu()?.transpose(1, 2)?; // [B, L, conv_dim]
+        // x stays channels-last: the conv reads it in place and writes [B, L, conv_dim].
+        let xbc = self.conv.forward_silu(&xbc)?.transpose(1, 2)?; // [B, L, conv_dim]
         let xs = xbc.narrow(2, 0, inner)?.reshape(&[b, l, heads, head_dim])?;
         let bm = xbc
             .narrow(2, inner, groups * state)?

@@ -947,6 +947,43 @@ pub fn conv1d_causal_depthwise(x: &RefTensor, w: &RefTensor, bias: Option<&RefTe
     })
 }
 
+/// The gradients of [`conv1d_causal_depthwise`] given `g` = dL/dy [B, C, L]: (dx [B, C, L],
+/// dw [C, K], dbias [C]), each output's gradient sent back along the taps that made it.
+pub fn conv1d_causal_depthwise_backward(
+    x: &RefTensor,
+    w: &RefTensor,
+    g: &RefTensor,
+) -> (RefTensor, RefTensor, RefTensor) {
+    assert_eq!(
+        x.shape, g.shape,
+        "conv1d backward: x {:?} vs g {:?}",
+        x.shape, g.shape
+    );
+    let (batch, channels, len) = (x.shape[0], x.shape[1], x.shape[2]);
+    let k_len = w.shape[1];
+    let mut dx = RefTensor::new(x.shape.clone(), vec![0.0; x.data.len()]);
+    let mut dw = RefTensor::new(w.shape.clone(), vec![0.0; w.data.len()]);
+    let mut db = RefTensor::new(vec![channels], vec![0.0; channels]);
+    for b in 0..batch {
+        for c in 0..channels {
+            for t in 0..len {
+                let gv = g.get(&[b, c, t]);
+                db.data[c] += gv;
+                for k in 0..k_len {
+                    if t + k >= k_len - 1 {
+                        let s = t + k - (k_len - 1);
+                        let at = dx.index_of(&[b, c, s]);
+                        dx.data[at] += w.get(&[c, k]) * gv;
+                        let at = dw.index_of(&[c, k]);
+                        dw.data[at] += gv * x.get(&[b, c, s]);
+                    }
+                }
+            }
+        }
+    }
+    (dx, dw, db)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1148,5 +1185,10 @@ mod tests {
         let w = t(&[1, 2], &[10., 1.]);
         let y = conv1d_causal_depthwise(&x, &w, Some(&t(&[1], &[0.5])));
         assert_eq!(y.data, vec![1.5, 12.5, 23.5]);
+        // dL/dy = 1 everywhere: dx[s] = Σ of the weights that read x[s].
+        let (dx, dw, db) = conv1d_causal_depthwise_backward(&x, &w, &t(&[1, 1, 3], &[1., 1., 1.]));
+        assert_eq!(dx.data, vec![11., 11., 1.]);
+        assert_eq!(dw.data, vec![3., 6.]);
+        assert_eq!(db.data, vec![3.]);
     }
 }

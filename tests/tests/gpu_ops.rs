@@ -696,6 +696,10 @@ fn conv1d_causal_depthwise_with_backward() {
                 |t| t[0].conv1d_causal_depthwise(t[1], with_bias.then_some(t[2])),
                 &[&x, &w, &bias],
             )?;
+            same(
+                |t| t[0].conv1d_causal_depthwise_silu(t[1], with_bias.then_some(t[2])),
+                &[&x, &w, &bias],
+            )?;
             for part in 0..3 {
                 same(
                     |t| {
@@ -703,6 +707,14 @@ fn conv1d_causal_depthwise_with_backward() {
                         Ok([dx, dw, db][part].clone())
                     },
                     &[&x, &w, &g],
+                )?;
+                same(
+                    |t| {
+                        let bias = with_bias.then_some(t[3]);
+                        let (dx, dw, db) = t[0].conv1d_causal_depthwise_silu_backward(t[1], bias, t[2])?;
+                        Ok([dx, dw, db][part].clone())
+                    },
+                    &[&x, &w, &g, &bias],
                 )?;
             }
             Ok(())

@@ -187,6 +187,17 @@ proptest! {
     }
 
     #[test]
+    fn conv1d_causal_depthwise_silu_in_both_layouts(b in 1usize..3, c in 2usize..5, l in 1usize..9, k in 1usize..5, seed in any::<u64>()) {
+        let (w, bi) = (random_f64(&[c, k], -1.0, 1.0, seed ^ 1), random_f64(&[c], -1.0, 1.0, seed ^ 2));
+        // [B, C, L] rows, and [B, L, C] seen through a transpose (the channels-last kernels).
+        check(|v| v[0].conv1d_causal_depthwise_silu(&v[1], Some(&v[2])), &[random_f64(&[b, c, l], -2.0, 2.0, seed), w.clone(), bi.clone()])?;
+        let x_last = random_f64(&[b, l, c], -2.0, 2.0, seed ^ 3);
+        check(|v| v[0].transpose(1, 2)?.conv1d_causal_depthwise_silu(&v[1], Some(&v[2])), &[x_last.clone(), w.clone(), bi])?;
+        check(|v| v[0].transpose(1, 2)?.conv1d_causal_depthwise_silu(&v[1], None), &[x_last.clone(), w.clone()])?;
+        check(|v| v[0].transpose(1, 2)?.conv1d_causal_depthwise(&v[1], None), &[x_last, w])?;
+    }
+
+    #[test]
     fn views(s in shape(3, 4), seed in any::<u64>()) {
         let x = random_f64(&s, -1.0, 1.0, seed);
         let r = s.len();

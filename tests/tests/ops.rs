@@ -1082,6 +1082,46 @@ proptest! {
             check(&without, &r::conv1d_causal_depthwise(&xr, &wr, None), dtype)?;
         }
     }
+
+    #[test]
+    fn conv1d_causal_depthwise_silu_and_channels_last(
+        (b, c, l, k) in (1usize..3, 2usize..40, 1usize..140, 1usize..6),
+        with_bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        for dtype in MAIN {
+            // Values stored [B, L, C + 3] and seen as [B, C, L] slices (channels-last, as Mamba's
+            // in_proj output is), and the same values as contiguous [B, C, L] rows.
+            let layouts = |seed| -> Result<(Tensor, Tensor, RefTensor), TestCaseError> {
+                let (t, tr) = input(&[b, l, c + 3], uniform(-2.0, 2.0), dtype, View::Contiguous, seed);
+                let last = t.narrow(2, 1, c).or_fail()?.transpose(1, 2).or_fail()?;
+                let values = r::transpose(&r::narrow(&tr, 2, 1, c), 1, 2);
+                Ok((last, to_tensor(&values, dtype), values))
+            };
+            let (x_last, x_rows, xr) = layouts(seed)?;
+            let (g_last, g_rows, gr) = layouts(seed ^ 3)?;
+            let (w, wr) = input(&[c, k], uniform(-1.0, 1.0), dtype, View::Contiguous, seed ^ 1);
+            let (bias, bias_r) = input(&[c], uniform(-1.0, 1.0), dtype, View::Contiguous, seed ^ 2);
+            let (bias, bias_r) = (with_bias.then_some(&bias), with_bias.then_some(&bias_r));
+            let pre = r::conv1d_causal_depthwise(&xr, &wr, bias_r);
+            let silu = r::unary(&pre, RefUnary::Silu);
+            let plain_grads = r::conv1d_causal_depthwise_backward(&xr, &wr, &gr);
+            let gpre = r::binary(&gr, &r::unary_derivative(&pre, RefUnary::Silu), RefBinary::Mul);
+            let silu_grads = r::conv1d_causal_depthwise_backward(&xr, &wr, &gpre);
+            for (x, g) in [(&x_last, &g_last), (&x_last, &g_rows), (&x_rows, &g_last), (&x_rows, &g_rows)] {
+                check(&x.conv1d_causal_depthwise(&w, bias).or_fail()?, &pre, dtype)?;
+                check(&x.conv1d_causal_depthwise_silu(&w, bias).or_fail()?, &silu, dtype)?;
+                let (dx, dw, db) = x.conv1d_causal_depthwise_backward(&w, g).or_fail()?;
+                check(&dx, &plain_grads.0, dtype)?;
+                check(&dw, &plain_grads.1, dtype)?;
+                check(&db, &plain_grads.2, dtype)?;
+                let (dx, dw, db) = x.conv1d_causal_depthwise_silu_backward(&w, bias, g).or_fail()?;
+                check(&dx, &silu_grads.0, dtype)?;
+                check(&dw, &silu_grads.1, dtype)?;
+                check(&db, &silu_grads.2, dtype)?;
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

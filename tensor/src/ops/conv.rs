@@ -1,14 +1,20 @@
-//! Causal depthwise 1-D convolution (the short convolution of Mamba blocks), parallel over
-//! (batch, channel) rows and computed in the dtype's `Acc` type.
+//! Causal depthwise 1-D convolution (the short convolution of Mamba blocks), optionally
+//! followed by SiLU, computed in the dtype's `Acc` type. The CPU kernels follow x's memory
+//! order: `[B, C, L]` rows (`rows`) or channels-last (`channels_last`, read in place and
+//! written channels-last), so a mixer that keeps its activations as `[B, L, C]` pays no
+//! transposing copies.
 
 use crate::dispatch::float_dispatch;
 use crate::error::shape_err;
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::unary::silu_fused;
 use crate::storage::CpuStorage;
-use crate::{FloatElement, Real, Result, Tensor};
+use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
 use cuda::kernels::{ConvGrads, ConvSpec};
 use num_traits::Zero;
-use rayon::prelude::*;
+
+mod channels_last;
+mod rows;
 
 /// Checks x `[B, C, L]` and weight `[C, K]` (K > 0) of one dtype; returns (B, C, L, K).
 fn check(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize, usize, usize)> {
@@ -23,46 +29,110 @@ fn check(op: &'static str, x: &Tensor, weight: &Tensor) -> Result<(usize, usize,
     Ok((xs[0], xs[1], xs[2], ws[1]))
 }
 
-/// The convolution's shape for the kernels (no fused SiLU).
-fn spec(x: &Tensor, k: usize) -> ConvSpec {
+/// Checks an optional bias against C channels and x's dtype.
+fn check_bias(op: &'static str, x: &Tensor, bias: Option<&Tensor>, c: usize) -> Result<()> {
+    if let Some(b) = bias {
+        if b.shape() != [c] {
+            return shape_err(op, format!("bias {:?} for {c} channels", b.shape()));
+        }
+        x.check_same_dtype(op, b)?;
+    }
+    Ok(())
+}
+
+/// The convolution's shape for the kernels.
+fn spec(x: &Tensor, k: usize, silu: bool) -> ConvSpec {
     let s = x.shape();
     ConvSpec {
         batch: s[0],
         channels: s[1],
         len: s[2],
         kernel: k,
-        silu: false,
+        silu,
     }
 }
 
-/// `conv1d_causal_depthwise` on a CUDA device.
-fn conv_cuda(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, k: usize) -> Result<Tensor> {
+/// The weight `[C, K]` and the bias `[C]` (zeros without one) in the compute type.
+struct Taps<A> {
+    weight: Vec<A>,
+    bias: Vec<A>,
+    channels: usize,
+    kernel: usize,
+}
+
+impl<A: Real> Taps<A> {
+    fn new<T: FloatElement<Acc = A>>(weight: &Tensor, bias: Option<&Tensor>) -> Self {
+        let (channels, kernel) = (weight.dim(0), weight.dim(1));
+        let w = weight.contiguous();
+        Taps {
+            weight: w.contiguous_slice::<T>().iter().map(|v| v.to_acc()).collect(),
+            bias: bias.map_or_else(
+                || vec![A::zero(); channels],
+                |b| b.to_vec_f64().into_iter().map(A::lit).collect(),
+            ),
+            channels,
+            kernel,
+        }
+    }
+}
+
+/// The output from the pre-activation: rounded to T, then (with SiLU) SiLU of that, rounded
+/// again, exactly as the unfused conv followed by the `silu` op rounds.
+#[inline(always)]
+fn activate<T: FloatElement>(pre: T::Acc, silu: bool) -> T {
+    let y = T::from_acc(pre);
+    if silu {
+        T::from_acc(silu_fused(y.to_acc()))
+    } else {
+        y
+    }
+}
+
+/// dL/d(pre-activation) from dL/dy `g`: with SiLU, `g · silu'(pre rounded to T)` rounded to T,
+/// exactly as the unfused `silu` backward rounds it; else `g`.
+#[inline(always)]
+fn pre_grad<T: FloatElement>(pre: T::Acc, g: T, silu: bool) -> T::Acc {
+    if silu {
+        T::from_acc(g.to_acc() * UnaryOp::Silu.derivative(T::from_acc(pre).to_acc())).to_acc()
+    } else {
+        g.to_acc()
+    }
+}
+
+/// `data` (dense `[B, L, C]`) seen as the `[B, C, L]` result.
+fn channels_last_tensor<T: FloatElement>(data: Vec<T>, (b, c, l): (usize, usize, usize)) -> Result<Tensor> {
+    Tensor::from_cpu(CpuStorage::from_vec(data), &[b, l, c]).transpose(1, 2)
+}
+
+/// The forward on a CUDA device.
+fn conv_cuda(gpu: &Gpu, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, silu: bool) -> Result<Tensor> {
     let (xp, w) = (gpu.packed(x)?, gpu.packed(weight)?);
     let b = bias.map(|b| gpu.packed(b)).transpose()?;
     cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
         let mut y = gpu.alloc::<T>(xp.numel())?;
         let bb = b.as_ref().map(|b| b.cuda_buffer::<T>());
-        gpu.check(gpu.dev.conv1d(xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), bb, &mut y, spec(x, k)))?;
+        let spec = spec(x, weight.dim(1), silu);
+        gpu.check(gpu.dev.conv1d(xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), bb, &mut y, spec))?;
         Ok(gpu.tensor(y, x.shape()))
     })
 }
 
-/// `conv1d_causal_depthwise_backward` on a CUDA device: (dx, dweight, dbias).
+/// The backward on a CUDA device: (dx, dweight, dbias).
 fn conv_backward_cuda(
     gpu: &Gpu,
-    x: &Tensor,
-    weight: &Tensor,
+    (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
     grad: &Tensor,
-    k: usize,
+    silu: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (xp, w, g) = (gpu.packed(x)?, gpu.packed(weight)?, gpu.packed(grad)?);
-    let c = x.dim(1);
+    let b = bias.map(|b| gpu.packed(b)).transpose()?;
+    let (c, k) = (x.dim(1), weight.dim(1));
     cuda_float_dispatch!(gpu.op, gpu.device, x.dtype(), T => {
         let mut dx = gpu.alloc::<T>(xp.numel())?;
         let (mut dw, mut db) = (gpu.alloc::<T>(c * k)?, gpu.alloc::<T>(c)?);
         let grads = ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: &mut db };
-        let operands = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), None);
-        gpu.check(gpu.dev.conv1d_backward(operands, g.cuda_buffer::<T>(), grads, spec(x, k)))?;
+        let operands = (xp.cuda_buffer::<T>(), w.cuda_buffer::<T>(), b.as_ref().map(|b| b.cuda_buffer::<T>()));
+        gpu.check(gpu.dev.conv1d_backward(operands, g.cuda_buffer::<T>(), grads, spec(x, k, silu)))?;
         Ok((gpu.tensor(dx, x.shape()), gpu.tensor(dw, &[c, k]), gpu.tensor(db, &[c])))
     })
 }
@@ -96,49 +166,85 @@ fn step_cuda(
     })
 }
 
+/// The forward of `conv1d_causal_depthwise` (`silu` false) and `conv1d_causal_depthwise_silu`.
+fn conv(op: &'static str, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, silu: bool) -> Result<Tensor> {
+    let (b, c, l, _) = check(op, x, weight)?;
+    check_bias(op, x, bias, c)?;
+    let mut operands = vec![x, weight];
+    operands.extend(bias);
+    if let Some(gpu) = Gpu::of(op, &operands)? {
+        return conv_cuda(&gpu, x, weight, bias, silu);
+    }
+    float_dispatch!(op, x.dtype(), T => {
+        let taps = Taps::new::<T>(weight, bias);
+        if let Some(steps) = channels_last::Steps::<T>::of(x) {
+            return channels_last_tensor(channels_last::forward(&steps, &taps, (b, l), silu), (b, c, l));
+        }
+        let x = x.contiguous();
+        let y = rows::forward(x.contiguous_slice::<T>(), &taps, l, silu);
+        Ok(Tensor::from_cpu(CpuStorage::from_vec(y), x.shape()))
+    })
+}
+
+/// The backward of `conv` from x and dL/dy: (dx, dweight, dbias).
+fn conv_backward(
+    op: &'static str,
+    (x, weight, bias): (&Tensor, &Tensor, Option<&Tensor>),
+    grad: &Tensor,
+    silu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, c, l, k) = check(op, x, weight)?;
+    check_bias(op, x, bias, c)?;
+    if grad.shape() != x.shape() {
+        return shape_err(
+            op,
+            format!("input {:?} vs gradient {:?}", x.shape(), grad.shape()),
+        );
+    }
+    x.check_same_dtype(op, grad)?;
+    let mut operands = vec![x, weight, grad];
+    operands.extend(bias);
+    if let Some(gpu) = Gpu::of(op, &operands)? {
+        return conv_backward_cuda(&gpu, (x, weight, bias), grad, silu);
+    }
+    float_dispatch!(op, x.dtype(), T => {
+        let taps = Taps::new::<T>(weight, bias);
+        let narrow = |v: Vec<<T as FloatElement>::Acc>| v.into_iter().map(T::from_acc).collect::<Vec<T>>();
+        let params = |dw, db| (
+            Tensor::from_cpu(CpuStorage::from_vec(narrow(dw)), &[c, k]),
+            Tensor::from_cpu(CpuStorage::from_vec(narrow(db)), &[c]),
+        );
+        if let Some(xs) = channels_last::Steps::<T>::of(x) {
+            // The gradient channels-last as well (a copy only when it is not).
+            let g = match channels_last::Steps::<T>::of(grad) {
+                Some(_) => grad.clone(),
+                None => grad.transpose(1, 2)?.contiguous().transpose(1, 2)?,
+            };
+            let gs = channels_last::Steps::<T>::of(&g).expect("channels-last by construction");
+            let (dx, dw, db) = channels_last::backward(&xs, &gs, &taps, (b, l), silu);
+            let (dw, db) = params(dw, db);
+            return Ok((channels_last_tensor(dx, (b, c, l))?, dw, db));
+        }
+        let (xc, g) = (x.contiguous(), grad.contiguous());
+        let (dx, dw, db) = rows::backward(xc.contiguous_slice::<T>(), g.contiguous_slice::<T>(), &taps, l, silu);
+        let (dw, db) = params(dw, db);
+        Ok((Tensor::from_cpu(CpuStorage::from_vec(dx), x.shape()), dw, db))
+    })
+}
+
 impl Tensor {
     /// Causal depthwise convolution of `self` = x `[B, C, L]` with `weight` `[C, K]` and an
     /// optional `bias` `[C]`, all of one float dtype:
     /// `y[b,c,t] = bias[c] + Σ_k weight[c,k] · x[b,c,t-(K-1)+k]`, with x zero before the
-    /// sequence start. The result is `[B, C, L]`.
+    /// sequence start. The result is `[B, C, L]`; on the CPU it is stored channels-last (a
+    /// transposed `[B, L, C]`) when x's channels are adjacent in memory.
     pub fn conv1d_causal_depthwise(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (_, c, l, k) = check("conv1d_causal_depthwise", self, weight)?;
-        if let Some(b) = bias {
-            if b.shape() != [c] {
-                return shape_err(
-                    "conv1d_causal_depthwise",
-                    format!("bias {:?} for {c} channels", b.shape()),
-                );
-            }
-            self.check_same_dtype("conv1d_causal_depthwise", b)?;
-        }
-        let mut operands = vec![self, weight];
-        operands.extend(bias);
-        if let Some(gpu) = Gpu::of("conv1d_causal_depthwise", &operands)? {
-            return conv_cuda(&gpu, self, weight, bias, k);
-        }
-        let (x, w) = (self.contiguous(), weight.contiguous());
-        float_dispatch!("conv1d_causal_depthwise", self.dtype(), T => {
-            type A = <T as FloatElement>::Acc;
-            let (xs, ws) = (x.contiguous_slice::<T>(), w.contiguous_slice::<T>());
-            let ws: Vec<A> = ws.iter().map(|v| v.to_acc()).collect();
-            let bs: Option<Vec<A>> = bias.map(|b| b.to_vec_f64().into_iter().map(A::lit).collect());
-            let mut out = vec![T::from_acc(Zero::zero()); xs.len()];
-            if l > 0 {
-                out.par_chunks_mut(l).enumerate().for_each(|(row, y)| {
-                    let ch = row % c;
-                    let (xr, wr) = (&xs[row * l..(row + 1) * l], &ws[ch * k..(ch + 1) * k]);
-                    let b0 = bs.as_ref().map_or(A::zero(), |b| b[ch]);
-                    for (t, o) in y.iter_mut().enumerate() {
-                        // Taps j with input time t - (K-1) + j >= 0.
-                        let j0 = (k - 1).saturating_sub(t);
-                        let taps = xr[t + j0 + 1 - k..=t].iter().zip(&wr[j0..]);
-                        *o = T::from_acc(b0 + taps.map(|(xv, &wv)| wv * xv.to_acc()).sum::<A>());
-                    }
-                });
-            }
-            Ok(Tensor::from_cpu(CpuStorage::from_vec(out), self.shape()))
-        })
+        conv("conv1d_causal_depthwise", self, weight, bias, false)
+    }
+
+    /// `silu(conv1d_causal_depthwise(x))` in one pass, rounded exactly as the two ops are.
+    pub fn conv1d_causal_depthwise_silu(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        conv("conv1d_causal_depthwise_silu", self, weight, bias, true)
     }
 
     /// One decoding step of `conv1d_causal_depthwise`: `self` = state `[B, C, K-1]` holds the
@@ -209,68 +315,29 @@ impl Tensor {
         weight: &Tensor,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let op = "conv1d_causal_depthwise_backward";
-        let (_, c, l, k) = check(op, self, weight)?;
-        if grad.shape() != self.shape() {
-            return shape_err(
-                op,
-                format!("input {:?} vs gradient {:?}", self.shape(), grad.shape()),
-            );
-        }
-        self.check_same_dtype(op, grad)?;
-        if let Some(gpu) = Gpu::of(op, &[self, weight, grad])? {
-            return conv_backward_cuda(&gpu, self, weight, grad, k);
-        }
-        let (x, w, g) = (self.contiguous(), weight.contiguous(), grad.contiguous());
-        float_dispatch!(op, self.dtype(), T => {
-            type A = <T as FloatElement>::Acc;
-            let (xs, gs) = (x.contiguous_slice::<T>(), g.contiguous_slice::<T>());
-            let ws: Vec<A> = w.contiguous_slice::<T>().iter().map(|v| v.to_acc()).collect();
-            let mut dx = vec![T::from_acc(Zero::zero()); xs.len()];
-            // One pass per (b, c) row: dx of the row, and the row's [dw_0..dw_{K-1}, db].
-            let partials: Vec<Vec<A>> = if l > 0 {
-                dx.par_chunks_mut(l)
-                    .enumerate()
-                    .map(|(row, d)| {
-                        let ch = row % c;
-                        let (xr, gr, wr) = (&xs[row * l..][..l], &gs[row * l..][..l], &ws[ch * k..][..k]);
-                        let gr: Vec<A> = gr.iter().map(|v| v.to_acc()).collect();
-                        // dx[t] = Σ_j w[j] · g[t + (K-1) - j], over output times t' < L.
-                        for (t, o) in d.iter_mut().enumerate() {
-                            let j0 = (t + k).saturating_sub(l);
-                            let taps = wr[j0..].iter().zip(gr[t..=t + k - 1 - j0].iter().rev());
-                            *o = T::from_acc(taps.map(|(&wv, &gv)| wv * gv).sum::<A>());
-                        }
-                        // dw[j] = Σ_t g[t] · x[t - (K-1) + j]; db = Σ_t g[t].
-                        let mut p = vec![A::zero(); k + 1];
-                        for (j, dw) in p[..k].iter_mut().enumerate() {
-                            let shift = k - 1 - j;
-                            if shift < l {
-                                *dw = gr[shift..].iter().zip(xr).map(|(&gv, xv)| gv * xv.to_acc()).sum();
-                            }
-                        }
-                        p[k] = gr.iter().copied().sum();
-                        p
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            // Per channel, summed over the batch in order (independent of the thread count).
-            let mut dw = vec![A::zero(); c * k];
-            let mut db = vec![A::zero(); c];
-            for (row, p) in partials.iter().enumerate() {
-                let ch = row % c;
-                dw[ch * k..(ch + 1) * k].iter_mut().zip(p).for_each(|(u, &v)| *u += v);
-                db[ch] += p[k];
-            }
-            let narrow = |v: Vec<A>| v.into_iter().map(T::from_acc).collect::<Vec<T>>();
-            Ok((
-                Tensor::from_cpu(CpuStorage::from_vec(dx), self.shape()),
-                Tensor::from_cpu(CpuStorage::from_vec(narrow(dw)), &[c, k]),
-                Tensor::from_cpu(CpuStorage::from_vec(narrow(db)), &[c]),
-            ))
-        })
+        conv_backward(
+            "conv1d_causal_depthwise_backward",
+            (self, weight, None),
+            grad,
+            false,
+        )
+    }
+
+    /// Backward of `conv1d_causal_depthwise_silu` with `self` = x and `grad` = dL/dy: the
+    /// pre-activation is recomputed from x, `weight` and `bias` (the forward's), and the
+    /// gradients are those of the unfused conv and `silu`, rounded as they round.
+    pub fn conv1d_causal_depthwise_silu_backward(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        conv_backward(
+            "conv1d_causal_depthwise_silu_backward",
+            (self, weight, bias),
+            grad,
+            true,
+        )
     }
 }
 
