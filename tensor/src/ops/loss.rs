@@ -6,6 +6,8 @@
 use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cuda_float_dispatch, Gpu};
+use crate::ops::elementwise::with_simd;
+use crate::ops::par_write::par_write;
 use crate::ops::softmax::log_sum_exp;
 use crate::storage::CpuStorage;
 use crate::{DType, Element, FloatElement, Real, Result, Tensor, TensorError};
@@ -113,7 +115,10 @@ impl Tensor {
                 .map(|(r, &id)| {
                     (id != ignore_index).then(|| {
                         let row = &xs[r * c..(r + 1) * c];
-                        log_sum_exp(row) - row[id as usize].to_acc()
+                        with_simd(
+                            #[inline(always)]
+                            || log_sum_exp(row) - row[id as usize].to_acc(),
+                        )
                     })
                 })
                 .collect();
@@ -158,19 +163,31 @@ impl Tensor {
             type A = <T as FloatElement>::Acc;
             let xs = x.contiguous_slice::<T>();
             let s = A::lit(scale);
-            let mut out = vec![T::from_f64(0.0); n * c];
-            out.par_chunks_mut(c.max(1)).zip(ids.par_iter()).enumerate().for_each(|(r, (dx, &id))| {
-                if id == ignore_index {
-                    return;
-                }
-                let row = &xs[r * c..(r + 1) * c];
-                let lse = log_sum_exp(row);
-                for (o, v) in dx.iter_mut().zip(row) {
-                    *o = T::from_acc((v.to_acc() - lse).exp_fast() * s);
-                }
-                let t = id as usize;
-                dx[t] = T::from_acc(((row[t].to_acc() - lse).exp_fast() - A::lit(1.0)) * s);
-            });
+            // SAFETY: every row is written in full, with zeros when it is ignored.
+            let out = unsafe {
+                par_write(n * c, c, |r, dx| {
+                    let id = ids[r];
+                    if id == ignore_index {
+                        dx.iter_mut().for_each(|o| {
+                            o.write(T::from_f64(0.0));
+                        });
+                        return;
+                    }
+                    let row = &xs[r * c..(r + 1) * c];
+                    let lse = with_simd(
+                        #[inline(always)]
+                        || {
+                            let lse = log_sum_exp(row);
+                            for (o, v) in dx.iter_mut().zip(row) {
+                                o.write(T::from_acc((v.to_acc() - lse).exp_fast() * s));
+                            }
+                            lse
+                        },
+                    );
+                    let t = id as usize;
+                    dx[t].write(T::from_acc(((row[t].to_acc() - lse).exp_fast() - A::lit(1.0)) * s));
+                })
+            };
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), &[n, c]))
         })
     }

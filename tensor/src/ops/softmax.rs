@@ -192,6 +192,7 @@ fn max_and_log_sum<S: FloatElement>(row: &[S]) -> (S::Acc, S::Acc) {
 }
 
 /// `log Σ exp(row)`, max-subtracted, in the compute type.
+#[inline(always)]
 pub(crate) fn log_sum_exp<S: FloatElement>(row: &[S]) -> S::Acc {
     let (m, ls) = max_and_log_sum(row);
     m + ls
