@@ -7,6 +7,7 @@
 //! rule has run, and accumulates gradients into the leaves. Plain `Tensor` ops build no graph:
 //! that is the no-grad path for inference, and it costs nothing.
 
+mod contribution;
 mod error;
 pub mod gradcheck;
 mod ops;

@@ -1,5 +1,6 @@
 //! The differentiable ops: each computes its value with the tensor op and records its backward rule.
 
+use crate::contribution::Contribution;
 use crate::{Result, Var};
 use tensor::{AttentionSpec, BinaryOp, DType, Tensor, UnaryOp};
 
@@ -43,11 +44,6 @@ fn spread(grad: &Tensor, shape: &[usize], axes: &[usize], keepdim: bool) -> tens
         }
     }
     g.broadcast_to(shape)
-}
-
-/// A tensor of zeros shaped and typed like `t`, on its device.
-fn zeros_like(t: &Tensor) -> tensor::Result<Tensor> {
-    Tensor::zeros_on(t.shape(), t.dtype(), t.device())
 }
 
 /// A scalar zero of `g`'s dtype on `g`'s device (the "else" of a masked gradient).
@@ -284,10 +280,14 @@ impl Var {
         let w = self.value().clone();
         let y = w.embedding(ids)?;
         let ids = ids.clone();
-        Ok(Var::record(y, &[self], move |g, _| {
+        Ok(Var::record_contributions(y, &[self], move |g, _| {
             let flat_ids = ids.reshape(&[ids.numel()])?;
             let g = g.reshape(&[ids.numel(), w.dim(1)])?;
-            Ok(vec![Some(zeros_like(&w)?.index_add(0, &flat_ids, &g)?)])
+            Ok(vec![Some(Contribution::Scatter {
+                axis: 0,
+                ids: flat_ids,
+                grad: g,
+            })])
         }))
     }
 
@@ -296,8 +296,12 @@ impl Var {
         let x = self.value().clone();
         let y = x.index_select(axis, ids)?;
         let ids = ids.clone();
-        Ok(Var::record(y, &[self], move |g, _| {
-            Ok(vec![Some(zeros_like(&x)?.index_add(axis, &ids, g)?)])
+        Ok(Var::record_contributions(y, &[self], move |g, _| {
+            Ok(vec![Some(Contribution::Scatter {
+                axis,
+                ids,
+                grad: g.clone(),
+            })])
         }))
     }
 
@@ -406,21 +410,12 @@ impl Var {
     pub fn narrow(&self, axis: usize, start: usize, len: usize) -> Result<Var> {
         let x = self.value();
         let y = x.narrow(axis, start, len)?;
-        let shape = x.shape().to_vec();
-        Ok(Var::record(y, &[self], move |g, _| {
-            let mut parts = Vec::with_capacity(3);
-            let mut before = shape.clone();
-            before[axis] = start;
-            let mut after = shape.clone();
-            after[axis] = shape[axis] - start - len;
-            let (zb, za) = (
-                Tensor::zeros_on(&before, g.dtype(), g.device())?,
-                Tensor::zeros_on(&after, g.dtype(), g.device())?,
-            );
-            parts.push(&zb);
-            parts.push(g);
-            parts.push(&za);
-            Ok(vec![Some(Tensor::concat(&parts, axis)?)])
+        Ok(Var::record_contributions(y, &[self], move |g, _| {
+            Ok(vec![Some(Contribution::Slice {
+                axis,
+                start,
+                grad: g.clone(),
+            })])
         }))
     }
 

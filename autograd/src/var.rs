@@ -1,5 +1,6 @@
 //! `Var`: a tensor in a differentiable graph, and the backward walk.
 
+use crate::contribution::Contribution;
 use crate::{AutogradError, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +9,8 @@ use tensor::Tensor;
 
 /// A backward rule: given d(loss)/d(output) and which inputs need a gradient, returns
 /// d(loss)/d(input) for each input (`None` where none is needed).
-pub(crate) type BackwardFn = Box<dyn FnOnce(&Tensor, &[bool]) -> tensor::Result<Vec<Option<Tensor>>> + Send>;
+pub(crate) type BackwardFn =
+    Box<dyn FnOnce(&Tensor, &[bool]) -> tensor::Result<Vec<Option<Contribution>>> + Send>;
 
 struct Node {
     inputs: Vec<Var>,
@@ -92,6 +94,20 @@ impl Var {
         inputs: &[&Var],
         backward: impl FnOnce(&Tensor, &[bool]) -> tensor::Result<Vec<Option<Tensor>>> + Send + 'static,
     ) -> Var {
+        Self::record_contributions(value, inputs, move |g, needs| {
+            Ok(backward(g, needs)?
+                .into_iter()
+                .map(|grad| grad.map(Contribution::Whole))
+                .collect())
+        })
+    }
+
+    /// [`Var::record`] for a rule that may pass parts of gradients (see [`Contribution`]).
+    pub(crate) fn record_contributions(
+        value: Tensor,
+        inputs: &[&Var],
+        backward: impl FnOnce(&Tensor, &[bool]) -> tensor::Result<Vec<Option<Contribution>>> + Send + 'static,
+    ) -> Var {
         if !inputs.iter().any(|v| v.requires_grad()) {
             return Var::constant(value);
         }
@@ -160,7 +176,7 @@ impl Var {
                     let rule = rule.ok_or(AutogradError::GraphConsumed)?;
                     rule(&g, &needs)?
                 }
-                None => vec![None; needs.len()],
+                None => needs.iter().map(|_| None).collect(),
             };
             debug_assert_eq!(input_grads.len(), node.inputs.len(), "one gradient per input");
             for ((input, ig), need) in node.inputs.iter().zip(input_grads).zip(needs) {
@@ -168,11 +184,8 @@ impl Var {
                     continue;
                 }
                 if let Some(ig) = ig {
-                    let entry = match grads.remove(&input.0.id) {
-                        Some(acc) => acc.add(&ig)?,
-                        None => ig,
-                    };
-                    grads.insert(input.0.id, entry);
+                    let sum = ig.add_to(grads.remove(&input.0.id), input.value())?;
+                    grads.insert(input.0.id, sum);
                 }
                 let left = consumers.get_mut(&input.0.id).expect("counted when reached");
                 *left -= 1;
@@ -191,7 +204,7 @@ impl Var {
     fn accumulate(&self, g: Tensor) -> Result<()> {
         let mut slot = self.0.grad.lock().expect("grad lock");
         *slot = Some(match slot.take() {
-            Some(acc) => acc.add(&g)?,
+            Some(acc) => acc.add_into(&g)?,
             None => g.try_contiguous()?,
         });
         Ok(())

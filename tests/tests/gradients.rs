@@ -160,6 +160,20 @@ proptest! {
     }
 
     #[test]
+    fn pieces_of_one_tensor_and_a_table_read_twice(w in 1usize..4, v in 2usize..6, n in 1usize..6, seed in any::<u64>()) {
+        // Narrows that cover a tensor and overlap (their gradients are added into one sum), used
+        // more than once, next to the whole tensor.
+        check(|p| {
+            let part = |start: usize| p[0].narrow(1, start, w);
+            part(0)?.mul(&part(w)?)?.add(&part(2 * w)?.unary(UnaryOp::Exp)?)?.mul(&part(1)?)?.add(&part(0)?)?.mul(&p[0].narrow(1, 0, w)?)
+        }, &[random_f64(&[2, 3 * w + 1], -1.0, 1.0, seed)])?;
+        // A table read by an embedding and used, transposed, as a matmul operand (tied weights).
+        let ids = ids_tensor(&random_ids(n, v, seed), &[n]);
+        check(|p| p[0].embedding(&ids)?.matmul(&p[0].transpose(0, 1)?), &[random_f64(&[v, 3], -1.0, 1.0, seed ^ 1)])?;
+        check(|p| p[0].matmul(&p[0].transpose(0, 1)?)?.add(&p[0].index_select(1, &ids_tensor(&[2, 0, 2], &[3]))?.sum(&[1], true)?), &[random_f64(&[v, 3], -1.0, 1.0, seed ^ 2)])?;
+    }
+
+    #[test]
     fn index_select(s in shape(3, 4), axis in 0usize..3, n in 1usize..6, seed in any::<u64>()) {
         let axis = axis % s.len();
         let ids = ids_tensor(&random_ids(n, s[axis], seed), &[n]);

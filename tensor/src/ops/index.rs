@@ -25,7 +25,7 @@ fn rows_per_task(inner: usize) -> usize {
 }
 
 /// The ids of a u32 tensor (any shape, row-major), each checked to be below `bound`.
-fn checked_ids(op: &'static str, ids: &Tensor, bound: usize) -> Result<Vec<usize>> {
+pub(crate) fn checked_ids(op: &'static str, ids: &Tensor, bound: usize) -> Result<Vec<usize>> {
     if ids.dtype() != DType::U32 {
         return Err(TensorError::DType {
             op,
@@ -169,6 +169,67 @@ fn positions_by_id(ids: &[usize], len: usize) -> (Vec<usize>, Vec<usize>) {
     (starts, order)
 }
 
+/// Checks the operands of `index_add` on `x` (dtypes, ranks, shapes); returns the length of
+/// `axis` and the elements after it.
+pub(crate) fn check_index_add(x: &Tensor, axis: usize, ids: &Tensor, src: &Tensor) -> Result<(usize, usize)> {
+    check_axis("index_add", x.shape(), axis)?;
+    x.check_same_dtype("index_add", src)?;
+    let (_, len, inner) = split(x.shape(), axis);
+    check_1d("index_add", ids)?;
+    let mut expected = x.shape().to_vec();
+    expected[axis] = ids.numel();
+    if src.shape() != expected {
+        return shape_err(
+            "index_add",
+            format!(
+                "source {:?} does not match {:?} with {} ids along axis {axis}",
+                src.shape(),
+                x.shape(),
+                ids.numel()
+            ),
+        );
+    }
+    Ok((len, inner))
+}
+
+/// The kernel of `index_add` on the CPU: `out` (`[outer, len, inner]`, row-major) gets
+/// `src` (`[outer, ids.len(), inner]`) added at `ids` along its middle axis, in place. Each
+/// output row gathers its own sources in id order, sums them in the `Acc` type onto its value
+/// and rounds once, so rows run in parallel without races.
+pub(crate) fn scatter_add<T: FloatElement>(
+    out: &mut [T],
+    (len, inner): (usize, usize),
+    ids: &[usize],
+    src: &[T],
+) {
+    let (starts, order) = positions_by_id(ids, len);
+    let n = ids.len();
+    if inner == 0 {
+        return;
+    }
+    out.par_chunks_mut(inner)
+        .with_min_len(rows_per_task(inner))
+        .enumerate()
+        .for_each_init(Vec::new, |acc, (r, dst)| {
+            let (o, j) = (r / len, r % len);
+            let from = &order[starts[j]..starts[j + 1]];
+            if from.is_empty() {
+                return;
+            }
+            acc.clear();
+            acc.extend(dst.iter().map(|v| v.to_acc()));
+            for &i in from {
+                let row = &src[(o * n + i) * inner..][..inner];
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_acc();
+                }
+            }
+            for (d, &a) in dst.iter_mut().zip(acc.iter()) {
+                *d = T::from_acc(a);
+            }
+        });
+}
+
 impl Tensor {
     /// Rows of `self` (`[V, D]`, any dtype) picked by u32 `ids` of any shape: the result is
     /// `ids.shape + [D]`. An id >= V is an error naming the id and V.
@@ -205,23 +266,7 @@ impl Tensor {
     /// has `self`'s shape except for `len(ids)` along `axis`. The backward of `index_select`
     /// and `embedding`. Sums are taken in the `Acc` type, in id order, and rounded once.
     pub fn index_add(&self, axis: usize, ids: &Tensor, src: &Tensor) -> Result<Tensor> {
-        check_axis("index_add", self.shape(), axis)?;
-        self.check_same_dtype("index_add", src)?;
-        let (_, len, inner) = split(self.shape(), axis);
-        check_1d("index_add", ids)?;
-        let mut expected = self.shape().to_vec();
-        expected[axis] = ids.numel();
-        if src.shape() != expected {
-            return shape_err(
-                "index_add",
-                format!(
-                    "source {:?} does not match {:?} with {} ids along axis {axis}",
-                    src.shape(),
-                    self.shape(),
-                    ids.numel()
-                ),
-            );
-        }
+        let (len, inner) = check_index_add(self, axis, ids, src)?;
         if let Some(gpu) = Gpu::of("index_add", &[self, ids, src])? {
             check_id_dtype("index_add", ids)?;
             return index_add_cuda(&gpu, self, axis, ids, src);
@@ -229,34 +274,8 @@ impl Tensor {
         let ids = checked_ids("index_add", ids, len)?;
         let (x, s) = (self.contiguous(), src.contiguous());
         float_dispatch!("index_add", self.dtype(), T => {
-            let (xs, ss) = (x.contiguous_slice::<T>(), s.contiguous_slice::<T>());
-            let (starts, order) = positions_by_id(&ids, len);
-            let n = ids.len();
-            let mut out = xs.to_vec();
-            // Each output row gathers its own sources, so rows run in parallel without races.
-            if inner > 0 {
-                out.par_chunks_mut(inner)
-                    .with_min_len(rows_per_task(inner))
-                    .enumerate()
-                    .for_each_init(Vec::new, |acc, (r, dst)| {
-                        let (o, j) = (r / len, r % len);
-                        let from = &order[starts[j]..starts[j + 1]];
-                        if from.is_empty() {
-                            return;
-                        }
-                        acc.clear();
-                        acc.extend(dst.iter().map(|v| v.to_acc()));
-                        for &i in from {
-                            let row = &ss[(o * n + i) * inner..][..inner];
-                            for (a, v) in acc.iter_mut().zip(row) {
-                                *a += v.to_acc();
-                            }
-                        }
-                        for (d, &a) in dst.iter_mut().zip(acc.iter()) {
-                            *d = T::from_acc(a);
-                        }
-                    });
-            }
+            let mut out = x.contiguous_slice::<T>().to_vec();
+            scatter_add(&mut out, (len, inner), &ids, s.contiguous_slice::<T>());
             Ok(Tensor::from_cpu(CpuStorage::from_vec(out), self.shape()))
         })
     }

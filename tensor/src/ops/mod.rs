@@ -1,5 +1,6 @@
 //! Tensor operations: each file defines one family's shapes, checks and CPU kernel.
 
+pub mod accumulate;
 pub mod adamw;
 pub mod attention;
 pub mod binary;
