@@ -11,6 +11,7 @@ use crate::dispatch::float_dispatch;
 use crate::error::{range_err, shape_err};
 use crate::gpu::{cpu_only, cuda_float_dispatch, Gpu, GpuElement};
 use crate::layout::numel;
+use crate::ops::elementwise::with_simd;
 use crate::ops::selective_scan::{check_operands, narrow, operand_list, widen};
 use crate::{FloatElement, Real, Result, Tensor, UnaryOp};
 use cuda::kernels::{SsdGradBuffers, SsdInputs, SsdSpec};
@@ -187,12 +188,14 @@ impl<A: Real> Ssd<A> {
     }
 
     /// The group whose B and C head `h` reads.
+    #[inline(always)]
     fn group(&self, h: usize) -> usize {
         h / (self.dims.heads / self.dims.groups)
     }
 
     /// Head `h` of sequence `bi` at time `t`: dt + dt_bias, and the step (its softplus when asked
     /// for).
+    #[inline(always)]
     fn step(&self, bi: usize, t: usize, h: usize) -> (A, A) {
         let bias = self.dt_bias.as_ref().map_or(A::zero(), |bias| bias[h]);
         let raw = self.dt[(bi * self.dims.len + t) * self.dims.heads + h] + bias;
@@ -221,6 +224,7 @@ impl<A: Real> Ssd<A> {
     }
 
     /// D of head `h` (zero without D).
+    #[inline(always)]
     fn skip(&self, h: usize) -> A {
         self.d_skip.as_ref().map_or(A::zero(), |d| d[h])
     }
@@ -349,7 +353,12 @@ fn backward<T: FloatElement>(s: &Ssd<T::Acc>, chunk: usize, grad: &[T::Acc]) -> 
     let cb = s.chunk_products(chunk);
     let parts: Vec<HeadGrads<T::Acc>> = (0..batch * heads)
         .into_par_iter()
-        .map(|bh| s.backward_head(bh / heads, bh % heads, chunk, &cb, grad))
+        .map(|bh| {
+            with_simd(
+                #[inline(always)]
+                || s.backward_head(bh / heads, bh % heads, chunk, &cb, grad),
+            )
+        })
         .collect();
     let dx = interleave_heads(dims, head_dim, &parts, |p| &p.dx);
     let ddt = interleave_heads(dims, 1, &parts, |p| &p.ddt);
@@ -568,7 +577,12 @@ impl Tensor {
         float_dispatch!(op, self.dtype(), T => {
             let s = Ssd::new::<T>(&args, dims, dt_softplus);
             let cb = s.chunk_products(chunk_size);
-            Ok(forward::<T>(&s, |bi, h, y| s.chunked_head(bi, h, chunk_size, &cb, y)))
+            Ok(forward::<T>(&s, |bi, h, y| {
+                with_simd(
+                    #[inline(always)]
+                    || s.chunked_head(bi, h, chunk_size, &cb, y),
+                )
+            }))
         })
     }
 

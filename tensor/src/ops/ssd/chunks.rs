@@ -63,12 +63,14 @@ impl<A: Real> Scratch<A> {
 
 impl<A: Real> Ssd<A> {
     /// Steps `t0..t0+q` of a chunk.
+    #[inline(always)]
     fn chunk_range(&self, chunk: usize, ci: usize) -> (usize, usize) {
         let t0 = ci * chunk;
         (t0, (t0 + chunk).min(self.dims.len) - t0)
     }
 
     /// x of head `h` from step `t0` on, as `[q, P]` rows (H·P apart).
+    #[inline(always)]
     fn x_rows(&self, bi: usize, t0: usize, h: usize) -> View<'_, A> {
         let d = self.dims;
         view(
@@ -79,6 +81,7 @@ impl<A: Real> Ssd<A> {
     }
 
     /// B or C (`v`) of group `g` from step `t0` on, as `[q, N]` rows (G·N apart).
+    #[inline(always)]
     fn group_rows<'v>(&self, v: &'v [A], bi: usize, t0: usize, g: usize) -> View<'v, A> {
         let d = self.dims;
         view(
@@ -89,6 +92,7 @@ impl<A: Real> Ssd<A> {
     }
 
     /// The steps of head `h` of sequence `bi`.
+    #[inline(always)]
     fn steps(&self, bi: usize, h: usize, chunk: usize) -> Steps<A> {
         let len = self.dims.len;
         let (raw, dt): (Vec<A>, Vec<A>) = (0..len).map(|t| self.step(bi, t, h)).unzip();
@@ -166,18 +170,21 @@ impl<A: Real> Ssd<A> {
     }
 
     /// Fills `w` (`[q, q]`) with W of the chunk at `t0` from its products `cb`.
+    #[inline(always)]
     fn fill_w(&self, steps: &Steps<A>, t0: usize, q: usize, cb: &[A], w: &mut [A]) {
         let (dt, cum) = (&steps.dt[t0..t0 + q], &steps.cum[t0..t0 + q]);
         for i in 0..q {
             let row = &mut w[i * q..][..q];
-            for j in 0..=i {
-                row[j] = cb[i * q + j] * (cum[i] - cum[j]).exp_fast() * dt[j];
+            let terms = cb[i * q..][..=i].iter().zip(&cum[..=i]).zip(&dt[..=i]);
+            for (o, ((&cb, &cj), &step)) in row[..=i].iter_mut().zip(terms) {
+                *o = cb * (cum[i] - cj).exp_fast() * step;
             }
             row[i + 1..].fill(A::zero());
         }
     }
 
     /// Fills `xu` (`[q, P]`) with diag(u) X of the chunk at `t0`; returns e_{q-1}.
+    #[inline(always)]
     fn fill_xu(&self, steps: &Steps<A>, bi: usize, h: usize, t0: usize, q: usize, xu: &mut [A]) -> A {
         let p = self.dims.head_dim;
         let x = self.x_rows(bi, t0, h);
@@ -192,6 +199,7 @@ impl<A: Real> Ssd<A> {
     }
 
     /// `state ← e_{q-1} state + (diag(u) X)ᵀ B`: the state leaving the chunk at `t0`.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn pass_chunk(
         &self,
@@ -212,6 +220,7 @@ impl<A: Real> Ssd<A> {
 
     /// The chunked forward of head `h` of sequence `bi`, given `cb` from `chunk_products`:
     /// writes y (`[L, P]`) and returns the final state.
+    #[inline(always)]
     pub(super) fn chunked_head(
         &self,
         bi: usize,
@@ -255,6 +264,7 @@ impl<A: Real> Ssd<A> {
 
     /// The backward pass of head `h` of sequence `bi` given dL/dy `grad` (all heads) and `cb`
     /// from `chunk_products`.
+    #[inline(always)]
     pub(super) fn backward_head(
         &self,
         bi: usize,
@@ -315,9 +325,10 @@ impl<A: Real> Ssd<A> {
             // exp(cum_i - cum_j) are kept from building W.
             for i in 0..q {
                 let (l_row, w_row) = (&mut s.l[i * q..(i + 1) * q], &mut s.w[i * q..(i + 1) * q]);
-                for (j, (l, w)) in l_row[..=i].iter_mut().zip(&mut w_row[..=i]).enumerate() {
-                    *l = (cum[i] - cum[j]).exp_fast();
-                    *w = products[i * q + j] * *l * dt[j];
+                let terms = products[i * q..][..=i].iter().zip(&cum[..=i]).zip(&dt[..=i]);
+                for ((l, w), ((&cb, &cj), &step)) in l_row[..=i].iter_mut().zip(&mut w_row[..=i]).zip(terms) {
+                    *l = (cum[i] - cj).exp_fast();
+                    *w = cb * *l * step;
                 }
                 w_row[i + 1..].fill(A::zero());
             }
