@@ -4,8 +4,11 @@
 //! when any input requires a gradient, record a node holding the op's backward rule.
 //! [`Var::backward`] walks the recorded graph in reverse creation order (a topological order:
 //! a node is always created after its inputs), frees each node's saved tensors as soon as its
-//! rule has run, and accumulates gradients into the leaves. Plain `Tensor` ops build no graph:
-//! that is the no-grad path for inference, and it costs nothing.
+//! rule has run, and accumulates gradients into the leaves. A gradient is added into the running
+//! sum's own memory when nothing else holds it, and a `narrow` or an embedding passes only its
+//! slice or rows to add (`contribution`); a gradient you hold (from [`Var::grad`]) is never
+//! written to. Plain `Tensor` ops build no graph: that is the no-grad path for inference, and it
+//! costs nothing.
 
 mod contribution;
 mod error;
