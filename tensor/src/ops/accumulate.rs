@@ -34,6 +34,37 @@ fn add_slices<T: FloatElement>(dst: &mut [T], src: &[T]) {
         .for_each(|(d, s)| add_run(d, s));
 }
 
+/// Checks that `slice` fits `shape` at `start` along `axis`: the same rank, at most the room
+/// left along `axis`, and `shape` on every other axis.
+fn check_slice(op: &'static str, slice: &Tensor, shape: &[usize], axis: usize, start: usize) -> Result<()> {
+    if axis >= shape.len() || slice.rank() != shape.len() {
+        return range_err(
+            op,
+            format!("axis {axis} of {shape:?} for a slice {:?}", slice.shape()),
+        );
+    }
+    let fits =
+        slice.shape().iter().zip(shape).enumerate().all(
+            |(i, (&s, &d))| {
+                if i == axis {
+                    start + s <= d
+                } else {
+                    s == d
+                }
+            },
+        );
+    if !fits {
+        return shape_err(
+            op,
+            format!(
+                "slice {:?} at {start} along axis {axis} does not fit {shape:?}",
+                slice.shape()
+            ),
+        );
+    }
+    Ok(())
+}
+
 impl Tensor {
     /// The host elements of `self` for writing, when it is the only handle on one contiguous
     /// block of host memory that it owns.
@@ -72,31 +103,7 @@ impl Tensor {
     pub fn add_into_slice(mut self, axis: usize, start: usize, src: &Tensor) -> Result<Tensor> {
         let op = "add_into_slice";
         let shape = self.shape().to_vec();
-        if axis >= shape.len() || src.rank() != shape.len() {
-            return range_err(
-                op,
-                format!("axis {axis} of {shape:?} for a slice {:?}", src.shape()),
-            );
-        }
-        let fits =
-            src.shape().iter().zip(&shape).enumerate().all(
-                |(i, (&s, &d))| {
-                    if i == axis {
-                        start + s <= d
-                    } else {
-                        s == d
-                    }
-                },
-            );
-        if !fits {
-            return shape_err(
-                op,
-                format!(
-                    "slice {:?} at {start} along axis {axis} does not fit {shape:?}",
-                    src.shape()
-                ),
-            );
-        }
+        check_slice(op, src, &shape, axis, start)?;
         self.check_same_dtype(op, src)?;
         let (len, inner): (usize, usize) = (shape[axis], shape[axis + 1..].iter().product());
         let part = src.dim(axis) * inner;
@@ -127,15 +134,7 @@ impl Tensor {
     /// A tensor of `shape` that is `self` on elements `start..start + self.dim(axis)` of `axis`
     /// and zero elsewhere (`self` has `shape` on every other axis): the gradient of a `narrow`.
     pub fn zero_padded(&self, shape: &[usize], axis: usize, start: usize) -> Result<Tensor> {
-        if axis >= shape.len() || self.rank() != shape.len() || start + self.dim(axis) > shape[axis] {
-            return shape_err(
-                "zero_padded",
-                format!(
-                    "{:?} at {start} along axis {axis} does not fit {shape:?}",
-                    self.shape()
-                ),
-            );
-        }
+        check_slice("zero_padded", self, shape, axis, start)?;
         let mut before = shape.to_vec();
         before[axis] = start;
         let mut after = shape.to_vec();
@@ -261,6 +260,9 @@ mod tests {
             .is_err());
         assert!(Tensor::zeros(&[2, 2], DType::F32)
             .zero_padded(&[2, 3], 1, 2)
+            .is_err());
+        assert!(Tensor::zeros(&[3, 1], DType::F32)
+            .zero_padded(&[2, 3], 1, 0)
             .is_err());
     }
 
