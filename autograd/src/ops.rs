@@ -277,12 +277,11 @@ impl Var {
 
     /// Rows of this `[V, D]` table picked by u32 `ids`.
     pub fn embedding(&self, ids: &Tensor) -> Result<Var> {
-        let w = self.value().clone();
-        let y = w.embedding(ids)?;
-        let ids = ids.clone();
+        let y = self.value().embedding(ids)?;
+        let (ids, width) = (ids.clone(), self.value().dim(1));
         Ok(Var::record_contributions(y, &[self], move |g, _| {
             let flat_ids = ids.reshape(&[ids.numel()])?;
-            let g = g.reshape(&[ids.numel(), w.dim(1)])?;
+            let g = g.reshape(&[ids.numel(), width])?;
             Ok(vec![Some(Contribution::Scatter {
                 axis: 0,
                 ids: flat_ids,
@@ -336,30 +335,32 @@ impl Var {
 
     /// Causal depthwise conv1d: x `[B, C, L]`, weight `[C, K]`, optional bias `[C]`.
     pub fn conv1d_causal_depthwise(&self, weight: &Var, bias: Option<&Var>) -> Result<Var> {
-        let (x, w) = (self.value().clone(), weight.value().clone());
-        let y = x.conv1d_causal_depthwise(&w, bias.map(Var::value))?;
-        let mut inputs = vec![self, weight];
-        inputs.extend(bias);
-        Ok(Var::record(y, &inputs, move |g, needs| {
-            let (dx, dw, db) = x.conv1d_causal_depthwise_backward(&w, g)?;
-            let mut grads = vec![Some(dx), Some(dw)];
-            if needs.len() == 3 {
-                grads.push(Some(db));
-            }
-            Ok(grads)
-        }))
+        self.conv1d(weight, bias, false)
     }
 
     /// `silu(conv1d_causal_depthwise(x))` as one op: the backward recomputes the pre-activation
     /// from x instead of keeping it.
     pub fn conv1d_causal_depthwise_silu(&self, weight: &Var, bias: Option<&Var>) -> Result<Var> {
+        self.conv1d(weight, bias, true)
+    }
+
+    /// The two convolutions above, followed by SiLU when `silu`.
+    fn conv1d(&self, weight: &Var, bias: Option<&Var>, silu: bool) -> Result<Var> {
         let (x, w) = (self.value().clone(), weight.value().clone());
         let b = bias.map(|b| b.value().clone());
-        let y = x.conv1d_causal_depthwise_silu(&w, b.as_ref())?;
+        let y = if silu {
+            x.conv1d_causal_depthwise_silu(&w, b.as_ref())?
+        } else {
+            x.conv1d_causal_depthwise(&w, b.as_ref())?
+        };
         let mut inputs = vec![self, weight];
         inputs.extend(bias);
         Ok(Var::record(y, &inputs, move |g, needs| {
-            let (dx, dw, db) = x.conv1d_causal_depthwise_silu_backward(&w, b.as_ref(), g)?;
+            let (dx, dw, db) = if silu {
+                x.conv1d_causal_depthwise_silu_backward(&w, b.as_ref(), g)?
+            } else {
+                x.conv1d_causal_depthwise_backward(&w, g)?
+            };
             let mut grads = vec![Some(dx), Some(dw)];
             if needs.len() == 3 {
                 grads.push(Some(db));
